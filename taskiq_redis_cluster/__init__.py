@@ -1,0 +1,1 @@
+"""taskiq-redis-cluster."""

@@ -1,0 +1,162 @@
+"""Every Redis key and channel name this package uses is built here.
+
+Layout (``P`` is the prefix, ``T`` a hash tag; braces mark the hash tag, so
+every key of one shard lands in the shard's single slot)::
+
+    P:{T}:stream        the shard's stream; its consumer group lives inside it
+    P:{T}:dead          the shard's dead-letter stream
+    P:{T}:list          the shard's list (list broker)
+    P:{plan:Q}          plan record of queue Q, in a slot of its own
+    P:{plans}           set of queue names that have a plan
+    P:{rebalance}:lease the rebalancer's lease lock
+    P:{sched:S}:...     every key of schedule source S (one tag per source)
+    P:result:ID         result of task ID (no tag: results spread by task id)
+    P:{bcast:N}         sharded pub/sub channel N
+
+Slot math always goes through ``redis.crc.key_slot``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.crc import key_slot
+
+from ._errors import InvalidNameError
+
+DEFAULT_PREFIX = "tqrc"
+
+#: Separator characters used inside tags; names may contain them, the
+#: planner only appends ``/index~salt`` so a tag stays unambiguous.
+_MAX_NAME_LENGTH = 512
+
+
+def validate_name(name: str, kind: str = "queue") -> str:
+    """Return ``name`` if it is usable inside a hash tag, else raise.
+
+    :raises InvalidNameError: for an empty or over-long name, or one with a
+        brace (a brace would end or start the hash tag and move the key to
+        another slot) or whitespace/control characters.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidNameError(kind=kind, name=str(name), reason="must be a non-empty string")
+    if "{" in name or "}" in name:
+        raise InvalidNameError(
+            kind=kind,
+            name=name,
+            reason="'{' and '}' are reserved for Redis Cluster hash tags",
+        )
+    if len(name) > _MAX_NAME_LENGTH:
+        raise InvalidNameError(
+            kind=kind, name=name, reason=f"longer than {_MAX_NAME_LENGTH} characters"
+        )
+    if any(ch.isspace() or ord(ch) < 32 for ch in name):
+        raise InvalidNameError(
+            kind=kind, name=name, reason="whitespace and control characters are not allowed"
+        )
+    return name
+
+
+def slot_of(key: str | bytes) -> int:
+    """Cluster slot of ``key`` (hash tags honoured)."""
+    return int(key_slot(key.encode() if isinstance(key, str) else key))
+
+
+def shard_tag(queue: str, index: int, salt: int) -> str:
+    """Hash tag of shard ``index`` of ``queue``; ``salt`` picks the slot."""
+    return f"{queue}/{index}~{salt}"
+
+
+def tag_slot(tag: str) -> int:
+    """Slot that every key with hash tag ``tag`` lands in."""
+    return slot_of("{" + tag + "}")
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """All keys of one shard; they share one hash tag and so one slot."""
+
+    prefix: str
+    tag: str
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}:{{{self.tag}}}:stream"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:{{{self.tag}}}:dead"
+
+    @property
+    def list(self) -> str:
+        return f"{self.prefix}:{{{self.tag}}}:list"
+
+    @property
+    def slot(self) -> int:
+        return tag_slot(self.tag)
+
+
+def plan_key(prefix: str, queue: str) -> str:
+    """Key of the plan record of ``queue``."""
+    return f"{prefix}:{{plan:{queue}}}"
+
+
+def plans_index_key(prefix: str) -> str:
+    """Set of queue names that have a plan (lets tools find every queue)."""
+    return f"{prefix}:{{plans}}"
+
+
+def rebalance_lease_key(prefix: str) -> str:
+    """Lease lock that keeps rebalancers from running concurrently."""
+    return f"{prefix}:{{rebalance}}:lease"
+
+
+def rebalance_journal_key(prefix: str, queue: str) -> str:
+    """Journal of the rebalancer's steps for ``queue`` (same slot as its plan)."""
+    return f"{prefix}:{{plan:{queue}}}:journal"
+
+
+@dataclass(frozen=True)
+class ScheduleKeys:
+    """Keys of one schedule source; one tag, so multi-key commands are legal."""
+
+    prefix: str
+    source: str
+
+    @property
+    def _base(self) -> str:
+        return f"{self.prefix}:{{sched:{self.source}}}"
+
+    @property
+    def schedules(self) -> str:
+        """Hash: schedule id -> serialized schedule."""
+        return f"{self._base}:schedules"
+
+    @property
+    def cron(self) -> str:
+        """Set of ids of cron and interval schedules."""
+        return f"{self._base}:cron"
+
+    @property
+    def timeline(self) -> str:
+        """Sorted set of one-off schedule ids scored by due time (the index)."""
+        return f"{self._base}:timeline"
+
+    def claim(self, schedule_id: str, due: int) -> str:
+        """Claim marker that makes one firing happen once across schedulers."""
+        return f"{self._base}:claim:{schedule_id}:{due}"
+
+
+def result_key(prefix: str, task_id: str) -> str:
+    """Key of a task's result; untagged so results spread over all slots."""
+    return f"{prefix}:result:{task_id}"
+
+
+def progress_key(prefix: str, task_id: str) -> str:
+    """Key of a task's progress report."""
+    return f"{prefix}:progress:{task_id}"
+
+
+def broadcast_channel(prefix: str, name: str) -> str:
+    """Sharded pub/sub channel of a broadcast broker."""
+    return f"{prefix}:{{bcast:{name}}}"
