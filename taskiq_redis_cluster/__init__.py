@@ -1,1 +1,105 @@
-"""taskiq-redis-cluster."""
+"""taskiq-redis-cluster: cluster-aware sharded taskiq brokers for Redis Cluster.
+
+Everything public is importable from here; the modules behind it are
+private and may change without notice (except ``devcluster`` and
+``pytest_plugin``, which are public tools for tests and demos).
+"""
+
+from ._connection import ConnectionOptions, connect, redact_url
+from ._errors import (
+    ClusterError,
+    ClusterFormationError,
+    ConfigurationError,
+    ConnectError,
+    CorruptPlanError,
+    CorruptScheduleError,
+    CrossSlotError,
+    DevClusterError,
+    InvalidNameError,
+    InvalidShardCountError,
+    InvalidURLError,
+    KickError,
+    KickFailedError,
+    KickOutcomeUnknownError,
+    LifecycleError,
+    NoMastersError,
+    NotAClusterError,
+    PlanError,
+    PlanVersionError,
+    PortBusyError,
+    RebalanceAbortedError,
+    RebalanceError,
+    RebalanceLockedError,
+    RedisServerMissingError,
+    ReplicationTimeoutError,
+    ResultError,
+    ResultNotFoundError,
+    ScheduleError,
+    TopologyError,
+)
+from ._events import BrokerEvents
+from ._list import ClusterListQueueBroker
+from ._options import ListOptions, QueueOptions, StreamOptions
+from ._planner import QueueSpec, Shard, ShardPlan, balance, plan_queue, replan
+from ._planstore import PlanStore
+from ._pubsub import ClusterPubSubBroker
+from ._result_backend import ClusterResultBackend
+from ._retry import RetryPolicy
+from ._schedule_source import ClusterListScheduleSource
+from ._stream import ClusterStreamBroker
+from ._topology import MasterInfo, Topology, read_topology
+
+__all__ = [
+    "BrokerEvents",
+    "ClusterError",
+    "ClusterFormationError",
+    "ClusterListQueueBroker",
+    "ClusterListScheduleSource",
+    "ClusterPubSubBroker",
+    "ClusterResultBackend",
+    "ClusterStreamBroker",
+    "ConfigurationError",
+    "ConnectError",
+    "ConnectionOptions",
+    "CorruptPlanError",
+    "CorruptScheduleError",
+    "CrossSlotError",
+    "DevClusterError",
+    "InvalidNameError",
+    "InvalidShardCountError",
+    "InvalidURLError",
+    "KickError",
+    "KickFailedError",
+    "KickOutcomeUnknownError",
+    "LifecycleError",
+    "ListOptions",
+    "MasterInfo",
+    "NoMastersError",
+    "NotAClusterError",
+    "PlanError",
+    "PlanStore",
+    "PlanVersionError",
+    "PortBusyError",
+    "QueueOptions",
+    "QueueSpec",
+    "RebalanceAbortedError",
+    "RebalanceError",
+    "RebalanceLockedError",
+    "RedisServerMissingError",
+    "ReplicationTimeoutError",
+    "ResultError",
+    "ResultNotFoundError",
+    "RetryPolicy",
+    "ScheduleError",
+    "Shard",
+    "ShardPlan",
+    "StreamOptions",
+    "Topology",
+    "TopologyError",
+    "balance",
+    "connect",
+    "plan_queue",
+    "read_topology",
+    "redact_url",
+    "replan",
+]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 #: Subcommand modules, in the order ``--help`` lists them.
 _COMMAND_MODULES = (
     "cluster",
+    "plan",
 )
 
 

@@ -9,14 +9,16 @@ and result failures ``ResultBackendError``, as taskiq expects::
         ├── ConfigurationError           bad option or URL, raised before any I/O
         │   ├── InvalidURLError
         │   ├── InvalidNameError         empty name, or a name with "{" or "}"
-        │   └── InvalidShardCountError   outside 1..16384
+        │   ├── InvalidShardCountError   outside 1..16384
+        │   └── InvalidOptionError       a keyword option has a bad value or combination
         ├── ConnectError                 cannot reach or understand the server
         │   └── NotAClusterError         the URL points at a non-cluster Redis
         ├── TopologyError                the live cluster cannot serve a plan
         │   └── NoMastersError
         ├── PlanError
         │   ├── PlanVersionError         plan record written by a newer release
-        │   └── CorruptPlanError         plan record that cannot be parsed
+        │   ├── CorruptPlanError         plan record that cannot be parsed
+        │   └── PlanNotFoundError        no plan record for the queue
         ├── CrossSlotError               keys of one operation span two slots
         ├── LifecycleError               startup twice, kick after shutdown, ...
         ├── KickError                    (also taskiq's SendTaskError)
@@ -80,6 +82,14 @@ class InvalidShardCountError(ConfigurationError):
     shards: int
 
 
+class InvalidOptionError(ConfigurationError):
+    """A keyword option has a bad value, or conflicts with another option."""
+
+    __template__ = "Invalid option {option}: {reason}"
+    option: str
+    reason: str
+
+
 class ConnectError(ClusterError):
     """The server cannot be reached or does not behave like Redis Cluster."""
 
@@ -131,6 +141,14 @@ class CorruptPlanError(PlanError):
     __template__ = "Plan record {key!r} is corrupt: {reason} (the record was left untouched)"
     key: str
     reason: str
+
+
+class PlanNotFoundError(PlanError):
+    """No plan is stored for the queue (it was never created, or was deleted)."""
+
+    __template__ = "No plan is stored for queue {queue!r} (key {key!r})"
+    queue: str
+    key: str
 
 
 class CrossSlotError(ClusterError):

@@ -18,6 +18,7 @@ Slot math always goes through ``redis.crc.key_slot``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from redis.crc import key_slot
@@ -65,6 +66,19 @@ def slot_of(key: str | bytes) -> int:
 def shard_tag(queue: str, index: int, salt: int) -> str:
     """Hash tag of shard ``index`` of ``queue``; ``salt`` picks the slot."""
     return f"{queue}/{index}~{salt}"
+
+
+def shard_tag_slots(
+    queue: str, index: int, start_salt: int, count: int
+) -> Iterator[tuple[int, int]]:
+    """``(salt, tag_slot(shard_tag(queue, index, salt)))`` for ``count`` salts from ``start_salt``.
+
+    The planner's hot loop: builds the tag bytes once per salt instead of
+    going through ``shard_tag``/``tag_slot``; same format, same slots.
+    """
+    head = ("{" + shard_tag(queue, index, 0)[:-1]).encode()
+    for salt in range(start_salt, start_salt + count):
+        yield salt, int(key_slot(b"%s%d}" % (head, salt)))
 
 
 def tag_slot(tag: str) -> int:

@@ -1,0 +1,27 @@
+# Shared by scripts/test.sh and scripts/demo.sh: a venv with the project and
+# a redis-server >= 7.0 on PATH. Sourced, not executed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${TQRC_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+ensure_redis_server() {
+    if ! command -v redis-server >/dev/null 2>&1; then
+        if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+            echo "redis-server not found; installing it with apt-get" >&2
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+            # The package may start a service on 6379; tests never use it.
+        else
+            echo "redis-server (>= 7.0) is required: sudo apt-get install -y redis-server" >&2
+            exit 1
+        fi
+    fi
+}
+
+ensure_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PYTHON" -m venv "$VENV"
+    fi
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+}

@@ -1,0 +1,145 @@
+"""Auto-pipelining: coalesce concurrent commands into one pipeline per node.
+
+Callers ``await pipeline.execute(key, *command)`` as if they sent a single
+command. Everything submitted during one event-loop tick is grouped by the
+node that owns the key and sent as one pipeline per node; each caller still
+gets its own result or its own exception. This is what lets one producer
+process reach several times the kick rate of one round trip per kick.
+
+A failed command raises :class:`CommandFailure` to its own caller only; it
+records whether the command may have reached the server, which decides
+whether a write can be retried safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import ClusterNode
+
+logger = logging.getLogger("taskiq_redis_cluster")
+
+
+class CommandFailure(Exception):
+    """Raised to a caller whose command failed inside an auto-pipeline.
+
+    :ivar error: the original redis-py exception.
+    :ivar sent: False only when the command certainly never left the client.
+    """
+
+    def __init__(self, error: BaseException, *, sent: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.sent = sent
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Result of one command, plus the replica count WAIT reported for it."""
+
+    value: Any
+    replicas: int | None = None
+
+
+@dataclass
+class _Item:
+    key: str
+    args: tuple[Any, ...]
+    future: asyncio.Future[Reply]
+
+
+@dataclass
+class AutoPipeline:
+    """Per-node auto-pipelining over one shared cluster client.
+
+    :param client: initialized cluster client (owned by the caller).
+    :param max_batch: most commands in one pipeline.
+    :param wait_replicas: when > 0, each node's pipeline ends with
+        ``WAIT wait_replicas wait_timeout`` on the same connection, so the
+        count applies exactly to the writes of that pipeline.
+    """
+
+    client: RedisCluster
+    max_batch: int = 512
+    wait_replicas: int = 0
+    wait_timeout: int = 1000
+    _pending: list[_Item] = field(default_factory=list)
+    _scheduled: bool = False
+    _inflight: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def execute(self, key: str, *args: Any) -> Reply:
+        """Send ``args`` (a full command) in the next pipeline for ``key``'s node.
+
+        :raises CommandFailure: wrapping the redis-py error.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        self._pending.append(_Item(key, args, future))
+        if not self._scheduled:
+            self._scheduled = True
+            # Flush on the next tick so that every caller that is ready in
+            # this tick joins the same pipeline.
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        groups: dict[str, tuple[ClusterNode | None, list[_Item]]] = {}
+        for item in pending:
+            try:
+                node = self.client.get_node_from_key(item.key)
+            except Exception:  # slot map being rebuilt: let the pipeline route it
+                node = None
+            name = node.name if node is not None else ""
+            groups.setdefault(name, (node, []))[1].append(item)
+        for node, items in groups.values():
+            for start in range(0, len(items), self.max_batch):
+                task = asyncio.ensure_future(self._run(node, items[start : start + self.max_batch]))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+
+    async def _run(self, node: ClusterNode | None, items: Sequence[_Item]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for item in items:
+            pipe.execute_command(*item.args)
+        wait = self.wait_replicas > 0 and node is not None
+        if wait:
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout, target_nodes=node)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            # The whole pipeline failed (connect, send, routing). Whether a
+            # command reached the server is unknown unless it is a connect
+            # failure, which write_outcome recognises from the error itself.
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(CommandFailure(exc, sent=True))
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                raise
+            return
+        replicas: int | None = None
+        if wait:
+            last = results[-1]
+            replicas = int(last) if isinstance(last, int) else 0
+        for item, result in zip(items, results, strict=False):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(CommandFailure(result, sent=True))
+            else:
+                item.future.set_result(Reply(result, replicas))
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until every submitted command has been answered."""
+        for _ in range(3):
+            if self._scheduled:
+                await asyncio.sleep(0)
+            if not self._inflight:
+                return
+            await asyncio.wait(set(self._inflight), timeout=timeout)

@@ -1,0 +1,335 @@
+"""The sharded broker logic, written once.
+
+:class:`ShardedBroker` owns everything the stream and list brokers share:
+the lifecycle guard, the one cluster client, the plan (created on first use
+and followed through rebalancer epochs), shard choice for kicks, retrying a
+kick only when it certainly was not applied, and the listen loop that runs
+one reader per shard and stops readers whose shard left the plan.
+
+A concrete broker supplies the data-structure specific part through four
+small methods: ``_publish`` (write one message to one shard),
+``_read_shard`` (a long-running reader feeding a sink), and optionally
+``_after_startup`` / ``_before_close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from abc import abstractmethod
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+from redis.asyncio import RedisCluster
+from taskiq import AckableMessage, AsyncBroker, BrokerMessage
+
+from ._autopipeline import AutoPipeline, CommandFailure, Reply
+from ._connection import connect, redact_url, validate_url
+from ._errors import KickFailedError, KickOutcomeUnknownError
+from ._events import NULL_EVENTS, BrokerEvents
+from ._keys import ShardKeys, slot_of
+from ._lifecycle import Lifecycle
+from ._options import QueueOptions
+from ._planner import QueueSpec, Shard, ShardPlan
+from ._planstore import PlanFollower, PlanStore
+from ._retry import Outcome, RetryPolicy, error_kind, write_outcome
+from ._topology import read_topology
+
+logger = logging.getLogger("taskiq_redis_cluster")
+
+#: Label that pins all tasks with the same value to one shard (keeps order).
+PARTITION_KEY_LABEL = "partition_key"
+
+Sink = Callable[[AckableMessage | bytes], Awaitable[None]]
+
+
+class _Reader:
+    """A shard reader task and the event that asks it to stop."""
+
+    def __init__(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        self.task = task
+        self._stop = stop
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.task.cancel()
+
+    def failure(self) -> BaseException | None:
+        if not self.task.done() or self.task.cancelled():
+            return None
+        return self.task.exception()
+
+
+class ShardedBroker(AsyncBroker):
+    """Base of the sharded queue brokers; not used directly."""
+
+    def __init__(
+        self,
+        url: str,
+        options: QueueOptions,
+        *,
+        events: BrokerEvents | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        super().__init__()
+        validate_url(url)
+        self.url = url
+        self.options = options
+        self.events = events or NULL_EVENTS
+        self.retry = retry or RetryPolicy()
+        self._lifecycle = Lifecycle(type(self).__name__)
+        self._client: RedisCluster | None = None
+        self._pipeline: AutoPipeline | None = None
+        self._follower: PlanFollower | None = None
+        self._round_robin = itertools.count()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(url={redact_url(self.url)!r}, "
+            f"queue_name={self.options.queue_name!r})"
+        )
+
+    # ----------------------------------------------------------------- state
+    @property
+    def client(self) -> RedisCluster:
+        """The broker's cluster client (only while running)."""
+        self._lifecycle.require_running("client access")
+        assert self._client is not None
+        return self._client
+
+    @property
+    def queue_name(self) -> str:
+        """Logical queue name."""
+        return self.options.queue_name
+
+    async def current_plan(self) -> ShardPlan:
+        """The plan in force, re-read cheaply when the epoch changes."""
+        self._lifecycle.require_running("current_plan()")
+        assert self._follower is not None
+        return await self._follower.current()
+
+    # ------------------------------------------------------------- lifecycle
+    async def startup(self) -> None:
+        """Connect, load or create the queue's plan, then run taskiq's startup.
+
+        :raises LifecycleError: if called twice.
+        :raises NotAClusterError: if the URL is not a cluster node.
+        """
+        self._lifecycle.starting()
+        try:
+            # Our own retries replace redis-py's so an XADD is never re-sent
+            # when its outcome is unknown (see _retry).
+            conn_options = replace(self.options.connection, retries=0)
+            self._client = await connect(self.url, conn_options)
+            self._pipeline = self._make_pipeline(self._client)
+            store = PlanStore(self._client, prefix=self.options.prefix)
+            await self.retry.call(lambda: self._ensure_plan(store))
+            self._follower = PlanFollower(
+                store, self.options.queue_name, poll_interval=self.options.plan_poll_interval
+            )
+            await self._after_startup()
+            await super().startup()
+        except BaseException:
+            await self._close_client()
+            self._lifecycle.failed()
+            raise
+        self._lifecycle.started()
+
+    async def _ensure_plan(self, store: PlanStore) -> ShardPlan:
+        assert self._client is not None
+        existing = await store.load(self.options.queue_name)
+        if existing is not None:
+            return existing
+        topology = await read_topology(self._client)
+        owning = sum(1 for m in topology.masters if m.slots)
+        shards = self.options.shards or max(1, owning) * self.options.shards_per_master
+        return await store.get_or_create(
+            topology, QueueSpec(name=self.options.queue_name, shards=shards)
+        )
+
+    async def shutdown(self) -> None:
+        """Run taskiq's shutdown, let pending writes and acks through, close.
+
+        Safe to call twice, and on a broker that never started.
+        """
+        if self._lifecycle.running:
+            # Shutdown handlers may still kick tasks, so they run first.
+            await super().shutdown()
+        if not self._lifecycle.stopping():
+            return
+        try:
+            await self._before_close()
+            if self._pipeline is not None:
+                await self._pipeline.drain()
+        finally:
+            await self._close_client()
+            self._lifecycle.stopped()
+
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except Exception:  # closing after a failure must not mask it
+                logger.debug("Error while closing the cluster client", exc_info=True)
+
+    def _make_pipeline(self, client: RedisCluster) -> AutoPipeline:
+        return AutoPipeline(client)
+
+    async def _after_startup(self) -> None:
+        """Hook: extra startup work of a concrete broker."""
+
+    async def _before_close(self) -> None:
+        """Hook: flush buffers before the client closes."""
+
+    # ------------------------------------------------------------------ kick
+    def choose_shard(self, plan: ShardPlan, message: BrokerMessage) -> Shard:
+        """Pick the shard for ``message``: by partition key, else round-robin."""
+        key = message.labels.get(PARTITION_KEY_LABEL)
+        if key is not None and key != "":
+            index = slot_of(str(key)) % len(plan.shards)
+        else:
+            index = next(self._round_robin) % len(plan.shards)
+        return plan.shards[index]
+
+    async def kick(self, message: BrokerMessage) -> None:
+        """Enqueue ``message`` on one shard of the queue.
+
+        A kick is retried only when the error proves the write was not
+        applied (redirect, cluster down, failed connect).
+
+        :raises LifecycleError: before ``startup()`` or after ``shutdown()``.
+        :raises KickFailedError: the task was certainly not enqueued.
+        :raises KickOutcomeUnknownError: the connection broke after sending;
+            the task may be enqueued. Retrying may duplicate it.
+        :raises ReplicationTimeoutError: enqueued, but ``wait_replicas`` were
+            not reached in time.
+        """
+        self._lifecycle.require_running("kick()")
+        assert self._follower is not None
+        plan = await self._follower.current()
+        shard = self.choose_shard(plan, message)
+        keys = ShardKeys(self.options.prefix, shard.tag)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                reply = await self._publish(keys, message)
+            except CommandFailure as failure:
+                outcome = write_outcome(failure.error, sent=failure.sent)
+                kind = error_kind(failure.error)
+                if outcome is Outcome.NOT_APPLIED and attempt < self.retry.attempts:
+                    self.events.retried(kind)
+                    await self.retry.sleep(self.retry.delay(attempt))
+                    continue
+                self.events.publish_error(self.queue_name, kind)
+                if outcome is Outcome.UNKNOWN:
+                    raise KickOutcomeUnknownError(
+                        queue=self.queue_name, reason=f"{kind}: {failure.error}"
+                    ) from failure.error
+                raise KickFailedError(
+                    queue=self.queue_name, reason=f"{kind}: {failure.error}"
+                ) from failure.error
+            self._check_reply(message, reply)
+            self.events.published(self.queue_name, shard.index)
+            return
+
+    def _check_reply(self, message: BrokerMessage, reply: Reply) -> None:
+        """Hook: inspect a successful write (e.g. the WAIT replica count)."""
+
+    @abstractmethod
+    async def _publish(self, keys: ShardKeys, message: BrokerMessage) -> Reply:
+        """Write ``message`` to the shard with ``keys`` (raise CommandFailure)."""
+
+    # ---------------------------------------------------------------- listen
+    async def listen(self) -> AsyncGenerator[AckableMessage | bytes, None]:
+        """Yield messages from every shard of the plan, fairly.
+
+        One reader per shard (and per draining shard during a rebalance)
+        feeds a small bounded buffer, so no shard starves and a worker never
+        holds more than about ``prefetch`` unprocessed messages.
+        """
+        self._lifecycle.require_running("listen()")
+        assert self._follower is not None
+        buffer: asyncio.Queue[AckableMessage | bytes] = asyncio.Queue(maxsize=self._prefetch())
+        readers: dict[str, _Reader] = {}
+        supervisor = asyncio.create_task(self._supervise(readers, buffer.put))
+        try:
+            while True:
+                getter = asyncio.ensure_future(buffer.get())
+                done, _ = await asyncio.wait(
+                    {getter, supervisor}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                # The supervisor only ends by raising: surface its error.
+                supervisor.result()
+        finally:
+            supervisor.cancel()
+            for reader in readers.values():
+                reader.stop()
+            tasks = {supervisor, *(r.task for r in readers.values())}
+            _, pending = await asyncio.wait(tasks, timeout=self._stop_timeout())
+            if pending:
+                logger.warning("%d readers of %s did not stop in time", len(pending),
+                               self.queue_name)
+
+    def _prefetch(self) -> int:
+        return 100
+
+    def _stop_timeout(self) -> float:
+        return 10.0
+
+    async def _supervise(self, readers: dict[str, _Reader], sink: Sink) -> None:
+        """Keep exactly one reader per shard tag in the plan (active or draining)."""
+        assert self._follower is not None
+        while True:
+            try:
+                plan = await self._follower.current()
+            except Exception as exc:
+                logger.warning("Cannot refresh the plan of %s: %s", self.queue_name, exc)
+                await asyncio.sleep(self.options.plan_poll_interval)
+                continue
+            wanted = {s.tag: (s, False) for s in plan.shards}
+            wanted.update({s.tag: (s, True) for s in plan.draining})
+            for tag in list(readers):
+                if tag not in wanted:
+                    logger.info("Shard %s of %s left the plan; stopping its reader",
+                                tag, self.queue_name)
+                    readers.pop(tag).stop()
+            per_shard = max(1, -(-self._prefetch() // max(1, len(plan.shards))))
+            for tag, (shard, draining) in wanted.items():
+                reader = readers.get(tag)
+                if reader is not None and not reader.task.done():
+                    continue
+                if reader is not None and reader.failure() is not None:
+                    logger.error("Reader of shard %s of %s died: %r; restarting",
+                                 tag, self.queue_name, reader.failure())
+                stop = asyncio.Event()
+                task = asyncio.create_task(
+                    self._read_shard(shard, draining=draining, sink=sink, count=per_shard,
+                                     stop=stop),
+                    name=f"tqrc-reader-{tag}",
+                )
+                readers[tag] = _Reader(task, stop)
+            await asyncio.sleep(self.options.plan_poll_interval)
+
+    @abstractmethod
+    async def _read_shard(
+        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: asyncio.Event
+    ) -> None:
+        """Read ``shard`` until ``stop`` is set, passing messages to ``sink``.
+
+        Readers must return once ``stop`` is set, also from their error
+        handlers: on Python 3.11 a cancellation that races a socket timeout
+        can surface as a TimeoutError, which a retry loop would swallow.
+        """
+
+    # ------------------------------------------------------------- utilities
+    async def _idempotent(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run an idempotent Redis operation with retries, counting them."""
+        return await self.retry.call(fn, on_retry=lambda exc: self.events.retried(error_kind(exc)))

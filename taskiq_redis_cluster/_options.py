@@ -1,0 +1,141 @@
+"""Frozen option values shared by the brokers.
+
+Every broker keeps its settings in one of these values instead of a long
+list of attributes, so the list, stream and pub/sub brokers, the rebalancer
+and the exporter all read the same names with the same meaning.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from ._connection import ConnectionOptions
+from ._errors import ConfigurationError
+from ._keys import DEFAULT_PREFIX, validate_name
+
+
+def default_consumer_name() -> str:
+    """Unique, readable consumer name: ``host-pid-random``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigurationError(message=f"{name} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """Options of a sharded queue, common to every queue broker.
+
+    :param queue_name: logical queue name (no braces).
+    :param prefix: prefix of every key (no braces).
+    :param shards: shard count used when the plan is first created; ``None``
+        means ``shards_per_master`` times the number of masters. An existing
+        plan always wins: the count cannot change after creation.
+    :param shards_per_master: see ``shards``.
+    :param plan_poll_interval: seconds between cheap checks of the plan
+        epoch, so producers and consumers follow the rebalancer.
+    :param connection: client options (pool size, timeouts, TLS extras).
+    """
+
+    queue_name: str = "taskiq"
+    prefix: str = DEFAULT_PREFIX
+    shards: int | None = None
+    shards_per_master: int = 4
+    plan_poll_interval: float = 2.0
+    connection: ConnectionOptions = field(default_factory=ConnectionOptions)
+
+    def __post_init__(self) -> None:
+        validate_name(self.queue_name, "queue")
+        validate_name(self.prefix, "prefix")
+        if self.shards is not None and not 1 <= self.shards <= 16384:
+            raise ConfigurationError(message="shards must be in 1..16384")
+        _positive("shards_per_master", self.shards_per_master)
+        _positive("plan_poll_interval", self.plan_poll_interval)
+
+
+@dataclass(frozen=True)
+class StreamOptions(QueueOptions):
+    """Options of :class:`ClusterStreamBroker`.
+
+    Names and units follow taskiq-redis's ``RedisStreamBroker`` where the
+    meaning is the same (``idle_timeout`` and ``xread_block`` in ms).
+
+    :param consumer_group_name: consumer group of every shard stream.
+    :param consumer_name: this process's consumer name (default: unique).
+    :param idle_timeout: ms an entry may stay unacknowledged before another
+        worker reclaims it (crash recovery). Must exceed your longest task.
+    :param xread_block: ms one XREADGROUP blocks waiting for entries.
+    :param xread_count: most entries a worker holds unprocessed (prefetch),
+        split fairly over the shards.
+    :param unacknowledged_batch_size: most entries one reclaim pass takes.
+    :param max_deliveries: deliveries after which an entry is dead-lettered.
+    :param wait_replicas: replicas that must confirm a kick (WAIT); 0 = off.
+    :param wait_timeout: ms to wait for ``wait_replicas``.
+    :param maxlen: opt-in hard cap on stream length. DANGEROUS: it deletes
+        entries whether or not they were processed. Default ``None`` trims only
+        acknowledged entries.
+    :param approximate: use ``~`` for ``maxlen`` trimming.
+    :param trim_interval: seconds between safe (MINID) trims of each shard.
+    :param reclaim_interval: seconds between reclaim passes; ``None`` derives
+        it from ``idle_timeout``.
+    :param dead_letter_maxlen: approximate cap of each dead-letter stream.
+    :param max_batch: most commands one auto-pipelined flush sends.
+    """
+
+    consumer_group_name: str = "taskiq"
+    consumer_name: str = field(default_factory=default_consumer_name)
+    idle_timeout: int = 600_000
+    xread_block: int = 2_000
+    xread_count: int = 100
+    unacknowledged_batch_size: int = 100
+    max_deliveries: int = 5
+    wait_replicas: int = 0
+    wait_timeout: int = 1_000
+    maxlen: int | None = None
+    approximate: bool = True
+    trim_interval: float = 10.0
+    reclaim_interval: float | None = None
+    dead_letter_maxlen: int = 100_000
+    max_batch: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_name(self.consumer_group_name, "consumer group")
+        validate_name(self.consumer_name, "consumer")
+        for name in ("idle_timeout", "xread_block", "xread_count", "unacknowledged_batch_size",
+                     "max_deliveries", "wait_timeout", "trim_interval", "dead_letter_maxlen",
+                     "max_batch"):
+            _positive(name, getattr(self, name))
+        _positive("wait_replicas", self.wait_replicas, allow_zero=True)
+        if self.maxlen is not None:
+            _positive("maxlen", self.maxlen)
+        if self.reclaim_interval is not None:
+            _positive("reclaim_interval", self.reclaim_interval)
+
+    @property
+    def effective_reclaim_interval(self) -> float:
+        """Seconds between reclaim passes (a quarter of idle_timeout, 0.2..30 s)."""
+        if self.reclaim_interval is not None:
+            return self.reclaim_interval
+        return min(30.0, max(0.2, self.idle_timeout / 4000))
+
+
+@dataclass(frozen=True)
+class ListOptions(QueueOptions):
+    """Options of :class:`ClusterListQueueBroker`.
+
+    :param brpop_timeout: seconds one blocking pop waits per shard.
+    """
+
+    brpop_timeout: float = 1.0
+    max_batch: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("brpop_timeout", self.brpop_timeout)
+        _positive("max_batch", self.max_batch)

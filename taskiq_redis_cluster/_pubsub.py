@@ -1,0 +1,198 @@
+"""``ClusterPubSubBroker``: broadcast every task to every worker.
+
+Uses sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis >= 7.0) on one hash-tagged
+channel, so the channel lives on the one master that owns its slot. The
+subscriber follows that slot: it resubscribes when the server unsubscribes
+it (slot migrated), when the connection breaks (master died) and when a
+periodic check of the slot map shows another owner (failover).
+
+Pub/sub is fire-and-forget: a message published while a worker is not
+subscribed (restarting, or resubscribing after a failover) is never seen by
+that worker, and nothing is acknowledged or redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import ClusterPubSub
+from taskiq import AsyncBroker, BrokerMessage
+
+from ._connection import ConnectionOptions, connect, redact_url, validate_url
+from ._errors import KickFailedError
+from ._events import NULL_EVENTS, BrokerEvents
+from ._keys import DEFAULT_PREFIX, broadcast_channel, validate_name
+from ._lifecycle import Lifecycle
+from ._retry import RetryPolicy, error_kind, is_transient
+
+logger = logging.getLogger("taskiq_redis_cluster")
+
+
+class ClusterPubSubBroker(AsyncBroker):
+    """Broadcast broker over sharded pub/sub (fire-and-forget).
+
+    Every listening worker receives every task. Nothing is stored: a worker
+    that is down, or resubscribing after a failover or a slot migration,
+    misses what was published meanwhile.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        queue_name: str = "taskiq",
+        max_connection_pool_size: int | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        owner_check_interval: float = 1.0,
+        connection: ConnectionOptions | None = None,
+        events: BrokerEvents | None = None,
+        retry: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Create the broker; no I/O happens until ``startup()``.
+
+        :param owner_check_interval: seconds between checks that the channel's
+            slot is still on the subscribed node (bounds failover recovery).
+        """
+        super().__init__()
+        validate_url(url)
+        validate_name(queue_name, "queue")
+        validate_name(prefix, "prefix")
+        self.url = url
+        self.queue_name = queue_name
+        self.channel = broadcast_channel(prefix, queue_name)
+        self.owner_check_interval = owner_check_interval
+        self.connection = connection or ConnectionOptions(
+            max_connections=max_connection_pool_size or ConnectionOptions.max_connections,
+            extra=dict(kwargs),
+        )
+        self.events = events or NULL_EVENTS
+        self.retry = retry or RetryPolicy()
+        self._lifecycle = Lifecycle(type(self).__name__)
+        self._client: RedisCluster | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={redact_url(self.url)!r}, channel={self.channel!r})"
+
+    async def startup(self) -> None:
+        """Connect and run taskiq's startup. :raises LifecycleError: if called twice."""
+        self._lifecycle.starting()
+        try:
+            self._client = await connect(self.url, self.connection)
+            await super().startup()
+        except BaseException:
+            if self._client is not None:
+                await self._client.aclose()
+                self._client = None
+            self._lifecycle.failed()
+            raise
+        self._lifecycle.started()
+
+    async def shutdown(self) -> None:
+        """Run taskiq's shutdown and close; safe to call twice."""
+        if self._lifecycle.running:
+            await super().shutdown()
+        if not self._lifecycle.stopping():
+            return
+        client, self._client = self._client, None
+        try:
+            if client is not None:
+                await client.aclose()
+        finally:
+            self._lifecycle.stopped()
+
+    async def kick(self, message: BrokerMessage) -> None:
+        """Publish ``message`` to every subscribed worker.
+
+        SPUBLISH is retried on transient errors: a duplicate broadcast is
+        preferred to a lost one. Returns even when nobody is subscribed.
+        """
+        self._lifecycle.require_running("kick()")
+        assert self._client is not None
+        client = self._client
+        try:
+            await self.retry.call(
+                lambda: client.spublish(self.channel, message.message),
+                on_retry=lambda exc: self.events.retried(error_kind(exc)),
+            )
+        except Exception as exc:
+            self.events.publish_error(self.queue_name, error_kind(exc))
+            raise KickFailedError(queue=self.queue_name, reason=str(exc)) from exc
+        self.events.published(self.queue_name, 0)
+
+    async def listen(self) -> AsyncGenerator[bytes, None]:
+        """Yield every message published on the channel while subscribed."""
+        self._lifecycle.require_running("listen()")
+        failures = 0
+        while True:
+            pubsub: ClusterPubSub | None = None
+            try:
+                pubsub, node_name = await self._subscribe()
+                failures = 0
+                async for data in self._receive(pubsub, node_name):
+                    yield data
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                failures += 1
+                self.events.retried(error_kind(exc))
+                delay = self.retry.delay(failures)
+                logger.warning("Subscription to %s broke (%s); resubscribing in %.2fs",
+                               self.channel, exc, delay)
+                await self.retry.sleep(delay)
+            finally:
+                if pubsub is not None:
+                    await _close_pubsub(pubsub)
+
+    async def _subscribe(self) -> tuple[ClusterPubSub, str]:
+        assert self._client is not None
+        # A fresh slot map first: after a failover the old owner is gone.
+        await self._client.nodes_manager.initialize()
+        node = self._client.get_node_from_key(self.channel)
+        if node is None:
+            raise ConnectionError(f"no node owns the slot of {self.channel}")
+        pubsub = self._client.pubsub()
+        await pubsub.ssubscribe(self.channel)
+        logger.info("Subscribed to %s on %s", self.channel, node.name)
+        return pubsub, node.name
+
+    async def _receive(
+        self, pubsub: ClusterPubSub, node_name: str
+    ) -> AsyncGenerator[bytes, None]:
+        assert self._client is not None
+        next_check = time.monotonic() + self.owner_check_interval
+        while True:
+            message = await pubsub.get_sharded_message(
+                ignore_subscribe_messages=False, timeout=min(1.0, self.owner_check_interval)
+            )
+            if message is not None:
+                kind = message.get("type")
+                if kind in (b"smessage", "smessage"):
+                    yield message["data"]
+                elif kind in (b"sunsubscribe", "sunsubscribe"):
+                    # The server drops shard subscribers when the slot moves.
+                    logger.info("Server unsubscribed %s (slot moved); resubscribing",
+                                self.channel)
+                    return
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.owner_check_interval
+                await self._client.nodes_manager.initialize()
+                owner = self._client.get_node_from_key(self.channel)
+                if owner is None or owner.name != node_name:
+                    logger.info("Slot of %s moved to %s; resubscribing", self.channel,
+                                owner.name if owner else "nobody")
+                    return
+
+
+async def _close_pubsub(pubsub: ClusterPubSub) -> None:
+    try:
+        await pubsub.aclose()
+    except Exception:  # the connection may already be dead
+        logger.debug("Ignoring error while closing a pubsub", exc_info=True)

@@ -1,0 +1,179 @@
+"""Retry policy and error classification for cluster operations.
+
+The broker's client is built with redis-py's own retries switched off, so
+that a non-idempotent XADD is never re-sent behind our back. Idempotent
+operations (reads, XACK, XAUTOCLAIM, group creation, trims) are retried here
+with tenacity; a kick is retried only when the error proves the XADD was
+not applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    MaxConnectionsError,
+    MovedError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+logger = logging.getLogger("taskiq_redis_cluster")
+
+T = TypeVar("T")
+
+
+class Outcome(enum.Enum):
+    """What a failed write tells us about whether it was applied."""
+
+    NOT_APPLIED = "not_applied"  # safe to retry
+    UNKNOWN = "unknown"  # may have been applied: never retry silently
+    FATAL = "fatal"  # a real error (wrong type, bad args): do not retry
+
+
+# Errors that Redis Cluster answers *instead of* running the command.
+_REJECTIONS: tuple[type[BaseException], ...] = (
+    MovedError,
+    AskError,
+    TryAgainError,
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    BusyLoadingError,
+    SlotNotCoveredError,
+    MaxConnectionsError,
+)
+
+_REJECTION_PREFIXES = ("CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "LOADING", "READONLY", "MOVED",
+                       "ASK ")
+
+
+def error_kind(exc: BaseException) -> str:
+    """Short, low-cardinality name of an error, for logs and metric labels."""
+    if isinstance(exc, MovedError):
+        return "moved"
+    if isinstance(exc, AskError):
+        return "ask"
+    if isinstance(exc, TryAgainError):
+        return "tryagain"
+    if isinstance(exc, ClusterDownError):
+        return "clusterdown"
+    if isinstance(exc, (RedisTimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (RedisConnectionError, OSError)):
+        return "connection"
+    if isinstance(exc, ResponseError):
+        text = str(exc)
+        if text.startswith("NOGROUP"):
+            return "nogroup"
+        if text.startswith("UNBLOCKED"):
+            return "unblocked"
+        for prefix in _REJECTION_PREFIXES:
+            if text.startswith(prefix):
+                return prefix.strip().lower()
+        return "response"
+    if isinstance(exc, RedisClusterException):
+        return "cluster"
+    return type(exc).__name__.lower()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that go away with time: redirects, failover, network."""
+    if isinstance(exc, _REJECTIONS):
+        return True
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)):
+        return True
+    if isinstance(exc, ResponseError):
+        return str(exc).startswith(_REJECTION_PREFIXES)
+    # redis-py raises the bare RedisClusterException for "no targets" or
+    # "slot not covered" while its slot map is being rebuilt.
+    return isinstance(exc, RedisClusterException)
+
+
+def write_outcome(exc: BaseException, *, sent: bool) -> Outcome:
+    """Classify the error of a write.
+
+    :param sent: whether the command may have reached the server. A failure
+        to connect or a cluster rejection means it was not applied; a broken
+        connection after sending means nobody knows.
+    """
+    if isinstance(exc, _REJECTIONS):
+        return Outcome.NOT_APPLIED
+    if isinstance(exc, ResponseError):
+        if str(exc).startswith(_REJECTION_PREFIXES):
+            return Outcome.NOT_APPLIED
+        return Outcome.FATAL
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)):
+        if not sent or _is_connect_failure(exc):
+            return Outcome.NOT_APPLIED
+        return Outcome.UNKNOWN
+    if isinstance(exc, RedisClusterException):
+        return Outcome.NOT_APPLIED if not sent else Outcome.UNKNOWN
+    return Outcome.UNKNOWN
+
+
+def _is_connect_failure(exc: BaseException) -> bool:
+    # redis-py words every failed connect as "Error N connecting to host:port",
+    # and a connect that failed cannot have sent anything.
+    return "connecting to" in str(exc) or "Connection refused" in str(exc)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded in attempts.
+
+    ``sleep`` is injectable so tests of backoff run without real waiting.
+    """
+
+    attempts: int = 8
+    base: float = 0.05
+    cap: float = 2.0
+    sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep)
+
+    def retrying(self, on_retry: Callable[[BaseException], None] | None = None) -> AsyncRetrying:
+        """A tenacity ``AsyncRetrying`` for transient errors."""
+
+        def before_sleep(state: object) -> None:
+            outcome = getattr(state, "outcome", None)
+            exc = outcome.exception() if outcome is not None else None
+            if exc is not None and on_retry is not None:
+                on_retry(exc)
+
+        return AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_random_exponential(multiplier=self.base, max=self.cap),
+            sleep=self.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    async def call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        on_retry: Callable[[BaseException], None] | None = None,
+    ) -> T:
+        """Run an idempotent operation, retrying transient errors."""
+        async for attempt in self.retrying(on_retry):
+            with attempt:
+                return await fn()
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    def delay(self, attempt: int) -> float:
+        """Backoff before attempt ``attempt`` (1-based) of a long-running loop."""
+        return float(min(self.cap, self.base * (2 ** min(attempt, 16))))

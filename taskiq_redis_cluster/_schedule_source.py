@@ -1,0 +1,512 @@
+"""Schedule source for Redis Cluster that several schedulers may share.
+
+Storage (see ``_keys.ScheduleKeys``; every key carries the source's single
+hash tag, so all of them sit in one slot and every script below is legal
+in a cluster)::
+
+    schedules   hash      schedule id -> encoded ScheduledTask
+    cron        set       ids of recurring (cron or interval) schedules
+    timeline    zset      ids of one-off ``time`` schedules, score = due (ms)
+    claim:ID:T  string    "firing T of schedule ID is taken" (SET NX PX)
+
+``get_schedules()`` reads the recurring ids plus the one-off ids due up to
+``now + lookahead`` from the timeline index; it never scans the keyspace.
+
+Exactly-once firing with several ``taskiq scheduler`` processes: taskiq
+calls ``pre_send`` before every kick and skips the kick when it raises
+``ScheduledTaskCancelledError``. ``pre_send`` atomically checks that the
+schedule still exists and claims the firing with ``SET NX``. The firing is
+named by the schedule id and its tick: the minute for cron, the
+interval-aligned window for interval schedules, and the due time for
+one-off schedules. Schedulers that reach the same tick compute the same
+claim key, so only the first one sends. One-off schedules are deleted in
+``post_send``, after the kick succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError
+from taskiq import ScheduledTask, ScheduleSource
+from taskiq.abc.serializer import TaskiqSerializer
+from taskiq.exceptions import ScheduledTaskCancelledError
+
+from . import _keys
+from ._connection import ConnectionOptions, connect, redact_url, validate_url
+from ._errors import CorruptScheduleError, InvalidOptionError
+from ._lifecycle import Lifecycle
+from ._serialization import default_serializer, dump_model, load_model
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:  # pragma: no cover - exercised on Python 3.10 only
+    from typing_extensions import Self
+
+logger = logging.getLogger("taskiq_redis_cluster.schedule_source")
+
+#: How far ahead one-off schedules are returned. taskiq's scheduler re-reads
+#: sources every ``--update-interval`` (60 s by default) and fires a one-off
+#: schedule at its time only if it was already in the list it holds.
+DEFAULT_LOOKAHEAD = 60.0
+
+#: How long the claim of a one-off firing lives. It only has to outlast the
+#: kick: post_send deletes the schedule, after which pre_send refuses it
+#: anyway. If the kick fails the schedule stays stored, and a scheduler that
+#: starts after the claim expired sends it again.
+_ONE_OFF_CLAIM_TTL_MS = 300_000
+
+#: Extra life of a cron/interval claim beyond its tick, so a scheduler whose
+#: loop runs late within the same tick still finds the claim.
+_CLAIM_MARGIN_MS = 60_000
+
+# KEYS: schedules, cron, timeline. ARGV: id, payload, score ("" = recurring).
+# Re-adding an id moves it between indexes, so a schedule is never in both.
+_ADD = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '' then
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+else
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: schedules, cron, timeline. ARGV: id. Returns 1 if it existed.
+_DELETE = """
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return n
+"""
+
+# KEYS: schedules, cron, timeline. ARGV: min score, max score.
+# Returns a flat [id, payload, id, payload, ...]; HGET one id at a time
+# because unpacking a large id list into HMGET overflows Lua's C stack.
+# An index entry whose record is gone is dropped (cannot happen through this
+# class, whose writes are atomic, but a hand-edited source heals itself).
+_GET = """
+local out = {}
+local function take(ids)
+  for _, id in ipairs(ids) do
+    local payload = redis.call('HGET', KEYS[1], id)
+    if payload then
+      out[#out + 1] = id
+      out[#out + 1] = payload
+    else
+      redis.call('SREM', KEYS[2], id)
+      redis.call('ZREM', KEYS[3], id)
+    end
+  end
+end
+take(redis.call('SMEMBERS', KEYS[2]))
+take(redis.call('ZRANGEBYSCORE', KEYS[3], ARGV[1], ARGV[2]))
+return out
+"""
+
+# KEYS: cron, timeline, claim. ARGV: id, due ("" = recurring), ttl ms, owner.
+# Returns 1 = claimed, 0 = the schedule is gone (deleted or re-timed),
+# -1 = another scheduler already claimed this firing.
+_CLAIM = """
+if ARGV[2] == '' then
+  if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+else
+  local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+  if (not score) or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+end
+if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then return 1 end
+return -1
+"""
+
+# KEYS: schedules, timeline. ARGV: id, due. Deletes a one-off schedule after
+# it fired, unless it was re-added with another time in the meantime.
+_DONE = """
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+class _Script:
+    """A Lua script run by EVALSHA, falling back to EVAL.
+
+    The fallback loads the script on whichever node owns the keys, which
+    also covers a replica that was just promoted with an empty script cache.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(
+        self, client: RedisCluster, keys: Sequence[str], args: Sequence[str | int]
+    ) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+
+_ADD_SCRIPT = _Script(_ADD)
+_DELETE_SCRIPT = _Script(_DELETE)
+_GET_SCRIPT = _Script(_GET)
+_CLAIM_SCRIPT = _Script(_CLAIM)
+_DONE_SCRIPT = _Script(_DONE)
+
+
+class ClusterListScheduleSource(ScheduleSource):
+    """Cron, interval and one-off schedules stored in Redis Cluster.
+
+    Behaves like taskiq-redis's ``ListRedisScheduleSource`` (dynamic
+    ``add_schedule``/``delete_schedule``, one-off schedules deleted once
+    sent, past-due one-off schedules sent after a restart), and in addition
+    lets several ``taskiq scheduler`` processes share one source: each
+    firing is sent once (see the module docstring).
+
+    :param url: ``redis://`` or ``rediss://`` URL of any cluster node.
+    :param name: name of this source; every key of it shares the hash tag
+        ``{sched:<name>}``. Sources with the same prefix and name are the
+        same source, which is how several schedulers share it.
+    :param prefix: first part of every key.
+    :param serializer: how schedules are encoded; JSON by default.
+    :param lookahead: seconds ahead of now for which one-off schedules are
+        returned. Keep it at least the scheduler's ``--update-interval``
+        (60 s by default), or one-off schedules fire late.
+    :param skip_past_schedules: do not return one-off schedules that were
+        already due when the source started (they stay stored until
+        deleted). By default they are sent once after a restart.
+    :param connection: client options (pool size, timeouts, TLS ...).
+
+    :raises InvalidNameError: for a name or prefix that cannot be used in a
+        hash tag.
+    :raises InvalidOptionError: for a negative lookahead.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "default",
+        prefix: str = _keys.DEFAULT_PREFIX,
+        serializer: TaskiqSerializer | None = None,
+        lookahead: float = DEFAULT_LOOKAHEAD,
+        skip_past_schedules: bool = False,
+        connection: ConnectionOptions | None = None,
+    ) -> None:
+        validate_url(url)
+        self._url = url
+        self.name = _keys.validate_name(name, kind="schedule source")
+        self.prefix = _keys.validate_name(prefix, kind="prefix")
+        if lookahead < 0:
+            raise InvalidOptionError(option="lookahead", reason=f"must be >= 0, got {lookahead}")
+        self.lookahead = lookahead
+        self.skip_past_schedules = skip_past_schedules
+        self.serializer: TaskiqSerializer = serializer or default_serializer()
+        self.keys = _keys.ScheduleKeys(self.prefix, self.name)
+        self._connection = connection or ConnectionOptions()
+        self._lifecycle = Lifecycle(f"ClusterListScheduleSource({self.name!r})")
+        self._client: RedisCluster | None = None
+        # Identifies this process in claim markers; only for debugging.
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._started_at_ms = 0
+        self._reported_corrupt: set[str] = set()
+        self._migrate_from: ScheduleSource | None = None
+        self._migrate_delete = True
+
+    def __repr__(self) -> str:
+        return (
+            f"ClusterListScheduleSource({redact_url(self._url)!r}, "
+            f"name={self.name!r}, prefix={self.prefix!r})"
+        )
+
+    def with_migrate_from(self, source: ScheduleSource, delete_schedules: bool = True) -> Self:
+        """Copy every schedule of ``source`` into this one during ``startup()``.
+
+        Same name and meaning as taskiq-redis's method. ``source`` is started
+        and shut down around the copy. With ``delete_schedules=True`` (the
+        default) copied schedules are removed from ``source``; without it
+        every restart copies them again, which re-creates one-off schedules
+        that have already fired.
+        """
+        self._migrate_from = source
+        self._migrate_delete = delete_schedules
+        return self
+
+    async def startup(self) -> None:
+        """Connect, then run a migration set up by :meth:`with_migrate_from`.
+
+        :raises LifecycleError: if called twice.
+        :raises NotAClusterError: if the URL is not a cluster node.
+        :raises ConnectError: if the cluster cannot be reached.
+        """
+        self._lifecycle.starting()
+        try:
+            self._client = await connect(self._url, self._connection)
+        except BaseException:
+            self._lifecycle.failed()
+            raise
+        self._started_at_ms = _floor_minute_ms(_now())
+        self._lifecycle.started()
+        if self._migrate_from is not None:
+            try:
+                await self._migrate_from.startup()
+                try:
+                    await self.import_from(self._migrate_from, delete=self._migrate_delete)
+                finally:
+                    await self._migrate_from.shutdown()
+            except BaseException:
+                await self.shutdown()
+                # Allow a retry of startup() on the same object.
+                self._lifecycle.failed()
+                raise
+
+    async def shutdown(self) -> None:
+        """Close the client; safe to call twice or without startup."""
+        if not self._lifecycle.stopping():
+            return
+        client, self._client = self._client, None
+        try:
+            if client is not None:
+                await client.aclose()
+        finally:
+            self._lifecycle.stopped()
+
+    def _ready_client(self, action: str) -> RedisCluster:
+        self._lifecycle.require_running(action)
+        # Set by a successful startup(), which require_running checked.
+        assert self._client is not None
+        return self._client
+
+    def _index_keys(self) -> list[str]:
+        return [self.keys.schedules, self.keys.cron, self.keys.timeline]
+
+    async def add_schedule(self, schedule: ScheduledTask) -> None:
+        """Store ``schedule``, replacing one with the same ``schedule_id``.
+
+        A schedule with ``cron`` or ``interval`` is recurring (a ``time`` on
+        it is then only used by taskiq's loop, as with taskiq-redis); one with
+        only ``time`` fires once and is deleted after it was sent.
+
+        The task name is not checked: a source does not know the broker's
+        tasks. An unknown name is kicked by the scheduler like any other and
+        the worker logs ``task "..." is not found``.
+        """
+        client = self._ready_client("add_schedule()")
+        due = _one_off_due_ms(schedule)
+        await _ADD_SCRIPT(
+            client,
+            self._index_keys(),
+            [schedule.schedule_id, _to_str(dump_model(schedule, self.serializer)), _opt(due)],
+        )
+        logger.debug("Added schedule %s (task %s)", schedule.schedule_id, schedule.task_name)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule; a no-op for an unknown id.
+
+        Schedulers that already hold the schedule in memory still ask
+        ``pre_send`` before sending it, which refuses, so it stops at once.
+        """
+        client = self._ready_client("delete_schedule()")
+        removed = await _DELETE_SCRIPT(client, self._index_keys(), [schedule_id])
+        logger.debug("Deleted schedule %s (existed: %s)", schedule_id, bool(removed))
+
+    async def get_schedules(self) -> list[ScheduledTask]:
+        """Recurring schedules plus one-off schedules due by now + lookahead.
+
+        A record that cannot be decoded is skipped and logged (once per
+        schedule id and source object, at WARNING); the rest are returned.
+        """
+        client = self._ready_client("get_schedules()")
+        now_ms = int(_now().timestamp() * 1000)
+        low = str(self._started_at_ms) if self.skip_past_schedules else "-inf"
+        high = str(now_ms + int(self.lookahead * 1000))
+        flat = await _GET_SCRIPT(client, self._index_keys(), [low, high])
+        schedules: list[ScheduledTask] = []
+        for raw_id, payload in zip(flat[::2], flat[1::2], strict=True):
+            schedule_id = _to_str(raw_id)
+            try:
+                schedule = load_model(ScheduledTask, payload, self.serializer)
+                if schedule.schedule_id != schedule_id:
+                    raise ValueError(f"record carries schedule_id {schedule.schedule_id!r}")
+            except ValueError as exc:
+                self._report_corrupt(schedule_id, str(exc))
+                continue
+            schedules.append(schedule)
+        logger.debug("Source %s returned %d schedules", self.name, len(schedules))
+        return schedules
+
+    def _report_corrupt(self, schedule_id: str, reason: str) -> None:
+        error = CorruptScheduleError(source=self.name, schedule_id=schedule_id, reason=reason)
+        if schedule_id in self._reported_corrupt:
+            logger.debug("%s; skipped", error)
+            return
+        self._reported_corrupt.add(schedule_id)
+        logger.warning("%s; skipped (fix or delete it; the other schedules still run)", error)
+
+    async def pre_send(self, task: ScheduledTask) -> None:
+        """Claim this firing of ``task``; cancel the send if that fails.
+
+        :raises ScheduledTaskCancelledError: if the schedule was deleted (or
+            re-timed) since it was read, or another scheduler already claimed
+            this firing.
+        """
+        client = self._ready_client("pre_send()")
+        due = _one_off_due_ms(task)
+        if due is None:
+            tick, ttl_ms = _recurring_tick_ms(task, _now())
+        else:
+            tick, ttl_ms = due, _ONE_OFF_CLAIM_TTL_MS
+        outcome = await _CLAIM_SCRIPT(
+            client,
+            [self.keys.cron, self.keys.timeline, self.keys.claim(task.schedule_id, tick)],
+            [task.schedule_id, _opt(due), ttl_ms, self._owner],
+        )
+        if outcome == 1:
+            return
+        if outcome == 0:
+            logger.info(
+                "Schedule %s (task %s) was deleted or changed; not sending it",
+                task.schedule_id,
+                task.task_name,
+            )
+        else:
+            logger.debug(
+                "Firing %d of schedule %s was claimed by another scheduler",
+                tick,
+                task.schedule_id,
+            )
+        raise ScheduledTaskCancelledError
+
+    async def post_send(self, task: ScheduledTask) -> None:
+        """Delete a one-off schedule after it was sent."""
+        due = _one_off_due_ms(task)
+        if due is None:
+            return
+        client = self._ready_client("post_send()")
+        await _DONE_SCRIPT(
+            client, [self.keys.schedules, self.keys.timeline], [task.schedule_id, str(due)]
+        )
+
+    async def import_from(self, other: ScheduleSource, *, delete: bool = False) -> int:
+        """Copy every schedule of ``other`` (a started source) into this one.
+
+        Schedules keep their ids, so importing twice does not duplicate
+        them. For taskiq-redis's ``ListRedisScheduleSource`` the stored
+        records are read directly, because its ``get_schedules()`` leaves out
+        one-off schedules that are not due yet; any other source is read
+        through ``get_schedules()``.
+
+        :param delete: delete each copied schedule from ``other``.
+        :return: the number of schedules copied.
+        """
+        self._ready_client("import_from()")
+        schedules = await _read_all(other)
+        for schedule in schedules:
+            await self.add_schedule(schedule)
+            if delete:
+                await other.delete_schedule(schedule.schedule_id)
+        logger.info(
+            "Imported %d schedules from %s into source %s",
+            len(schedules),
+            type(other).__name__,
+            self.name,
+        )
+        return len(schedules)
+
+
+async def _read_all(other: ScheduleSource) -> list[ScheduledTask]:
+    pool = getattr(other, "_connection_pool", None)
+    prefix = getattr(other, "_prefix", None)
+    serializer = getattr(other, "_serializer", None)
+    if (
+        type(other).__name__ == "ListRedisScheduleSource"
+        and pool is not None
+        and isinstance(prefix, str)
+        and isinstance(serializer, TaskiqSerializer)
+    ):
+        return await _read_list_redis_source(pool, prefix, serializer)
+    return await other.get_schedules()
+
+
+async def _read_list_redis_source(
+    pool: Any, prefix: str, serializer: TaskiqSerializer
+) -> list[ScheduledTask]:
+    """Every record of a taskiq-redis ListRedisScheduleSource (standalone Redis)."""
+    redis: Redis = Redis(connection_pool=pool)
+    schedules: list[ScheduledTask] = []
+    try:
+        async for key in redis.scan_iter(match=f"{_glob_escape(prefix)}:data:*", count=500):
+            raw = await redis.get(key)
+            if raw is None:  # deleted while we scanned
+                continue
+            try:
+                schedules.append(load_model(ScheduledTask, raw, serializer))
+            except ValueError as exc:
+                logger.warning("Not importing schedule record %r: %s", _to_str(key), exc)
+    finally:
+        await redis.aclose()
+    return schedules
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def _now() -> datetime:
+    return datetime.now(tz=timezone.utc)
+
+
+def _to_str(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _floor_minute_ms(moment: datetime) -> int:
+    return int(moment.timestamp()) // 60 * 60_000
+
+
+def _one_off_due_ms(schedule: ScheduledTask) -> int | None:
+    """Due time in ms of a one-off schedule; None for a recurring one."""
+    if schedule.cron is not None or schedule.interval is not None or schedule.time is None:
+        return None
+    moment = schedule.time
+    if moment.tzinfo is None:  # taskiq reads naive times as UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def _recurring_tick_ms(schedule: ScheduledTask, now: datetime) -> tuple[int, int]:
+    """(tick, claim ttl) of a cron/interval firing happening at ``now``.
+
+    taskiq's loop runs at whole seconds, so ``now`` is rounded to the
+    nearest second first; a wake-up a few ms early then names the same tick.
+    """
+    seconds = round(now.timestamp())
+    if schedule.cron is not None:
+        period = 60
+    else:
+        interval = schedule.interval
+        period = (
+            int(interval.total_seconds()) if isinstance(interval, timedelta) else int(interval or 1)
+        )
+        period = max(period, 1)
+    tick = seconds // period * period
+    return tick * 1000, period * 1000 + _CLAIM_MARGIN_MS

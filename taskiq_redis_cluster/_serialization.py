@@ -1,0 +1,57 @@
+"""Turning stored records (results, progress, schedules) into bytes and back.
+
+JSON is the default everywhere: a record read from Redis is data, and
+unpickling data that anyone with write access to the cluster can change
+would let them run code in every worker. A user may still pass any taskiq
+``TaskiqSerializer`` (pickle included) as an explicit choice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from taskiq.abc.serializer import TaskiqSerializer
+from taskiq.serializers import JSONSerializer
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+#: Longest decode-error text put into a log line or an exception.
+_MAX_REASON = 300
+
+
+def default_serializer() -> TaskiqSerializer:
+    """The serializer used when the user passes none: plain JSON."""
+    return JSONSerializer()
+
+
+def dump_model(model: BaseModel, serializer: TaskiqSerializer) -> bytes:
+    """Encode a pydantic model through ``serializer`` (JSON-safe dump first)."""
+    return serializer.dumpb(model.model_dump(mode="json"))
+
+
+def load_model(model_type: type[_Model], raw: bytes | str, serializer: TaskiqSerializer) -> _Model:
+    """Decode ``raw`` into ``model_type``.
+
+    Any failure (bad bytes, bad JSON, wrong shape) raises ``ValueError``
+    with a short, single-line reason, so callers handle one exception type
+    whatever the serializer raises internally.
+    """
+    try:
+        data: Any = serializer.loadb(raw.encode() if isinstance(raw, str) else raw)
+        return model_type.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ValueError(_shorten(f"does not match {model_type.__name__}: {problems}")) from exc
+    except Exception as exc:  # serializers raise anything from ValueError to their own types
+        raise ValueError(_shorten(f"cannot be decoded: {type(exc).__name__}: {exc}")) from exc
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    if len(text) > _MAX_REASON:
+        text = text[: _MAX_REASON - 3] + "..."
+    return text

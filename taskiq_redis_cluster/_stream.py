@@ -1,0 +1,548 @@
+"""``ClusterStreamBroker``: the sharded Redis Streams broker.
+
+Only what is specific to streams lives here; shard planning, plan epochs,
+kick retries and the per-shard reader supervision are in ``_broker``.
+
+Per shard (all keys share the shard's hash tag, so the Lua scripts below
+are legal on a cluster):
+
+* kick: ``XADD stream * data <message>`` through the auto-pipeline;
+* read: ``XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS stream >``;
+* ack: ``XACK`` of every id acked in the same tick, one command per shard;
+* crash recovery: ``XAUTOCLAIM`` of entries idle for ``idle_timeout``;
+  entries delivered more than ``max_deliveries`` times, and entries that are
+  not taskiq messages, go to the dead-letter stream with a reason;
+* memory: ``XTRIM MINID`` below the oldest entry that is still pending or
+  not yet delivered to some group, so only acknowledged work is removed;
+* NOGROUP/UNBLOCKED: the group is recreated at id ``0`` (never ``$``), so a
+  vanished stream replays instead of skipping tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from redis.asyncio import RedisCluster
+from redis.exceptions import ResponseError
+from taskiq import AckableMessage, BrokerMessage
+
+from ._autopipeline import AutoPipeline, CommandFailure, Reply
+from ._broker import ShardedBroker, Sink
+from ._connection import ConnectionOptions
+from ._errors import ConfigurationError, ReplicationTimeoutError
+from ._events import BrokerEvents
+from ._keys import ShardKeys
+from ._options import StreamOptions
+from ._planner import Shard
+from ._retry import RetryPolicy, error_kind, is_transient
+
+logger = logging.getLogger("taskiq_redis_cluster")
+
+_DATA = b"data"
+
+# Remove only what every group has both received and acknowledged: the new
+# MINID is the smallest of (oldest pending id, id after last-delivered) over
+# all groups. Ids are compared as strings because Lua numbers are doubles.
+_SAFE_TRIM = """
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok or #groups == 0 then return -1 end
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return ms, seq
+end
+local function less(a, b)
+  local am, as = parts(a)
+  local bm, bs = parts(b)
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+local minid = nil
+for _, g in ipairs(groups) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] end
+    if g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  local ms, seq = parts(last)
+  local cand = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)
+  local p = redis.call('XPENDING', KEYS[1], name)
+  if p[1] > 0 and less(p[2], cand) then cand = p[2] end
+  if minid == nil or less(cand, minid) then minid = cand end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', '~', minid)
+"""
+
+# Move one entry to the dead-letter stream and ack it, atomically. Both keys
+# share the shard's tag, so this is one slot.
+_DEAD_LETTER = """
+local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+  'reason', ARGV[3], 'original_id', ARGV[2], 'deliveries', ARGV[4],
+  'stream', KEYS[1], 'dead_at_ms', ARGV[6]}
+for i = 7, #ARGV do args[#args + 1] = ARGV[i] end
+redis.call(unpack(args))
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+@dataclass
+class _AckBatcher:
+    """Merges the acks of one tick into one XACK per shard stream."""
+
+    pipeline: AutoPipeline
+    group: str
+    broker: ClusterStreamBroker
+    _pending: dict[str, tuple[int, list[tuple[bytes, asyncio.Future[None]]]]] = field(
+        default_factory=dict
+    )
+    _scheduled: bool = False
+    _inflight: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def ack(self, stream: str, shard: int, entry_id: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.setdefault(stream, (shard, []))[1].append((entry_id, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for stream, (shard, items) in pending.items():
+            task = asyncio.ensure_future(self._send(stream, shard, items))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _send(
+        self, stream: str, shard: int, items: list[tuple[bytes, asyncio.Future[None]]]
+    ) -> None:
+        ids = [entry_id for entry_id, _ in items]
+        try:
+            await self.broker._idempotent(
+                lambda: _unwrap(self.pipeline.execute(stream, "XACK", stream, self.group, *ids))
+            )
+        except ResponseError as exc:
+            if str(exc).startswith("NOGROUP"):
+                # The group vanished with its pending list; the reader recreates
+                # it at 0, so these entries are delivered again (duplicates,
+                # never loss). Nothing is left to acknowledge.
+                logger.warning("XACK on %s found no group (%s); entries will be redelivered",
+                               stream, exc)
+            else:
+                self._fail(items, exc)
+                return
+        except BaseException as exc:
+            self._fail(items, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self.broker.events.acked(self.broker.queue_name, shard, len(ids))
+        for _, future in items:
+            if not future.done():
+                future.set_result(None)
+
+    @staticmethod
+    def _fail(items: list[tuple[bytes, asyncio.Future[None]]], exc: BaseException) -> None:
+        for _, future in items:
+            if not future.done():
+                future.set_exception(exc)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        if self._scheduled:
+            await asyncio.sleep(0)
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout)
+
+
+async def _unwrap(awaitable: Any) -> Any:
+    """Turn an auto-pipeline CommandFailure back into the redis-py error."""
+    try:
+        reply: Reply = await awaitable
+    except CommandFailure as failure:
+        raise failure.error from None
+    return reply.value
+
+
+class ClusterStreamBroker(ShardedBroker):
+    """Sharded Redis Streams broker for Redis Cluster (at-least-once).
+
+    The queue is split into shards (default: 4 per master) whose hash tags
+    the planner spreads evenly over the masters. Kicks are auto-pipelined per
+    node; every worker process reads every shard through one consumer group,
+    acks in batches, reclaims the work of crashed workers after
+    ``idle_timeout`` ms and dead-letters poison messages.
+
+    Migrating from taskiq-redis is a change of import: the constructor takes
+    ``url`` first and the keyword names of ``RedisStreamBroker``.
+
+    Example::
+
+        broker = ClusterStreamBroker("redis://127.0.0.1:7000", queue_name="jobs")
+
+    Delivery is at least once: a task may run twice (after a crash, a
+    failover, or a lost consumer group) but an acknowledged kick is not
+    lost, except for writes that were not yet replicated when their master
+    died; ``wait_replicas=1`` narrows that window (see docs/guarantees.md).
+    """
+
+    options: StreamOptions
+
+    def __init__(
+        self,
+        url: str,
+        queue_name: str = "taskiq",
+        consumer_group_name: str = "taskiq",
+        consumer_name: str | None = None,
+        idle_timeout: int = 600_000,
+        xread_block: int = 2_000,
+        xread_count: int = 100,
+        unacknowledged_batch_size: int = 100,
+        maxlen: int | None = None,
+        approximate: bool = True,
+        max_connection_pool_size: int | None = None,
+        *,
+        options: StreamOptions | None = None,
+        events: BrokerEvents | None = None,
+        retry: RetryPolicy | None = None,
+        consumer_id: str | None = None,
+        mkstream: bool = True,
+        additional_streams: Mapping[str, str] | None = None,
+        unacknowledged_lock_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Create the broker; no I/O happens until ``startup()``.
+
+        The positional and keyword names follow taskiq-redis's
+        ``RedisStreamBroker``. Other :class:`StreamOptions` fields (for
+        example ``wait_replicas``, ``max_deliveries``, ``shards``) may be
+        passed as keywords, and any remaining keyword goes to redis-py (for
+        example ``ssl_ca_certs``). ``options=`` replaces all of them.
+
+        ``consumer_id`` is accepted for compatibility but groups are always
+        created at ``0``: starting at ``$`` silently skips queued tasks.
+        ``unacknowledged_lock_timeout`` is accepted and unused: reclaiming
+        needs no lock because XAUTOCLAIM is atomic.
+        """
+        if additional_streams:
+            raise ConfigurationError(
+                message="additional_streams is not supported: use one broker per queue"
+            )
+        if consumer_id not in (None, "0", "$"):
+            raise ConfigurationError(message="consumer_id must be '0' or '$' (groups start at 0)")
+        del mkstream, unacknowledged_lock_timeout  # see docstring
+        if options is None:
+            option_names = {f.name for f in fields(StreamOptions)}
+            extra = {k: kwargs.pop(k) for k in list(kwargs) if k in option_names}
+            connection = ConnectionOptions(
+                max_connections=max_connection_pool_size or ConnectionOptions.max_connections,
+                extra=dict(kwargs),
+            )
+            values: dict[str, Any] = {
+                "queue_name": queue_name,
+                "consumer_group_name": consumer_group_name,
+                "idle_timeout": idle_timeout,
+                "xread_block": xread_block,
+                "xread_count": xread_count,
+                "unacknowledged_batch_size": unacknowledged_batch_size,
+                "maxlen": maxlen,
+                "approximate": approximate,
+                "connection": connection,
+                **extra,
+            }
+            if consumer_name is not None:
+                values["consumer_name"] = consumer_name
+            options = StreamOptions(**values)
+        elif kwargs:
+            raise ConfigurationError(
+                message=f"options= excludes other keyword arguments: {sorted(kwargs)}"
+            )
+        super().__init__(url, options, events=events, retry=retry)
+        self._acks: _AckBatcher | None = None
+        self._scripts: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ lifecycle
+    def _make_pipeline(self, client: RedisCluster) -> AutoPipeline:
+        return AutoPipeline(
+            client,
+            max_batch=self.options.max_batch,
+            wait_replicas=self.options.wait_replicas,
+            wait_timeout=self.options.wait_timeout,
+        )
+
+    async def _after_startup(self) -> None:
+        assert self._client is not None
+        # Acks never WAIT: losing an ack only causes a redelivery.
+        self._acks = _AckBatcher(
+            AutoPipeline(self._client, max_batch=self.options.max_batch),
+            self.options.consumer_group_name,
+            self,
+        )
+        self._scripts = {
+            "trim": self._client.register_script(_SAFE_TRIM),
+            "dead": self._client.register_script(_DEAD_LETTER),
+        }
+
+    async def _before_close(self) -> None:
+        if self._acks is not None:
+            await self._acks.drain()
+            await self._acks.pipeline.drain()
+
+    def _prefetch(self) -> int:
+        return self.options.xread_count
+
+    # ----------------------------------------------------------------- kick
+    async def _publish(self, keys: ShardKeys, message: BrokerMessage) -> Reply:
+        assert self._pipeline is not None
+        args: list[Any] = ["XADD", keys.stream]
+        if self.options.maxlen is not None:
+            args += ["MAXLEN", "~" if self.options.approximate else "=", self.options.maxlen]
+        args += ["*", _DATA, message.message]
+        return await self._pipeline.execute(keys.stream, *args)
+
+    def _check_reply(self, message: BrokerMessage, reply: Reply) -> None:
+        wanted = self.options.wait_replicas
+        if wanted and (reply.replicas or 0) < wanted:
+            self.events.publish_error(self.queue_name, "replication_timeout")
+            raise ReplicationTimeoutError(
+                queue=self.queue_name,
+                task_id=message.task_id,
+                acked=reply.replicas or 0,
+                wanted=wanted,
+                timeout_ms=self.options.wait_timeout,
+            )
+
+    # --------------------------------------------------------------- listen
+    def _stop_timeout(self) -> float:
+        return self.options.xread_block / 1000 + 5.0
+
+    async def _read_shard(
+        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: asyncio.Event
+    ) -> None:
+        keys = ShardKeys(self.options.prefix, shard.tag)
+        opts = self.options
+        await self._ensure_group(keys)
+        failures = 0
+        now = time.monotonic()
+        next_reclaim = now  # a restarted worker picks up its crashed work first
+        # Stagger trims so many workers do not trim the same shard together.
+        next_trim = now + opts.trim_interval * (0.5 + (hash(opts.consumer_name) % 100) / 200)
+        while not stop.is_set():
+            try:
+                now = time.monotonic()
+                if now >= next_reclaim:
+                    next_reclaim = now + opts.effective_reclaim_interval
+                    await self._reclaim(keys, shard, sink)
+                if now >= next_trim and opts.maxlen is None:
+                    next_trim = now + opts.trim_interval
+                    await self._trim(keys)
+                response = await self.client.xreadgroup(
+                    opts.consumer_group_name,
+                    opts.consumer_name,
+                    {keys.stream: ">"},
+                    count=count,
+                    block=opts.xread_block,
+                )
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if stop.is_set():
+                    return
+                if isinstance(exc, ResponseError) and self._is_lost_group(exc):
+                    await self._recover_group(keys, shard, exc)
+                    continue
+                if not is_transient(exc):
+                    raise
+                failures += 1
+                await self._backoff(keys, exc, failures)
+                continue
+            for _stream, entries in _stream_entries(response):
+                for entry_id, entry in entries:
+                    await self._deliver(keys, shard, entry_id, entry, sink)
+
+    async def _backoff(self, keys: ShardKeys, exc: BaseException, failures: int) -> None:
+        kind = error_kind(exc)
+        self.events.retried(kind)
+        delay = self.retry.delay(failures)
+        log = logger.warning if failures in (1, 10) or failures % 100 == 0 else logger.debug
+        log("Reading %s failed (%s: %s); retry %d in %.2fs", keys.stream, kind, exc, failures,
+            delay)
+        await self.retry.sleep(delay)
+
+    @staticmethod
+    def _is_lost_group(exc: ResponseError) -> bool:
+        text = str(exc)
+        return text.startswith("NOGROUP") or text.startswith("UNBLOCKED")
+
+    async def _ensure_group(self, keys: ShardKeys) -> None:
+        """Create the group at id 0 (MKSTREAM); an existing group is fine."""
+
+        async def create() -> None:
+            try:
+                await self.client.xgroup_create(
+                    keys.stream, self.options.consumer_group_name, id="0", mkstream=True
+                )
+            except ResponseError as exc:
+                # Only BUSYGROUP means "already there"; anything else is real.
+                if not str(exc).startswith("BUSYGROUP"):
+                    raise
+
+        await self._idempotent(create)
+
+    async def _recover_group(self, keys: ShardKeys, shard: Shard, exc: ResponseError) -> None:
+        logger.warning(
+            "Consumer group %s of %s is gone (%s); recreating it at id 0 so queued tasks "
+            "are replayed, not skipped",
+            self.options.consumer_group_name, keys.stream, exc,
+        )
+        self.events.nogroup_recovered(self.queue_name, shard.index)
+        await self._ensure_group(keys)
+
+    async def _deliver(
+        self,
+        keys: ShardKeys,
+        shard: Shard,
+        entry_id: bytes,
+        entry: Mapping[bytes, bytes] | None,
+        sink: Sink,
+        deliveries: int = 1,
+    ) -> None:
+        reason = self._malformed_reason(entry)
+        if reason is not None:
+            await self._dead_letter(keys, shard, entry_id, entry or {}, reason, deliveries)
+            return
+        assert entry is not None
+        stream = keys.stream
+        index = shard.index
+
+        async def ack() -> None:
+            assert self._acks is not None
+            await self._acks.ack(stream, index, entry_id)
+
+        await sink(AckableMessage(data=entry[_DATA], ack=ack))
+
+    def _malformed_reason(self, entry: Mapping[bytes, bytes] | None) -> str | None:
+        """Why an entry cannot be run, or None if it is a valid taskiq message."""
+        if entry is None:
+            return "entry deleted from the stream"
+        data = entry.get(_DATA)
+        if data is None:
+            return "missing 'data' field"
+        try:
+            message = self.formatter.loads(message=data)
+        except Exception as exc:
+            return f"not a taskiq message: {type(exc).__name__}"
+        if self.is_worker_process and self.find_task(message.task_name) is None:
+            return f"unknown task {message.task_name!r}"
+        return None
+
+    async def _dead_letter(
+        self,
+        keys: ShardKeys,
+        shard: Shard,
+        entry_id: bytes,
+        entry: Mapping[bytes, bytes],
+        reason: str,
+        deliveries: int,
+    ) -> None:
+        logger.warning("Dead-lettering entry %s of %s: %s", entry_id.decode(), keys.stream,
+                       reason)
+        flat: list[bytes | str | int] = []
+        for name, value in entry.items():
+            flat += [b"field:" + name, value]
+        args: list[bytes | str | int] = [
+            self.options.consumer_group_name,
+            entry_id,
+            reason,
+            deliveries,
+            self.options.dead_letter_maxlen,
+            int(time.time() * 1000),
+            *flat,
+        ]
+        script = self._scripts["dead"]
+        await self._idempotent(lambda: script(keys=[keys.stream, keys.dead], args=args))
+        self.events.dead_lettered(self.queue_name, shard.index, reason.split(":")[0])
+
+    async def _reclaim(self, keys: ShardKeys, shard: Shard, sink: Sink) -> None:
+        """Take over entries idle longer than idle_timeout (crashed consumers).
+
+        XAUTOCLAIM is atomic, so concurrent workers claim disjoint entries and
+        no lock is needed (a lock could stick when its holder dies).
+        """
+        opts = self.options
+        start: bytes | str = "0-0"
+        # Bounded: at most a few batches per pass, the rest waits a pass.
+        for _ in range(4):
+            result = await self._idempotent(
+                lambda start=start: self.client.xautoclaim(  # type: ignore[misc]
+                    keys.stream,
+                    opts.consumer_group_name,
+                    opts.consumer_name,
+                    min_idle_time=opts.idle_timeout,
+                    start_id=start,
+                    count=opts.unacknowledged_batch_size,
+                )
+            )
+            next_start, claimed = result[0], result[1]
+            if claimed:
+                self.events.reclaimed(self.queue_name, shard.index, len(claimed))
+                logger.info("Reclaimed %d idle entries of %s", len(claimed), keys.stream)
+                counts = await self._delivery_counts(keys, claimed)
+                for entry_id, entry in claimed:
+                    deliveries = counts.get(entry_id, opts.max_deliveries + 1)
+                    if deliveries > opts.max_deliveries:
+                        await self._dead_letter(
+                            keys, shard, entry_id, entry or {},
+                            f"max deliveries exceeded ({opts.max_deliveries})", deliveries,
+                        )
+                    else:
+                        await self._deliver(keys, shard, entry_id, entry, sink, deliveries)
+            if next_start in (b"0-0", "0-0"):
+                return
+            start = next_start
+
+    async def _delivery_counts(
+        self, keys: ShardKeys, claimed: list[tuple[bytes, Any]]
+    ) -> dict[bytes, int]:
+        ids = [entry_id for entry_id, _ in claimed]
+        rows = await self._idempotent(
+            lambda: self.client.xpending_range(
+                keys.stream,
+                self.options.consumer_group_name,
+                min=min(ids, key=_id_key),
+                max=max(ids, key=_id_key),
+                count=len(ids) + 16,
+                consumername=self.options.consumer_name,
+            )
+        )
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+
+    async def _trim(self, keys: ShardKeys) -> None:
+        script = self._scripts["trim"]
+        try:
+            await self._idempotent(lambda: script(keys=[keys.stream]))
+        except Exception as exc:  # trimming is housekeeping; the next pass retries
+            logger.debug("Trim of %s failed: %r", keys.stream, exc)
+
+
+def _stream_entries(response: Any) -> list[tuple[Any, list[tuple[bytes, Any]]]]:
+    """XREADGROUP's reply as a list of (stream, entries), whatever the protocol."""
+    if not response:
+        return []
+    if isinstance(response, dict):  # RESP3
+        return [(stream, list(entries[0] if entries and isinstance(entries[0], list)
+                               else entries)) for stream, entries in response.items()]
+    return [(stream, entries) for stream, entries in response]
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,106 @@
+"""compose/docker-compose.yml stays a consistent 6-node cluster (no Docker needed)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+COMPOSE = Path(__file__).resolve().parent.parent / "compose" / "docker-compose.yml"
+
+
+def _interpolate(text: str) -> str:
+    """Resolve ``${VAR:-default}`` the way compose does with VAR unset."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", text)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _option(command: list[str], name: str) -> str:
+    index = command.index(name)
+    return _interpolate(command[index + 1])
+
+
+def _redis_nodes(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if isinstance(svc.get("command"), list) and svc["command"][:1] == ["redis-server"]
+    }
+
+
+def _published(svc: dict[str, Any]) -> dict[int, int]:
+    """container port -> host port."""
+    result = {}
+    for item in svc["ports"]:
+        host, container = str(item).rsplit(":", 2)[-2:]
+        result[int(container)] = int(host)
+    return result
+
+
+def test_six_redis_nodes_with_unique_ports(compose: dict[str, Any]) -> None:
+    nodes = _redis_nodes(compose)
+    assert len(nodes) == 6
+    ports = [int(_option(svc["command"], "--port")) for svc in nodes.values()]
+    assert len(set(ports)) == 6
+    for svc in nodes.values():
+        assert str(svc["image"]).startswith("redis:7")
+
+
+def test_every_node_is_in_cluster_mode(compose: dict[str, Any]) -> None:
+    for svc in _redis_nodes(compose).values():
+        assert _option(svc["command"], "--cluster-enabled") == "yes"
+        assert _option(svc["command"], "--appendonly") == "yes"
+
+
+def test_announced_ports_match_published_ports(compose: dict[str, Any]) -> None:
+    announced_ips = set()
+    for svc in _redis_nodes(compose).values():
+        cmd = svc["command"]
+        port = int(_option(cmd, "--port"))
+        bus = int(_option(cmd, "--cluster-announce-bus-port"))
+        assert int(_option(cmd, "--cluster-announce-port")) == port
+        assert bus == port + 10000
+        published = _published(svc)
+        assert published == {port: port, bus: bus}
+        announced_ips.add(_option(cmd, "--cluster-announce-ip"))
+        assert str(port) in svc["healthcheck"]["test"]
+    assert len(announced_ips) == 1
+
+
+def test_create_lists_exactly_the_six_nodes(compose: dict[str, Any]) -> None:
+    nodes = _redis_nodes(compose)
+    create = compose["services"]["cluster-create"]
+    assert str(create["image"]).startswith("redis:7")
+    assert set(create["depends_on"]) == set(nodes)
+    assert all(v["condition"] == "service_healthy" for v in create["depends_on"].values())
+    script = " ".join(create["command"]) if isinstance(create["command"], list) else ""
+    words = shlex.split(_interpolate(script))
+    start = words.index("--cluster") + 1
+    assert words[start] == "create"
+    rest = words[start + 1 :]
+    addresses = rest[: rest.index("--cluster-replicas")]
+    assert rest[rest.index("--cluster-replicas") + 1] == "1"
+    assert "--cluster-yes" in rest
+    ip = {_option(svc["command"], "--cluster-announce-ip") for svc in nodes.values()}.pop()
+    expected = {f"{ip}:{_option(svc['command'], '--port')}" for svc in nodes.values()}
+    assert len(addresses) == 6
+    assert set(addresses) == expected
+
+
+def test_network_gateway_is_the_default_announce_ip(compose: dict[str, Any]) -> None:
+    nodes = _redis_nodes(compose)
+    ip = {_option(svc["command"], "--cluster-announce-ip") for svc in nodes.values()}.pop()
+    gateways = [
+        cfg.get("gateway") for net in compose["networks"].values() for cfg in net["ipam"]["config"]
+    ]
+    assert ip in gateways

@@ -1,0 +1,325 @@
+"""ClusterStreamBroker against the real 3+3 cluster (in-process parts).
+
+Worker-process scenarios (SIGKILL, failover under load, ...) are in
+tests/test_stream_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import RedisCluster
+from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
+
+from taskiq_redis_cluster import (
+    ClusterStreamBroker,
+    ConfigurationError,
+    InvalidNameError,
+    KickFailedError,
+    LifecycleError,
+    NotAClusterError,
+)
+from taskiq_redis_cluster._keys import ShardKeys
+from taskiq_redis_cluster.devcluster import DevCluster
+
+pytestmark = pytest.mark.cluster
+
+_FORMATTER = InMemoryBroker().formatter
+
+
+def _message(task_id: str, **labels: Any) -> BrokerMessage:
+    """A real taskiq message (the broker dead-letters anything else)."""
+    msg = TaskiqMessage(task_id=task_id, task_name="tests:noop", labels=labels, args=[],
+                        kwargs={})
+    return BrokerMessage(
+        task_id=task_id, task_name="tests:noop", message=_FORMATTER.dumps(msg).message,
+        labels=labels,
+    )
+
+
+def _task_id(data: bytes) -> str:
+    return str(_FORMATTER.loads(data).task_id)
+
+
+@pytest.fixture
+async def broker(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterStreamBroker]:
+    b = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name, idle_timeout=1_000, xread_block=200,
+        plan_poll_interval=0.5,
+    )
+    await b.startup()
+    try:
+        yield b
+    finally:
+        await b.shutdown()
+
+
+async def _collect(
+    broker: ClusterStreamBroker, want: int, timeout: float = 20.0, ack: bool = True
+) -> list[AckableMessage]:
+    got: list[AckableMessage] = []
+    gen = broker.listen()
+
+    async def run() -> None:
+        async for msg in gen:
+            assert isinstance(msg, AckableMessage)
+            got.append(msg)
+            if ack:
+                await msg.ack()  # type: ignore[misc]
+            if len(got) >= want:
+                return
+
+    try:
+        await asyncio.wait_for(run(), timeout)
+    finally:
+        await gen.aclose()
+    return got
+
+
+async def test_kicks_immediately_after_startup_do_not_race(
+    cluster_url: str, unique_name: str
+) -> None:
+    # The redis-py first-use race breaks >= 16 concurrent commands on a fresh
+    # client; startup() warms the client, so 64 kicks right after it work.
+    broker = ClusterStreamBroker(cluster_url, queue_name=unique_name)
+    await broker.startup()
+    try:
+        await asyncio.gather(*(broker.kick(_message(f"t{i}")) for i in range(64)))
+        plan = await broker.current_plan()
+        total = 0
+        for shard in plan.shards:
+            total += await broker.client.xlen(ShardKeys(broker.options.prefix, shard.tag).stream)
+        assert total == 64
+    finally:
+        await broker.shutdown()
+
+
+async def test_default_plan_spreads_shards_over_every_master(
+    broker: ClusterStreamBroker, redis_cluster: DevCluster
+) -> None:
+    plan = await broker.current_plan()
+    assert len(plan.shards) == 12  # 4 per master, 3 masters
+    owners = Counter()
+    for shard in plan.shards:
+        key = ShardKeys(broker.options.prefix, shard.tag).stream
+        master = await redis_cluster.master_of_key(key)
+        owners[master.port] += 1
+    assert sorted(owners.values()) == [4, 4, 4]
+
+
+async def test_round_trip_and_fairness(broker: ClusterStreamBroker) -> None:
+    ids = [f"id-{i}" for i in range(120)]
+    await asyncio.gather(*(broker.kick(_message(i)) for i in ids))
+    got = await _collect(broker, len(ids))
+    assert sorted(_task_id(m.data) for m in got) == sorted(ids)
+    # Everything was acked, so nothing stays pending on any shard.
+    plan = await broker.current_plan()
+    await asyncio.sleep(0.1)
+    for shard in plan.shards:
+        stream = ShardKeys(broker.options.prefix, shard.tag).stream
+        info = await broker.client.xpending(stream, broker.options.consumer_group_name)
+        assert info["pending"] == 0
+
+
+async def test_partition_key_pins_tasks_to_one_shard_in_order(
+    broker: ClusterStreamBroker,
+) -> None:
+    for i in range(30):
+        await broker.kick(_message(f"p{i}", partition_key="customer-42"))
+    plan = await broker.current_plan()
+    lengths = {
+        s.tag: await broker.client.xlen(ShardKeys(broker.options.prefix, s.tag).stream)
+        for s in plan.shards
+    }
+    assert sorted(lengths.values())[-1] == 30
+    assert sum(lengths.values()) == 30
+    tag = max(lengths, key=lambda t: lengths[t])
+    entries = await broker.client.xrange(ShardKeys(broker.options.prefix, tag).stream)
+    assert [_task_id(e[1][b"data"]) for e in entries] == [f"p{i}" for i in range(30)]
+
+
+async def test_garbage_entry_goes_to_dead_letter_and_worker_continues(
+    broker: ClusterStreamBroker,
+) -> None:
+    plan = await broker.current_plan()
+    keys = ShardKeys(broker.options.prefix, plan.shards[0].tag)
+    await broker.client.xadd(keys.stream, {b"junk": b"not a task"})
+    await broker.client.xadd(keys.stream, {b"data": b"\xff\xfe not json"})
+    await broker.kick(_message("after-garbage", partition_key="x"))
+    got = await _collect(broker, 1)
+    assert _task_id(got[0].data) == "after-garbage"
+    dead = await broker.client.xrange(keys.dead)
+    reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
+    assert reasons[0].startswith("missing 'data' field")
+    assert reasons[1].startswith("not a taskiq message")
+    assert all(b"original_id" in fields for _, fields in dead)
+    # Dead-lettered entries are acknowledged, so they are not redelivered.
+    info = await broker.client.xpending(keys.stream, broker.options.consumer_group_name)
+    assert info["pending"] == 0
+
+
+async def test_deleted_stream_recreates_group_at_zero(
+    broker: ClusterStreamBroker,
+) -> None:
+    plan = await broker.current_plan()
+    keys = ShardKeys(broker.options.prefix, plan.shards[0].tag)
+    received: list[bytes] = []
+    gen = broker.listen()
+
+    async def consume() -> None:
+        async for msg in gen:
+            assert isinstance(msg, AckableMessage)
+            received.append(_task_id(msg.data))
+            await msg.ack()  # type: ignore[misc]
+
+    task = asyncio.create_task(consume())
+    try:
+        await asyncio.sleep(0.5)  # readers are blocked in XREADGROUP now
+        await broker.client.delete(keys.stream)
+        # Tasks written after the DEL must not be skipped (no "$" group).
+        for i in range(10):
+            await broker.client.xadd(keys.stream, {b"data": _message(f"d{i}").message})
+        deadline = time.monotonic() + 20
+        while len(received) < 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await gen.aclose()
+    assert sorted(received) == sorted(f"d{i}" for i in range(10))
+
+
+async def test_unacked_entries_are_reclaimed_after_idle_timeout(
+    cluster_url: str, unique_name: str
+) -> None:
+    crashed = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name, idle_timeout=500, xread_block=100,
+        consumer_name="crashed",
+    )
+    survivor = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name, idle_timeout=500, xread_block=100,
+        consumer_name="survivor",
+    )
+    await crashed.startup()
+    await survivor.startup()
+    try:
+        for i in range(5):
+            await crashed.kick(_message(f"r{i}"))
+        taken = await _collect(crashed, 5, ack=False)  # taken, never acked
+        assert len(taken) == 5
+        started = time.monotonic()
+        again = await _collect(survivor, 5)
+        waited = time.monotonic() - started
+        assert sorted(m.data for m in again) == sorted(m.data for m in taken)
+        print(f"redelivery after {waited:.2f}s (idle_timeout 0.5s)")
+    finally:
+        await crashed.shutdown()
+        await survivor.shutdown()
+
+
+async def test_poison_entry_is_dead_lettered_after_max_deliveries(
+    cluster_url: str, unique_name: str
+) -> None:
+    broker = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name, idle_timeout=200, xread_block=100,
+        max_deliveries=2, reclaim_interval=0.1,
+    )
+    await broker.startup()
+    try:
+        await broker.kick(_message("poison", partition_key="p"))
+        # Receive it repeatedly without acking, as a crashing task would.
+        await _collect(broker, 2, ack=False, timeout=20)
+        plan = await broker.current_plan()
+        deadline = time.monotonic() + 20
+        dead: list[Any] = []
+        gen = broker.listen()
+        consumer = asyncio.create_task(_drain_forever(gen))
+        try:
+            while not dead and time.monotonic() < deadline:
+                for shard in plan.shards:
+                    dead += await broker.client.xrange(
+                        ShardKeys(broker.options.prefix, shard.tag).dead
+                    )
+                await asyncio.sleep(0.2)
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await gen.aclose()
+        assert len(dead) == 1
+        fields = dead[0][1]
+        assert fields[b"reason"].startswith(b"max deliveries exceeded")
+        assert int(fields[b"deliveries"]) > 2
+        assert _task_id(fields[b"field:data"]) == "poison"
+    finally:
+        await broker.shutdown()
+
+
+async def _drain_forever(gen: Any) -> None:
+    async for _ in gen:  # never ack
+        pass
+
+
+async def test_trim_removes_only_acknowledged_entries(
+    cluster_url: str, unique_name: str
+) -> None:
+    broker = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name, xread_block=100, trim_interval=0.2, shards=1,
+    )
+    await broker.startup()
+    try:
+        for i in range(50):
+            await broker.kick(_message(f"a{i}"))
+        got = await _collect(broker, 50)
+        assert len(got) == 50
+        for i in range(20):
+            await broker.kick(_message(f"b{i}"))  # never read: must survive trims
+        plan = await broker.current_plan()
+        stream = ShardKeys(broker.options.prefix, plan.shards[0].tag).stream
+        script = broker._scripts["trim"]
+        await script(keys=[stream])
+        remaining = await broker.client.xrange(stream)
+        datas = {_task_id(fields[b"data"]) for _, fields in remaining}
+        assert {f"b{i}" for i in range(20)} <= datas
+        assert len(remaining) < 70  # acknowledged entries went away (MINID ~)
+    finally:
+        await broker.shutdown()
+
+
+async def test_lifecycle_guards(cluster_url: str, unique_name: str) -> None:
+    broker = ClusterStreamBroker(cluster_url, queue_name=unique_name)
+    with pytest.raises(LifecycleError, match="before startup"):
+        await broker.kick(_message("x"))
+    await broker.startup()
+    with pytest.raises(LifecycleError, match="twice"):
+        await broker.startup()
+    await broker.shutdown()
+    await broker.shutdown()  # idempotent
+    with pytest.raises(LifecycleError, match="after shutdown"):
+        await broker.kick(_message("x"))
+
+
+async def test_bad_input_gives_typed_errors() -> None:
+    with pytest.raises(InvalidNameError):
+        ClusterStreamBroker("redis://127.0.0.1:7000", queue_name="a{b}")
+    with pytest.raises(ConfigurationError):
+        ClusterStreamBroker("redis://127.0.0.1:7000", additional_streams={"x": ">"})
+    broker = ClusterStreamBroker("redis://127.0.0.1:6379", queue_name="q")
+    with pytest.raises(NotAClusterError):
+        await broker.startup()
+    await broker.shutdown()
+
+
+async def test_password_never_in_repr() -> None:
+    broker = ClusterStreamBroker("redis://user:s3cret@127.0.0.1:7000", queue_name="q")
+    assert "s3cret" not in repr(broker)
+
+
+async def test_kick_to_unreachable_cluster_fails_clearly(
+    cluster_client: RedisCluster,
+) -> None:
+    assert KickFailedError  # typed error exists for kicks that surely failed
