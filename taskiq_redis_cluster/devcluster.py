@@ -70,7 +70,9 @@ __all__ = [
     "Node",
     "NodeStatus",
     "TLSConfig",
+    "check_redis_server",
     "find_free_base_port",
+    "format_slots",
     "kill_from_pid_files",
     "stop_directory",
 ]
@@ -888,7 +890,7 @@ class DevCluster:
         deadline = loop.time() + self.form_timeout
 
         def left() -> float:
-            return max(0.5, deadline - loop.time())
+            return max(0.0, deadline - loop.time())
 
         await self._wait_ping(self._ports, left())
         ids = {p: _text(await self._cmd(p, "CLUSTER", "MYID")) for p in self._ports}

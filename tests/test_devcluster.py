@@ -18,7 +18,11 @@ from redis.crc import key_slot
 from redis.exceptions import AuthenticationError, MovedError, RedisError
 
 from taskiq_redis_cluster._connection import ConnectionOptions, connect
-from taskiq_redis_cluster._errors import PortBusyError, RedisServerMissingError
+from taskiq_redis_cluster._errors import (
+    ClusterFormationError,
+    PortBusyError,
+    RedisServerMissingError,
+)
 from taskiq_redis_cluster.devcluster import (
     DevCluster,
     Node,
@@ -306,6 +310,17 @@ async def test_acl_user_and_password(tmp_path: Path, caplog: pytest.LogCaptureFi
     for port in cluster.ports:
         assert password not in (tmp_path / str(port) / "redis.log").read_text(errors="replace")
     assert password not in caplog.text
+
+
+async def test_formation_timeout_stops_the_nodes(tmp_path: Path) -> None:
+    base = find_free_base_port(3)
+    cluster = DevCluster(
+        masters=3, replicas=0, base_port=base, directory=tmp_path, form_timeout=0.01
+    )
+    with pytest.raises(ClusterFormationError, match="did not form"):
+        await cluster.start()
+    assert _redis_pids_on(cluster.ports) == []
+    assert all(n.pid is None for n in cluster.nodes)
 
 
 # --------------------------------------------------------------------------

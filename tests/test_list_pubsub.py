@@ -1,0 +1,252 @@
+"""ClusterListQueueBroker and ClusterPubSubBroker against the real 3+3 cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from taskiq import BrokerMessage, InMemoryBroker, TaskiqMessage
+
+from taskiq_redis_cluster import (
+    ClusterListQueueBroker,
+    ClusterPubSubBroker,
+    InvalidNameError,
+    LifecycleError,
+    NotAClusterError,
+)
+from taskiq_redis_cluster._keys import ShardKeys, broadcast_channel
+from taskiq_redis_cluster.devcluster import DevCluster
+
+pytestmark = pytest.mark.cluster
+
+_FORMATTER = InMemoryBroker().formatter
+
+
+def _message(task_id: str, **labels: Any) -> BrokerMessage:
+    msg = TaskiqMessage(task_id=task_id, task_name="app:record", labels=labels, args=[task_id],
+                        kwargs={})
+    return BrokerMessage(task_id=task_id, task_name="app:record",
+                         message=_FORMATTER.dumps(msg).message, labels=labels)
+
+
+@pytest.fixture
+async def list_broker(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterListQueueBroker]:
+    broker = ClusterListQueueBroker(cluster_url, queue_name=unique_name, brpop_timeout=0.2,
+                                    plan_poll_interval=0.5)
+    await broker.startup()
+    try:
+        yield broker
+    finally:
+        await broker.shutdown()
+
+
+async def test_list_broker_spreads_shards_over_all_masters(
+    list_broker: ClusterListQueueBroker, redis_cluster: DevCluster
+) -> None:
+    plan = await list_broker.current_plan()
+    owners: Counter[int] = Counter()
+    for shard in plan.shards:
+        master = await redis_cluster.master_of_key(ShardKeys(list_broker.options.prefix,
+                                                             shard.tag).list)
+        owners[master.port] += 1
+    assert len(owners) == 3
+    assert max(owners.values()) - min(owners.values()) <= 1
+
+
+async def test_list_broker_round_trip_is_fair(list_broker: ClusterListQueueBroker) -> None:
+    ids = [f"l{i}" for i in range(60)]
+    await asyncio.gather(*(list_broker.kick(_message(i)) for i in ids))
+    plan = await list_broker.current_plan()
+    lengths = [await list_broker.client.llen(ShardKeys(list_broker.options.prefix, s.tag).list)
+               for s in plan.shards]
+    assert sum(lengths) == 60
+    assert max(lengths) - min(lengths) <= 1  # round-robin
+    got: list[str] = []
+    gen = list_broker.listen()
+
+    async def consume() -> None:
+        async for data in gen:
+            assert isinstance(data, bytes)
+            got.append(str(_FORMATTER.loads(data).task_id))
+            if len(got) == len(ids):
+                return
+
+    try:
+        await asyncio.wait_for(consume(), 30)
+    finally:
+        await gen.aclose()
+    assert sorted(got) == sorted(ids)
+
+
+async def test_list_broker_partition_key(list_broker: ClusterListQueueBroker) -> None:
+    for i in range(10):
+        await list_broker.kick(_message(f"k{i}", partition_key="user-7"))
+    plan = await list_broker.current_plan()
+    lengths = [await list_broker.client.llen(ShardKeys(list_broker.options.prefix, s.tag).list)
+               for s in plan.shards]
+    assert sorted(lengths)[-1] == 10
+
+
+async def test_list_broker_guards_and_bad_input() -> None:
+    with pytest.raises(InvalidNameError):
+        ClusterListQueueBroker("redis://127.0.0.1:7000", queue_name="}")
+    broker = ClusterListQueueBroker("redis://127.0.0.1:6379", queue_name="q")
+    with pytest.raises(NotAClusterError):
+        await broker.startup()
+    with pytest.raises(LifecycleError):
+        await broker.kick(_message("x"))
+    await broker.shutdown()
+
+
+_APP = textwrap.dedent(
+    """
+    import os
+    from taskiq_redis_cluster import {cls}
+
+    broker = {cls}(os.environ["TQRC_URL"], queue_name=os.environ["TQRC_QUEUE"], {extra})
+
+    @broker.task(task_name="app:record")
+    async def record(task_id: str) -> None:
+        with open(os.environ["TQRC_LEDGER"], "a") as ledger:
+            ledger.write(f"{{os.getpid()}} {{task_id}}\\n")
+    """
+)
+
+
+def _start_worker(app_dir: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "taskiq", "worker", "app:broker", "--workers", "1",
+             "--no-configure-logging"],
+            cwd=app_dir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def _ledger(path: Path) -> list[tuple[str, str]]:
+    if not path.exists():
+        return []
+    return [tuple(line.split()) for line in path.read_text().splitlines() if line.strip()]  # type: ignore[misc]
+
+
+async def _wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.2)
+    return bool(predicate())
+
+
+def _env(cluster_url: str, queue: str, ledger: Path, app_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(TQRC_URL=cluster_url, TQRC_QUEUE=queue, TQRC_LEDGER=str(ledger),
+               PYTHONPATH=str(app_dir))
+    return env
+
+
+async def test_list_broker_end_to_end_with_taskiq_worker(
+    cluster_url: str, unique_name: str, tmp_path: Path
+) -> None:
+    (tmp_path / "app.py").write_text(_APP.format(cls="ClusterListQueueBroker",
+                                                 extra="brpop_timeout=0.5"))
+    ledger = tmp_path / "ledger.txt"
+    env = _env(cluster_url, unique_name, ledger, tmp_path)
+    worker = _start_worker(tmp_path, env, tmp_path / "worker.log")
+    producer = ClusterListQueueBroker(cluster_url, queue_name=unique_name)
+    await producer.startup()
+    try:
+        ids = [f"e{i}" for i in range(40)]
+        for task_id in ids:
+            await producer.kick(_message(task_id))
+        assert await _wait_for(lambda: len(_ledger(ledger)) >= len(ids), 60), (
+            (tmp_path / "worker.log").read_text()[-3000:]
+        )
+        assert sorted(t for _, t in _ledger(ledger)) == sorted(ids)
+    finally:
+        await producer.shutdown()
+        _stop([worker])
+
+
+async def test_pubsub_broadcasts_to_every_worker_and_survives_failover(
+    healthy_cluster: DevCluster, cluster_url: str, unique_name: str, tmp_path: Path
+) -> None:
+    (tmp_path / "app.py").write_text(_APP.format(cls="ClusterPubSubBroker",
+                                                 extra="owner_check_interval=0.5"))
+    ledger = tmp_path / "ledger.txt"
+    env = _env(cluster_url, unique_name, ledger, tmp_path)
+    workers = [_start_worker(tmp_path, env, tmp_path / f"worker{i}.log") for i in range(3)]
+    producer = ClusterPubSubBroker(cluster_url, queue_name=unique_name)
+    await producer.startup()
+    try:
+        # Subscriptions are not acknowledged, so probe until all three listen.
+        channel = broadcast_channel("tqrc", unique_name)
+
+        async def subscribers() -> int:
+            master = await healthy_cluster.master_of_key(channel)
+            client = Redis(host=master.host, port=master.port)
+            try:
+                reply = await client.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+            finally:
+                await client.aclose()
+            return int(reply[1])
+
+        deadline = time.monotonic() + 60
+        while await subscribers() < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+        assert await subscribers() == 3
+        for i in range(5):
+            await producer.kick(_message(f"b{i}"))
+        assert await _wait_for(lambda: len(_ledger(ledger)) >= 15, 30)
+        per_task = Counter(t for _, t in _ledger(ledger))
+        assert all(per_task[f"b{i}"] == 3 for i in range(5))
+        pids = {pid for pid, _ in _ledger(ledger)}
+        assert len(pids) == 3
+
+        # Fail over the channel's master; messages must flow again.
+        master = await healthy_cluster.master_of_key(channel)
+        replica = await healthy_cluster.replica_of(master)
+        await healthy_cluster.failover(replica)
+        started = time.monotonic()
+        recovered_after: float | None = None
+        n = 0
+        while time.monotonic() - started < 60:
+            n += 1
+            task_id = f"after-{n}"
+            try:
+                await producer.kick(_message(task_id))
+            except Exception:  # the producer also rides through the failover
+                await asyncio.sleep(0.2)
+                continue
+            await asyncio.sleep(0.3)
+            if Counter(t for _, t in _ledger(ledger))[task_id] == 3:
+                recovered_after = time.monotonic() - started
+                break
+        assert recovered_after is not None, "broadcasts did not resume after failover"
+        print(f"pub/sub resumed {recovered_after:.2f}s after CLUSTER FAILOVER")
+        assert all(w.poll() is None for w in workers)
+    finally:
+        await producer.shutdown()
+        _stop(workers)
