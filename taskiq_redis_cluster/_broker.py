@@ -254,8 +254,18 @@ class ShardedBroker(AsyncBroker):
         self._lifecycle.require_running("listen()")
         assert self._follower is not None
         buffer: asyncio.Queue[AckableMessage | bytes] = asyncio.Queue(maxsize=self._prefetch())
+        unsent: list[AckableMessage | bytes] = []
+
+        async def sink(item: AckableMessage | bytes) -> None:
+            try:
+                await buffer.put(item)
+            except asyncio.CancelledError:
+                unsent.append(item)  # read from Redis but never handed out
+                raise
+
         readers: dict[str, _Reader] = {}
-        supervisor = asyncio.create_task(self._supervise(readers, buffer.put))
+        supervisor = asyncio.create_task(self._supervise(readers, sink))
+        getter: asyncio.Future[AckableMessage | bytes] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(buffer.get())
@@ -263,9 +273,10 @@ class ShardedBroker(AsyncBroker):
                     {getter, supervisor}, return_when=asyncio.FIRST_COMPLETED
                 )
                 if getter in done:
-                    yield getter.result()
+                    item, getter = getter.result(), None
+                    self._handed_out(item)
+                    yield item
                     continue
-                getter.cancel()
                 # The supervisor only ends by raising: surface its error.
                 supervisor.result()
         finally:
@@ -277,6 +288,20 @@ class ShardedBroker(AsyncBroker):
             if pending:
                 logger.warning("%d readers of %s did not stop in time", len(pending),
                                self.queue_name)
+            if getter is not None:
+                if getter.done() and not getter.cancelled():
+                    unsent.append(getter.result())
+                getter.cancel()
+            while not buffer.empty():
+                unsent.append(buffer.get_nowait())
+            if unsent:
+                await self._release(unsent)
+
+    def _handed_out(self, message: AckableMessage | bytes) -> None:
+        """Hook: ``message`` is being given to taskiq."""
+
+    async def _release(self, messages: list[AckableMessage | bytes]) -> None:
+        """Hook: hand back messages that were read but never given to taskiq."""
 
     def _prefetch(self) -> int:
         return 100

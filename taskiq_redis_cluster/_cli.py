@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 _COMMAND_MODULES = (
     "cluster",
     "plan",
+    "exporter",
 )
 
 

@@ -61,8 +61,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -199,8 +199,13 @@ class RebalanceOptions:
     lock_wait: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("plan_poll_interval", "move_timeout", "max_entries_per_second",
-                     "check_interval", "lease_ttl"):
+        for name in (
+            "plan_poll_interval",
+            "move_timeout",
+            "max_entries_per_second",
+            "check_interval",
+            "lease_ttl",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(message=f"{name} must be > 0")
         for name in ("settle_margin", "lock_wait"):
@@ -425,8 +430,13 @@ class RebalanceStatus:
             "orphaned": list(self.report.orphaned),
             "draining": [s.tag for s in self.plan.draining],
             "unfinished": [
-                {"index": r.index, "old": r.old.tag, "new": r.new.tag, "state": r.state.value,
-                 "draining": r.draining}
+                {
+                    "index": r.index,
+                    "old": r.old.tag,
+                    "new": r.new.tag,
+                    "state": r.state.value,
+                    "draining": r.draining,
+                }
                 for r in self.unfinished
             ],
             "migrating": self.migrating,
@@ -462,8 +472,14 @@ class RebalancePreview:
             "needed": self.needed,
             "relabel": self.replan.relabelled,
             "moves": [
-                {"index": m.index, "old_tag": m.old.tag, "old_master": m.old.master,
-                 "new_tag": m.new.tag, "new_master": m.new.master, "new_slot": m.new.slot}
+                {
+                    "index": m.index,
+                    "old_tag": m.old.tag,
+                    "old_master": m.old.master,
+                    "new_tag": m.new.tag,
+                    "new_master": m.new.master,
+                    "new_slot": m.new.slot,
+                }
                 for m in self.moves
             ],
             "finish_draining": [s.tag for s in self.plan.draining],
@@ -540,7 +556,9 @@ class RebalanceLease:
         :raises RebalanceLockedError: if another rebalancer holds it.
         """
         deadline = time.monotonic() + self._wait
-        while True:
+        # Bounded: one pass per 0.05..0.5 s of waiting, plus a few quick
+        # retries when the lease expires between our SET and GET.
+        for _ in range(int(self._wait / 0.05) + 10):
             ok = await self._client.set(self.key, self.token, nx=True, px=self._ttl_ms)
             if ok:
                 break
@@ -551,6 +569,8 @@ class RebalanceLease:
             if time.monotonic() >= deadline:
                 raise RebalanceLockedError(key=self.key, holder=_text(holder), ttl_ms=int(ttl))
             await asyncio.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+        else:
+            raise RebalanceLockedError(key=self.key, holder="unknown", ttl_ms=-1)
         self._renewed_at = time.monotonic()
         self._lost = None
         self._renewer = asyncio.create_task(self._renew_loop(), name="tqrc-rebalance-lease")
@@ -561,8 +581,7 @@ class RebalanceLease:
         while True:
             await asyncio.sleep(interval)
             try:
-                extended = await self._client.eval(_RENEW, 1, self.key, self.token,
-                                                   self._ttl_ms)  # type: ignore[misc]
+                extended = await self._client.eval(_RENEW, 1, self.key, self.token, self._ttl_ms)
             except (RedisError, OSError) as exc:
                 if time.monotonic() - self._renewed_at > self._ttl_ms / 1000:
                     self._lost = f"could not renew it for {self._ttl_ms} ms ({exc})"
@@ -597,7 +616,7 @@ class RebalanceLease:
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
         try:
-            await self._client.eval(_RELEASE, 1, self.key, self.token)  # type: ignore[misc]
+            await self._client.eval(_RELEASE, 1, self.key, self.token)
         except (RedisError, OSError) as exc:  # it expires on its own
             logger.warning("Could not release the rebalance lease (%s); it expires", exc)
         else:
@@ -635,7 +654,7 @@ class Journal:
 
     async def records(self) -> list[MoveRecord]:
         """Every readable record, ordered by index (bad ones are logged and skipped)."""
-        raw = await self._client.hgetall(self.key)  # type: ignore[misc]
+        raw = await self._client.hgetall(self.key)
         records: list[MoveRecord] = []
         for name, value in raw.items():
             if not _text(name).startswith(_RECORD_PREFIX):
@@ -643,36 +662,35 @@ class Journal:
             try:
                 records.append(MoveRecord.from_json(value))
             except ValueError as exc:
-                logger.warning("Ignoring unreadable journal field %s of %s: %s",
-                               _text(name), self.key, exc)
+                logger.warning(
+                    "Ignoring unreadable journal field %s of %s: %s", _text(name), self.key, exc
+                )
         return sorted(records, key=lambda r: (r.index, r.old.tag))
 
     async def put(self, record: MoveRecord) -> None:
         """Store ``record`` (overwrites the same move's previous state)."""
         record.updated_at = time.time()
-        await self._client.hset(  # type: ignore[misc]
-            self.key, _RECORD_PREFIX + record.id, record.to_json()
-        )
+        await self._client.hset(self.key, _RECORD_PREFIX + record.id, record.to_json())
 
     async def remove(self, records: Iterable[MoveRecord]) -> None:
         """Forget ``records``."""
         fields = [_RECORD_PREFIX + r.id for r in records]
         if fields:
-            await self._client.hdel(self.key, *fields)  # type: ignore[misc]
+            await self._client.hdel(self.key, *fields)
 
     async def count_move(self) -> None:
         """Add one completed move to ``moves_total``."""
-        await self._client.hincrby(self.key, MOVES_TOTAL_FIELD, 1)  # type: ignore[misc]
+        await self._client.hincrby(self.key, MOVES_TOTAL_FIELD, 1)
 
     async def moves_total(self) -> int:
         """Completed moves ever recorded for this queue."""
-        value = await self._client.hget(self.key, MOVES_TOTAL_FIELD)  # type: ignore[misc]
+        value = await self._client.hget(self.key, MOVES_TOTAL_FIELD)
         return int(value) if value is not None else 0
 
 
-def reconcile(plan: ShardPlan, records: Sequence[MoveRecord]) -> tuple[
-    list[MoveRecord], list[MoveRecord]
-]:
+def reconcile(
+    plan: ShardPlan, records: Sequence[MoveRecord]
+) -> tuple[list[MoveRecord], list[MoveRecord]]:
     """Bring journal ``records`` in line with the stored ``plan`` (the truth).
 
     A kill can land between a plan change and its journal entry, so each
@@ -715,8 +733,13 @@ def reconcile(plan: ShardPlan, records: Sequence[MoveRecord]) -> tuple[
         ):
             # Killed after the revert but before the journal said so.
             active.append(
-                replace(rec, state=MoveState.SWITCHED, reverted=True, draining=rec.new.tag,
-                        switched_at=None)
+                replace(
+                    rec,
+                    state=MoveState.SWITCHED,
+                    reverted=True,
+                    draining=rec.new.tag,
+                    switched_at=None,
+                )
             )
             continue
         if rec.draining in tags:
@@ -753,6 +776,10 @@ def reconcile(plan: ShardPlan, records: Sequence[MoveRecord]) -> tuple[
 
 class _Stale(Exception):
     """A plan change no longer fits the stored plan."""
+
+
+class _Dropped(Exception):
+    """A journal record was forgotten because the plan contradicts it."""
 
 
 class Rebalancer:
@@ -801,8 +828,9 @@ class Rebalancer:
         """
         topology = topology or await read_topology(self._client)
         plan = await self._plan(queue)
-        unfinished = [r for r in await Journal(self._client, self.prefix, queue).records()
-                      if not r.finished]
+        unfinished = [
+            r for r in await Journal(self._client, self.prefix, queue).records() if not r.finished
+        ]
         active, _ = reconcile(plan, unfinished)
         return RebalanceStatus(
             queue=queue,
@@ -836,8 +864,9 @@ class Rebalancer:
         """
         tag = shard.tag if isinstance(shard, Shard) else shard
         keys = ShardKeys(self.prefix, tag)
-        reply = await self._drain_script(keys=[keys.stream, keys.list],
-                                         args=["1" if delete else "0"])
+        reply = await self._drain_script(
+            keys=[keys.stream, keys.list], args=["1" if delete else "0"]
+        )
         values = [int(v) for v in reply]
         return DrainState(
             exists=bool(values[0]),
@@ -889,8 +918,9 @@ class Rebalancer:
             finally:
                 self._lease = None
 
-    def _emit(self, kind: EventKind, queue: str, rec: MoveRecord | None = None,
-              **extra: Any) -> None:
+    def _emit(
+        self, kind: EventKind, queue: str, rec: MoveRecord | None = None, **extra: Any
+    ) -> None:
         if rec is not None:
             extra.setdefault("index", rec.index)
             extra.setdefault("old_tag", rec.old.tag)
@@ -913,8 +943,11 @@ class Rebalancer:
         records = await journal.records()
         active, dropped = reconcile(plan, records)
         if dropped:
-            logger.warning("Queue %s: forgetting %d journal entries that no longer match the "
-                           "plan", queue, len(dropped))
+            logger.warning(
+                "Queue %s: forgetting %d journal entries that no longer match the plan",
+                queue,
+                len(dropped),
+            )
             await journal.remove(dropped)
         resumed = len(active)
         for rec in active:
@@ -938,8 +971,9 @@ class Rebalancer:
                 continue
             await journal.remove([r for r in await journal.records() if r.finished])
             new_records = [
-                MoveRecord(index=m.index, old=m.old, new=m.new, state=MoveState.PLANNED,
-                           draining=m.old.tag)
+                MoveRecord(
+                    index=m.index, old=m.old, new=m.new, state=MoveState.PLANNED, draining=m.old.tag
+                )
                 for m in result.moves
             ]
             for rec in new_records:
@@ -970,8 +1004,7 @@ class Rebalancer:
         """Store the master ids of shards that stay (a failover renamed owners)."""
         moved = {m.index for m in result.moves}
         shards = tuple(
-            plan.shards[i] if i in moved else result.plan.shards[i]
-            for i in range(len(plan.shards))
+            plan.shards[i] if i in moved else result.plan.shards[i] for i in range(len(plan.shards))
         )
         if shards == plan.shards:
             return False
@@ -1044,9 +1077,10 @@ class Rebalancer:
         tasks = [asyncio.create_task(one(rec)) for rec in records]
         try:
             finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            failed = [t for t in finished if t.exception() is not None]
-            if failed:
-                raise failed[0].exception()  # type: ignore[misc]
+            for task in finished:
+                error = task.exception()
+                if error is not None:
+                    raise error
         finally:
             for task in tasks:
                 task.cancel()
@@ -1072,7 +1106,10 @@ class Rebalancer:
             elif rec.state is MoveState.DRAINED:
                 await self._finalize(queue, journal, rec)
             elif rec.state is MoveState.FINALIZED:
-                await self._clean(queue, journal, rec, deadline)
+                try:
+                    await self._clean(queue, journal, rec, deadline)
+                except _Dropped:
+                    return False
             else:
                 counted = rec.kind == "move" and not rec.reverted
                 if counted:
@@ -1093,13 +1130,14 @@ class Rebalancer:
                 raise _Stale
             shards = list(plan.shards)
             shards[index] = new
-            return ShardPlan(queue, plan.epoch + 1, tuple(shards), plan.draining + (cur,))
+            return ShardPlan(queue, plan.epoch + 1, tuple(shards), (*plan.draining, cur))
 
         try:
             plan = await self._mutate(queue, change)
         except _Stale:
-            logger.warning("Queue %s: move of shard %d no longer fits the plan; skipped",
-                           queue, index)
+            logger.warning(
+                "Queue %s: move of shard %d no longer fits the plan; skipped", queue, index
+            )
             await journal.remove([rec])
             self._emit(EventKind.SKIPPED, queue, rec)
             return False
@@ -1107,8 +1145,14 @@ class Rebalancer:
         rec.switched_epoch = plan.epoch
         rec.switched_at = time.time()
         await journal.put(rec)
-        logger.info("Queue %s: shard %d switched %s -> %s (epoch %d)", queue, index, old.tag,
-                    new.tag, plan.epoch)
+        logger.info(
+            "Queue %s: shard %d switched %s -> %s (epoch %d)",
+            queue,
+            index,
+            old.tag,
+            new.tag,
+            plan.epoch,
+        )
         self._emit(EventKind.SWITCHED, queue, rec, epoch=plan.epoch)
         return True
 
@@ -1136,13 +1180,22 @@ class Rebalancer:
             await journal.put(rec)
         await self._wait_settled(rec.switched_at)
         # Bounded by the deadline (checked every pass) and a hard count.
-        limit = int((self.options.move_timeout + self.options.settle)
-                    / self.options.check_interval) + 10
+        limit = (
+            int((self.options.move_timeout + self.options.settle) / self.options.check_interval)
+            + 10
+        )
         state: DrainState | None = None
         for _ in range(limit):
             state = await self.drain_state(rec.draining)
-            self._emit(EventKind.WAITING, queue, rec, undelivered=state.undelivered,
-                       pending=state.pending + state.list_length, done=done, total=total)
+            self._emit(
+                EventKind.WAITING,
+                queue,
+                rec,
+                undelivered=state.undelivered,
+                pending=state.pending + state.list_length,
+                done=done,
+                total=total,
+            )
             if state.drained:
                 rec.state = MoveState.DRAINED
                 await journal.put(rec)
@@ -1191,7 +1244,7 @@ class Rebalancer:
                 raise _Stale
             shards = list(plan.shards)
             shards[index] = by_tag[old.tag]
-            draining = tuple(s for s in plan.draining if s.tag != old.tag) + (cur,)
+            draining = (*(s for s in plan.draining if s.tag != old.tag), cur)
             return ShardPlan(queue, plan.epoch + 1, tuple(shards), draining)
 
         try:
@@ -1207,8 +1260,14 @@ class Rebalancer:
         rec.switched_at = time.time()
         rec.reason = reason
         await journal.put(rec)
-        logger.warning("Queue %s: move of shard %d reverted to %s (%s); %s is draining",
-                       queue, index, old.tag, reason, new.tag)
+        logger.warning(
+            "Queue %s: move of shard %d reverted to %s (%s); %s is draining",
+            queue,
+            index,
+            old.tag,
+            reason,
+            new.tag,
+        )
         self._emit(EventKind.REVERTED, queue, rec, epoch=plan.epoch, message=reason)
 
     async def _finalize(self, queue: str, journal: Journal, rec: MoveRecord) -> None:
@@ -1226,9 +1285,7 @@ class Rebalancer:
         await journal.put(rec)
         self._emit(EventKind.FINALIZED, queue, rec, epoch=plan.epoch)
 
-    async def _clean(
-        self, queue: str, journal: Journal, rec: MoveRecord, deadline: float
-    ) -> None:
+    async def _clean(self, queue: str, journal: Journal, rec: MoveRecord, deadline: float) -> None:
         if rec.finalized_at is None:
             rec.finalized_at = time.time()
             await journal.put(rec)
@@ -1237,24 +1294,26 @@ class Rebalancer:
         await self._wait_settled(rec.finalized_at)
         plan = await self._plan(queue)
         if rec.draining in {s.tag for s in plan.shards}:
-            # Never delete an active shard; someone changed the plan.
+            # Never delete an active shard; someone else changed the plan.
             logger.error("Queue %s: %s is active again; not deleting it", queue, rec.draining)
             await journal.remove([rec])
-            rec.state = MoveState.CLEANED
-            return
-        if rec.draining not in {s.tag for s in plan.draining}:
-            state = await self.drain_state(rec.draining, delete=True)
-            if not state.drained:
-                await self._redrain(queue, journal, rec, state, deadline)
-                return
-        else:
+            raise _Dropped
+        if rec.draining in {s.tag for s in plan.draining}:
+            # Put back into draining by someone (or a re-drain we were killed in).
             rec.state = MoveState.SWITCHED
             rec.redrain = True
             await journal.put(rec)
             return
+        # Check and delete in one atomic step: an entry written late (by a
+        # producer whose plan was very stale) is never deleted unread.
+        state = await self.drain_state(rec.draining, delete=True)
+        if not state.drained:
+            await self._redrain(queue, journal, rec, state, deadline)
+            return
         target = plan.shards[rec.index]
-        await self._move_dead_letters(ShardKeys(self.prefix, rec.draining).dead,
-                                      ShardKeys(self.prefix, target.tag).dead)
+        await self._move_dead_letters(
+            ShardKeys(self.prefix, rec.draining).dead, ShardKeys(self.prefix, target.tag).dead
+        )
         rec.state = MoveState.CLEANED
         await journal.put(rec)
         logger.info("Queue %s: removed old shard %s", queue, rec.draining)
@@ -1268,7 +1327,7 @@ class Rebalancer:
         def change(plan: ShardPlan) -> ShardPlan | None:
             if shard.tag in {s.tag for s in plan.all_shards()}:
                 return None
-            return ShardPlan(queue, plan.epoch + 1, plan.shards, plan.draining + (shard,))
+            return ShardPlan(queue, plan.epoch + 1, plan.shards, (*plan.draining, shard))
 
         plan = await self._mutate(queue, change)
         rec.state = MoveState.SWITCHED
@@ -1276,11 +1335,22 @@ class Rebalancer:
         rec.switched_epoch = plan.epoch
         rec.switched_at = time.time()
         await journal.put(rec)
-        logger.warning("Queue %s: %s received entries after it was finalized (%d undelivered, "
-                       "%d pending); draining it again", queue, shard.tag, state.undelivered,
-                       state.pending)
-        self._emit(EventKind.REDRAIN, queue, rec, epoch=plan.epoch,
-                   undelivered=state.undelivered, pending=state.pending)
+        logger.warning(
+            "Queue %s: %s received entries after it was finalized (%d undelivered, "
+            "%d pending); draining it again",
+            queue,
+            shard.tag,
+            state.undelivered,
+            state.pending,
+        )
+        self._emit(
+            EventKind.REDRAIN,
+            queue,
+            rec,
+            epoch=plan.epoch,
+            undelivered=state.undelivered,
+            pending=state.pending,
+        )
         if time.monotonic() >= deadline:
             await self._timed_out(queue, journal, rec, state)
 
@@ -1296,28 +1366,27 @@ class Rebalancer:
             return
         rate = self.options.max_entries_per_second
         batch = max(1, min(_DEAD_BATCH, int(rate)))
-        copied_upto: bytes | None = None
-        tail = await client.xrevrange(target, count=_DEAD_RESUME_SCAN)
+        copied_upto: tuple[int, int] | None = None
         marker = source.encode()
-        for _entry_id, fields in tail:
-            if fields.get(b"moved_from") == marker:
-                copied_upto = fields.get(b"moved_from_id")
+        for _entry_id, fields in await client.xrevrange(target, count=_DEAD_RESUME_SCAN) or []:
+            if fields and fields.get(b"moved_from") == marker:
+                last = fields.get(b"moved_from_id")
+                copied_upto = _id_key(last) if last is not None else None
                 break
         moved = 0
-        start: bytes | str = "-"
         # Bounded: every pass removes up to `batch` entries from the source.
         for _ in range(10_000_000):
-            entries = await client.xrange(source, min=start, max="+", count=batch)
+            entries: list[Any] = await client.xrange(source, min="-", max="+", count=batch) or []
             if not entries:
                 break
             ids = [entry_id for entry_id, _ in entries]
             for entry_id, fields in entries:
-                if copied_upto is not None and _id_key(entry_id) <= _id_key(copied_upto):
+                if copied_upto is not None and _id_key(entry_id) <= copied_upto:
                     continue  # already copied before an interruption
-                moved_fields = dict(fields)
+                moved_fields: dict[Any, Any] = dict(fields or {})
                 moved_fields[b"moved_from"] = marker
                 moved_fields[b"moved_from_id"] = entry_id
-                await client.xadd(target, moved_fields)  # type: ignore[arg-type]
+                await client.xadd(target, moved_fields)
                 moved += 1
             await client.xdel(source, *ids)
             await asyncio.sleep(len(entries) / rate)
@@ -1391,20 +1460,6 @@ def _id_key(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.2
-) -> bool:
-    """Poll ``check`` until it returns True or ``timeout`` passes (tools, tests)."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / interval) + 2):
-        if await check():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(interval)
-    return False
-
-
 __all__ = [
     "DrainState",
     "EventKind",
@@ -1420,5 +1475,3 @@ __all__ = [
     "Rebalancer",
     "reconcile",
 ]
-
-_unused = field  # keep dataclasses.field import for future defaults

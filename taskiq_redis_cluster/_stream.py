@@ -267,6 +267,9 @@ class ClusterStreamBroker(ShardedBroker):
         super().__init__(url, options, events=events, retry=retry)
         self._acks: _AckBatcher | None = None
         self._scripts: dict[str, Any] = {}
+        # Entries delivered to the listen buffer, by id() of their message, so
+        # that the ones taskiq never received can be released at shutdown.
+        self._unhanded: dict[int, tuple[str, bytes]] = {}
 
     # ------------------------------------------------------------ lifecycle
     def _make_pipeline(self, client: RedisCluster) -> AutoPipeline:
@@ -289,6 +292,35 @@ class ClusterStreamBroker(ShardedBroker):
             "trim": self._client.register_script(_SAFE_TRIM),
             "dead": self._client.register_script(_DEAD_LETTER),
         }
+
+    def _handed_out(self, message: AckableMessage | bytes) -> None:
+        self._unhanded.pop(id(message), None)
+
+    async def _release(self, messages: list[AckableMessage | bytes]) -> None:
+        """Make read-but-unprocessed entries reclaimable by other workers now.
+
+        Redis has no "un-read", but XCLAIM with IDLE sets an entry's idle time,
+        so the next XAUTOCLAIM pass of any live worker takes it at once instead
+        of after ``idle_timeout`` (a graceful restart would otherwise delay up
+        to ``xread_count`` tasks by ``idle_timeout``).
+        """
+        by_stream: dict[str, list[bytes]] = {}
+        for message in messages:
+            meta = self._unhanded.pop(id(message), None)
+            if meta is not None:
+                by_stream.setdefault(meta[0], []).append(meta[1])
+        idle = self.options.idle_timeout + 1
+        for stream, ids in by_stream.items():
+            try:
+                await self.client.xclaim(
+                    stream, self.options.consumer_group_name, self.options.consumer_name,
+                    min_idle_time=0, message_ids=list[Any](ids), idle=idle, justid=True,
+                )
+                logger.info("Released %d unprocessed entries of %s for other workers",
+                            len(ids), stream)
+            except Exception as exc:  # they are still reclaimed after idle_timeout
+                logger.warning("Could not release %d entries of %s: %r", len(ids), stream,
+                               exc)
 
     async def _before_close(self) -> None:
         if self._acks is not None:
@@ -427,7 +459,9 @@ class ClusterStreamBroker(ShardedBroker):
             assert self._acks is not None
             await self._acks.ack(stream, index, entry_id)
 
-        await sink(AckableMessage(data=entry[_DATA], ack=ack))
+        message = AckableMessage(data=entry[_DATA], ack=ack)
+        self._unhanded[id(message)] = (stream, entry_id)
+        await sink(message)
 
     def _malformed_reason(self, entry: Mapping[bytes, bytes] | None) -> str | None:
         """Why an entry cannot be run, or None if it is a valid taskiq message."""

@@ -323,3 +323,29 @@ async def test_kick_to_unreachable_cluster_fails_clearly(
     cluster_client: RedisCluster,
 ) -> None:
     assert KickFailedError  # typed error exists for kicks that surely failed
+
+
+async def test_closing_listen_releases_unprocessed_entries_at_once(
+    cluster_url: str, unique_name: str
+) -> None:
+    # A graceful stop must not make prefetched-but-unprocessed tasks wait a
+    # whole idle_timeout (here 60 s) before another worker may take them.
+    first = ClusterStreamBroker(cluster_url, queue_name=unique_name, idle_timeout=60_000,
+                                xread_block=100, xread_count=50, shards=1)
+    second = ClusterStreamBroker(cluster_url, queue_name=unique_name, idle_timeout=60_000,
+                                 xread_block=100, reclaim_interval=0.2)
+    await first.startup()
+    await second.startup()
+    try:
+        for i in range(20):
+            await first.kick(_message(f"rel{i}"))
+        got = await _collect(first, 1)  # the rest sit in first's buffer
+        assert len(got) == 1
+        # Without the release this would wait for idle_timeout (60 s) and fail.
+        rest = await _collect(second, 19, timeout=20)
+        assert sorted(_task_id(m.data) for m in rest + got) == sorted(
+            f"rel{i}" for i in range(20)
+        )
+    finally:
+        await first.shutdown()
+        await second.shutdown()

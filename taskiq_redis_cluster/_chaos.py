@@ -1,0 +1,1230 @@
+"""Fault-injection harness: real workers, a real cluster, real faults.
+
+Shared by ``scripts/chaos.py`` (and ``taskiq-redis-cluster chaos``) and the
+fault tests. One *scenario* runs like this:
+
+1. the cluster is healed, a fresh queue name is chosen;
+2. ``N`` ``taskiq worker`` processes start (``--workers 1`` each, own
+   process group), their broker built by :func:`worker_broker` from
+   ``TQRC_CHAOS_*`` environment variables;
+3. a producer in this process kicks a fixed number of tasks at a fixed
+   rate and records the outcome of each kick: *acked* (``kick`` returned),
+   *failed* (:class:`KickFailedError`: certainly not enqueued) or *unknown*
+   (any other exception, or no answer within ``kick_timeout``);
+4. part-way through, the scenario injects its fault (kill or stop a
+   worker, fail over, kill or stop a master, delete a stream, reshard, ...)
+   and undoes it where that is part of the fault;
+5. the harness waits (bounded) until every acked task has run, then
+   compares the kicks with the execution ledger.
+
+Each task writes ``"<task id> <unix time>\\n"`` with one ``O_APPEND`` write
+to a file of its worker process (``exec-<pid>.log``): the ledger lives
+outside the cluster under test, so a fault cannot corrupt it.
+
+The report per scenario: lost = acked - executed, duplicates = executions
+beyond the first, phantoms = executed but never kicked (an unknown-outcome
+kick that ran is not a phantom), unknown outcomes, recovery times, and
+worker deaths (a worker that exits without the scenario killing it, or a
+worker child that taskiq's process manager had to restart).
+
+Everything is bounded: task counts, rates, every wait, and each scenario as
+a whole; every process started here is stopped in ``finally`` blocks
+(whole process groups).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from redis.asyncio import RedisCluster
+from taskiq import AsyncBroker, TaskiqEvents, TaskiqMessage, TaskiqState
+
+from ._connection import connect
+from ._errors import ConfigurationError, KickFailedError, PortBusyError
+from ._keys import ShardKeys, slot_of
+from .devcluster import DevCluster, NodeStatus, find_free_base_port
+
+logger = logging.getLogger("taskiq_redis_cluster.chaos")
+
+#: Name under which the worker registers the ledger task.
+TASK_NAME = "tqrc_chaos:record"
+BROKERS = ("ours", "taskiq-redis")
+_ENV = "TQRC_CHAOS_"
+_EVENTS_FILE = "workers.log"
+_POLL = 0.25
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """Bounds and knobs of one harness run (every scenario uses them).
+
+    :param tasks: tasks kicked per scenario.
+    :param rate: kicks per second.
+    :param workers: worker processes (``taskiq worker --workers 1`` each).
+    :param broker: ``"ours"`` (ClusterStreamBroker) or ``"taskiq-redis"``
+        (its RedisStreamClusterBroker, for comparison).
+    :param wait_replicas: ``wait_replicas`` of the producer (scenarios may
+        override it, e.g. ``master-kill-wait1``).
+    :param idle_timeout: ms before a worker reclaims another's pending task.
+    :param xread_block: ms one XREADGROUP blocks.
+    :param task_sleep: seconds each task sleeps before writing the ledger.
+    :param fault_after: seconds after the first kick when the fault starts
+        (``None``: a third of the kick window).
+    :param kick_timeout: seconds after which a kick counts as unknown.
+    :param drain_timeout: seconds to wait for every acked task after the
+        kicks and the fault ended (``None``: derived from idle_timeout).
+    :param settle: seconds to keep watching for duplicates once all is done.
+    :param shards: shard count of each scenario's queue (``None``: default).
+    """
+
+    tasks: int = 400
+    rate: float = 50.0
+    workers: int = 3
+    broker: str = "ours"
+    wait_replicas: int = 0
+    idle_timeout: int = 2_000
+    xread_block: int = 500
+    task_sleep: float = 0.05
+    fault_after: float | None = None
+    kick_timeout: float = 20.0
+    drain_timeout: float | None = None
+    settle: float = 1.5
+    shards: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.broker not in BROKERS:
+            raise ConfigurationError(message=f"broker must be one of {', '.join(BROKERS)}")
+        if self.tasks < 1 or self.rate <= 0 or self.workers < 1:
+            raise ConfigurationError(message="tasks, rate and workers must be positive")
+
+    @property
+    def kick_window(self) -> float:
+        """Seconds the producer needs for all kicks at ``rate``."""
+        return self.tasks / self.rate
+
+    @property
+    def fault_at(self) -> float:
+        """Seconds after the first kick when the fault is injected."""
+        if self.fault_after is not None:
+            return self.fault_after
+        return max(1.0, self.kick_window / 3)
+
+    @property
+    def effective_drain_timeout(self) -> float:
+        """Drain bound: several reclaim cycles, at least 30 s."""
+        if self.drain_timeout is not None:
+            return self.drain_timeout
+        return max(30.0, 6 * self.idle_timeout / 1000 + 15.0)
+
+
+# --------------------------------------------------------------------------
+# Worker side: the broker factory ``taskiq worker`` imports
+# --------------------------------------------------------------------------
+
+
+def make_broker(
+    kind: str,
+    url: str,
+    queue: str,
+    *,
+    idle_timeout: int,
+    xread_block: int,
+    wait_replicas: int = 0,
+    shards: int | None = None,
+) -> AsyncBroker:
+    """The broker under test, configured the same in workers and producer."""
+    if kind == "ours":
+        from ._stream import ClusterStreamBroker
+
+        extra: dict[str, Any] = {}
+        if shards is not None:
+            extra["shards"] = shards
+        return ClusterStreamBroker(
+            url,
+            queue_name=queue,
+            idle_timeout=idle_timeout,
+            xread_block=xread_block,
+            wait_replicas=wait_replicas,
+            plan_poll_interval=0.5,
+            **extra,
+        )
+    if kind == "taskiq-redis":
+        from taskiq_redis import RedisStreamClusterBroker
+
+        # Its defaults, except the block time (the same as ours) and a sane
+        # pool size; taskiq-redis has neither reclaiming nor WAIT.
+        broker: AsyncBroker = RedisStreamClusterBroker(
+            url, queue_name=queue, xread_block=xread_block, max_connection_pool_size=1000
+        )
+        return broker
+    raise ConfigurationError(message=f"unknown broker {kind!r}")
+
+
+def _append(path: Path, line: str) -> None:
+    # One write() of a short line with O_APPEND: atomic between processes.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def worker_broker() -> AsyncBroker:
+    """Broker factory for ``taskiq worker taskiq_redis_cluster._chaos:worker_broker``.
+
+    Reads ``TQRC_CHAOS_URL``, ``_QUEUE``, ``_BROKER``, ``_DIR``, ``_SLEEP``,
+    ``_IDLE_TIMEOUT``, ``_XREAD_BLOCK``, ``_SHARDS`` and ``_WORKER``; registers
+    the ledger task and records the process start (and, once the broker
+    started, readiness) in ``DIR/workers.log``.
+    """
+    env = os.environ
+    directory = Path(env[_ENV + "DIR"])
+    label = env.get(_ENV + "WORKER", "?")
+    sleep = float(env.get(_ENV + "SLEEP", "0"))
+    shards_text = env.get(_ENV + "SHARDS", "")
+    broker = make_broker(
+        env.get(_ENV + "BROKER", "ours"),
+        env[_ENV + "URL"],
+        env[_ENV + "QUEUE"],
+        idle_timeout=int(env.get(_ENV + "IDLE_TIMEOUT", "2000")),
+        xread_block=int(env.get(_ENV + "XREAD_BLOCK", "500")),
+        shards=int(shards_text) if shards_text else None,
+    )
+    pid = os.getpid()
+    events = directory / _EVENTS_FILE
+    _append(events, f"start {label} {pid} {time.time():.6f}\n")
+    ledger = os.open(directory / f"exec-{pid}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    async def record(task_id: str) -> None:
+        if sleep > 0:
+            await asyncio.sleep(sleep)
+        os.write(ledger, f"{task_id} {time.time():.6f}\n".encode())
+
+    def ready(state: TaskiqState) -> None:
+        _append(events, f"ready {label} {pid} {time.time():.6f}\n")
+
+    broker.register_task(record, task_name=TASK_NAME)
+    broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, ready)
+    return broker
+
+
+# --------------------------------------------------------------------------
+# Ledger
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One run of the ledger task."""
+
+    task_id: str
+    at: float
+    pid: int
+
+
+def read_executions(directory: Path) -> list[Execution]:
+    """Every execution recorded under ``directory``, oldest first."""
+    found: list[Execution] = []
+    for path in directory.glob("exec-*.log"):
+        pid = int(path.stem.split("-", 1)[1])
+        with contextlib.suppress(OSError):
+            text = path.read_text()
+            # A line still being written has no newline yet; skip it.
+            for line in text.splitlines(keepends=True):
+                if not line.endswith("\n"):
+                    continue
+                task_id, _, at = line.strip().partition(" ")
+                if task_id:
+                    found.append(Execution(task_id, float(at or 0), pid))
+    found.sort(key=lambda e: e.at)
+    return found
+
+
+def read_worker_events(directory: Path) -> list[tuple[str, str, int, float]]:
+    """``(kind, worker label, pid, time)`` lines of ``workers.log``."""
+    rows: list[tuple[str, str, int, float]] = []
+    with contextlib.suppress(OSError):
+        for line in (directory / _EVENTS_FILE).read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 4:
+                rows.append((parts[0], parts[1], int(parts[2]), float(parts[3])))
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Worker processes
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    label: str
+    proc: subprocess.Popen[bytes]
+    log: TextIO
+    expected_exit: bool = False
+    paused: bool = False
+    exit_seen: float | None = None
+
+
+class WorkerPool:
+    """``taskiq worker`` processes, each in its own process group.
+
+    Signals go to the whole group (taskiq's manager and its child), and
+    only to groups this pool started.
+    """
+
+    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+        self.directory = directory
+        self._env = env
+        self._workers: list[_Worker] = []
+
+    @property
+    def labels(self) -> list[str]:
+        """Labels of every worker started so far."""
+        return [w.label for w in self._workers]
+
+    def start(self, extra_env: dict[str, str] | None = None) -> int:
+        """Start one worker; returns its index."""
+        index = len(self._workers)
+        label = f"w{index}"
+        env = {**os.environ, **self._env, **(extra_env or {}), _ENV + "WORKER": label}
+        log = open(self.directory / f"worker-{label}.log", "w")  # noqa: SIM115 - closed in stop_all
+        command = [
+            sys.executable, "-m", "taskiq", "worker",
+            "taskiq_redis_cluster._chaos:worker_broker",
+            "--workers", "1",
+            "--log-level", "WARNING",
+            "--shutdown-timeout", "3",
+            "--wait-tasks-timeout", "2",
+        ]  # fmt: skip
+        try:
+            proc = subprocess.Popen(
+                command,
+                env=env,
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except BaseException:
+            log.close()
+            raise
+        self._workers.append(_Worker(label, proc, log))
+        logger.info("Started worker %s (pid %d)", label, proc.pid)
+        return index
+
+    def _signal(self, index: int, sig: signal.Signals) -> None:
+        worker = self._workers[index]
+        # The group id is the leader's pid (start_new_session); it stays valid
+        # while any member lives, also after the leader died.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(worker.proc.pid, sig)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL the worker's whole process group (a crash)."""
+        self._workers[index].expected_exit = True
+        self._signal(index, signal.SIGCONT)
+        self._signal(index, signal.SIGKILL)
+        logger.info("SIGKILLed worker %s", self._workers[index].label)
+
+    def pause(self, index: int) -> None:
+        """SIGSTOP the worker's process group."""
+        self._workers[index].paused = True
+        self._signal(index, signal.SIGSTOP)
+        logger.info("SIGSTOPped worker %s", self._workers[index].label)
+
+    def resume(self, index: int) -> None:
+        """SIGCONT the worker's process group."""
+        self._signal(index, signal.SIGCONT)
+        self._workers[index].paused = False
+        logger.info("SIGCONTed worker %s", self._workers[index].label)
+
+    def unexpected_exits(self) -> list[str]:
+        """Workers that exited without the scenario killing them."""
+        now = time.time()
+        dead = []
+        for w in self._workers:
+            if w.proc.poll() is not None and not w.expected_exit:
+                if w.exit_seen is None:
+                    w.exit_seen = now
+                    logger.warning("Worker %s exited with code %s", w.label, w.proc.returncode)
+                dead.append(f"{w.label} (exit {w.proc.returncode})")
+        return dead
+
+    def child_restarts(self) -> int:
+        """Worker children that taskiq's process manager had to start again."""
+        starts = Counter(label for kind, label, _, _ in read_worker_events(self.directory)
+                         if kind == "start")
+        return sum(max(0, n - 1) for n in starts.values())
+
+    async def wait_ready(self, indexes: Iterable[int], timeout: float) -> None:
+        """Wait until the workers' brokers started (bounded).
+
+        :raises TimeoutError: if one is not ready within ``timeout``.
+        """
+        wanted = {self._workers[i].label for i in indexes}
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / _POLL) + 2):
+            ready = {label for kind, label, _, _ in read_worker_events(self.directory)
+                     if kind == "ready"}
+            if wanted <= ready:
+                return
+            dead = [w.label for w in self._workers if w.label in wanted and w.proc.poll()
+                    is not None]
+            if dead or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(_POLL)
+        raise TimeoutError(f"workers {sorted(wanted - ready)} not ready within {timeout:.0f}s "
+                           f"(see worker-*.log in {self.directory})")
+
+    async def stop_all(self, grace: float = 8.0) -> None:
+        """SIGTERM every group, then SIGKILL what is left; reap everything."""
+        for index, w in enumerate(self._workers):
+            if w.proc.poll() is None:
+                self._signal(index, signal.SIGCONT)
+                self._signal(index, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _ in range(int(grace / 0.1) + 2):
+            if all(w.proc.poll() is not None for w in self._workers):
+                break
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+        for index, w in enumerate(self._workers):
+            # Also when the leader is gone: an orphaned child may remain.
+            self._signal(index, signal.SIGKILL)
+        for w in self._workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(w.proc.wait, 10)
+            w.log.close()
+
+
+# --------------------------------------------------------------------------
+# Producer
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kick:
+    """Outcome of one kick: ``acked``, ``failed`` or ``unknown``."""
+
+    task_id: str
+    started: float
+    finished: float
+    outcome: str
+    error: str = ""
+
+
+def _message(broker: AsyncBroker, task_id: str) -> Any:
+    msg = TaskiqMessage(task_id=task_id, task_name=TASK_NAME, labels={}, args=[task_id],
+                        kwargs={})
+    return broker.formatter.dumps(msg)
+
+
+async def _kick(broker: AsyncBroker, task_id: str, timeout: float) -> Kick:
+    started = time.time()
+    outcome, error = "acked", ""
+    try:
+        await asyncio.wait_for(broker.kick(_message(broker, task_id)), timeout)
+    except KickFailedError as exc:
+        outcome, error = "failed", _short_error(exc)
+    except asyncio.TimeoutError:
+        outcome, error = "unknown", f"no answer within {timeout:.0f}s"
+    except Exception as exc:  # every other error: the XADD may have happened
+        outcome, error = "unknown", _short_error(exc)
+    return Kick(task_id, started, time.time(), outcome, error)
+
+
+def _short_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+
+
+async def produce(
+    broker: AsyncBroker, ids: Sequence[str], rate: float, kick_timeout: float
+) -> list[Kick]:
+    """Kick ``ids`` at a fixed ``rate``; each kick runs concurrently and is bounded."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    for i, task_id in enumerate(ids):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(_kick(broker, task_id, kick_timeout)))
+    return list(await asyncio.gather(*tasks))
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class ScenarioResult:
+    """What one scenario measured, and which acceptance checks failed."""
+
+    name: str
+    broker: str
+    wait_replicas: int
+    status: str = "ok"  #: ok, fail, skipped, error
+    reason: str = ""
+    kicked: int = 0
+    acked: int = 0
+    failed: int = 0
+    unknown: int = 0
+    executed: int = 0  #: distinct task ids that ran
+    executions: int = 0  #: runs in total
+    lost: int = 0
+    destroyed: int = 0  #: acked before the fault deleted them (stream DEL)
+    duplicates: int = 0
+    phantoms: int = 0
+    unknown_executed: int = 0
+    resume_s: float | None = None
+    stall_s: float | None = None
+    done_s: float | None = None
+    worker_exits: list[str] = field(default_factory=list)
+    child_restarts: int = 0
+    duration_s: float = 0.0
+    bound_s: float = 0.0
+    lost_sample: list[str] = field(default_factory=list)
+    kick_errors: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Set arithmetic over kicks and executions (see :func:`analyse`)."""
+
+    acked: int
+    failed: int
+    unknown: int
+    executed: int
+    executions: int
+    lost: frozenset[str]
+    destroyed: frozenset[str]
+    duplicates: int
+    phantoms: frozenset[str]
+    unknown_executed: int
+    resume_s: float | None
+    stall_s: float | None
+    done_s: float | None
+
+
+def analyse(
+    kicks: Sequence[Kick],
+    executions: Sequence[Execution],
+    *,
+    fault_start: float | None = None,
+    fault_end: float | None = None,
+    destroyed_before: float | None = None,
+) -> Counts:
+    """Compare kicks with executions.
+
+    * lost: acked but never executed;
+    * destroyed: lost ids whose kick started before ``destroyed_before``
+      (the fault deleted them, e.g. a DEL of the stream): not counted as lost;
+    * duplicates: executions beyond the first per id;
+    * phantoms: executed ids that were neither acked nor unknown;
+    * resume_s: from ``fault_end`` to the first execution after it;
+    * stall_s: the longest gap without executions from ``fault_start`` to
+      the last execution;
+    * done_s: from ``fault_start`` until every acked task had run once.
+    """
+    acked = {k.task_id for k in kicks if k.outcome == "acked"}
+    unknown = {k.task_id for k in kicks if k.outcome == "unknown"}
+    failed = {k.task_id for k in kicks if k.outcome == "failed"}
+    started = {k.task_id: k.started for k in kicks}
+    runs = Counter(e.task_id for e in executions)
+    first: dict[str, float] = {}
+    for e in executions:
+        first[e.task_id] = min(e.at, first.get(e.task_id, e.at))
+    missing = acked - runs.keys()
+    destroyed = frozenset(
+        t for t in missing
+        if destroyed_before is not None and started.get(t, 0.0) < destroyed_before
+    )
+    times = sorted(e.at for e in executions)
+    resume = stall = done = None
+    if fault_end is not None:
+        after = [t for t in times if t >= fault_end]
+        resume = after[0] - fault_end if after else None
+    if fault_start is not None and times:
+        points = [fault_start] + [t for t in times if t >= fault_start]
+        stall = max((b - a for a, b in zip(points, points[1:], strict=False)), default=0.0)
+        if not missing - destroyed:
+            last = max((first[t] for t in acked if t in first), default=fault_start)
+            done = max(0.0, last - fault_start)
+    return Counts(
+        acked=len(acked),
+        failed=len(failed),
+        unknown=len(unknown),
+        executed=len(runs),
+        executions=sum(runs.values()),
+        lost=frozenset(missing - destroyed),
+        destroyed=destroyed,
+        duplicates=sum(n - 1 for n in runs.values()),
+        phantoms=frozenset(runs.keys() - acked - unknown),
+        unknown_executed=len(unknown & runs.keys()),
+        resume_s=resume,
+        stall_s=stall,
+        done_s=done,
+    )
+
+
+# --------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class ScenarioContext:
+    """What a scenario's ``inject`` function works with."""
+
+    cluster: DevCluster
+    pool: WorkerPool
+    admin: RedisCluster
+    config: ChaosConfig
+    queue: str
+    url: str
+    #: Stream keys of the queue (one per shard; one for taskiq-redis).
+    stream_keys: list[str]
+    #: The stream the fault is aimed at (its master, its slot, ...).
+    target_key: str
+    workdir: Path
+    fault_start: float | None = None
+    fault_end: float | None = None
+    destroyed_before: float | None = None
+    notes: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    worker_env: dict[str, str] = field(default_factory=dict)
+
+    def fault(self, what: str) -> None:
+        """Mark the start of the fault."""
+        self.fault_start = time.time()
+        logger.info("Fault: %s", what)
+        self.notes.append(what)
+
+    def recovered(self, what: str = "") -> None:
+        """Mark the end of the fault (it is lifted, or the cluster recovered)."""
+        self.fault_end = time.time()
+        if what:
+            logger.info("Recovered: %s", what)
+            self.notes.append(what)
+
+    @property
+    def node_timeout(self) -> float:
+        """The cluster's node timeout in seconds."""
+        return self.cluster.node_timeout_ms / 1000
+
+
+Inject = Callable[[ScenarioContext], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One fault.
+
+    :param loss_allowed: lost acked kicks are reported, not a failure
+        (``"no-wait"``: only when the run has ``wait_replicas == 0``).
+    :param wait_replicas: overrides the run's ``wait_replicas``.
+    :param needs_rebalancer: ``ours`` needs the ``rebalance`` command.
+    """
+
+    name: str
+    summary: str
+    inject: Inject
+    wait_replicas: int | None = None
+    loss_allowed: str = ""
+    needs_rebalancer: bool = False
+    ours_only: bool = False
+    resume_bound: float | None = None
+
+
+async def _worker_kill(ctx: ScenarioContext) -> None:
+    ctx.fault("SIGKILL worker w0 (tasks in flight)")
+    ctx.pool.kill(0)
+    await asyncio.sleep(0.5)
+    index = ctx.pool.start()
+    ctx.recovered(f"replacement worker w{index} started")
+    await ctx.pool.wait_ready([index], 60)
+
+
+async def _worker_stop(ctx: ScenarioContext) -> None:
+    pause = ctx.config.idle_timeout / 1000 + 2.0
+    ctx.fault(f"SIGSTOP worker w0 for {pause:.1f}s (> idle_timeout)")
+    ctx.pool.pause(0)
+    try:
+        await asyncio.sleep(pause)
+    finally:
+        ctx.pool.resume(0)
+    ctx.recovered("SIGCONT worker w0")
+
+
+async def _failover(ctx: ScenarioContext) -> None:
+    master = await ctx.cluster.master_of_key(ctx.target_key)
+    replica = await ctx.cluster.replica_of(master)
+    ctx.fault(f"CLUSTER FAILOVER: {replica.port} takes over from {master.port}")
+    await ctx.cluster.failover(replica)
+    ctx.recovered(f"{replica.port} is master")
+
+
+async def _wait_new_master(ctx: ScenarioContext, old_port: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / _POLL) + 2):
+        with contextlib.suppress(Exception):
+            node = await ctx.cluster.master_of_key(ctx.target_key)
+            if node.port != old_port:
+                return node.port
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(_POLL)
+    raise TimeoutError(f"no replica took over from {old_port} within {timeout:.0f}s")
+
+
+async def _master_kill(ctx: ScenarioContext) -> None:
+    master = await ctx.cluster.master_of_key(ctx.target_key)
+    ctx.fault(f"SIGKILL master {master.port}")
+    await ctx.cluster.kill_node(master)
+    new = await _wait_new_master(ctx, master.port, 20 * ctx.node_timeout + 20)
+    ctx.recovered(f"replica {new} promoted")
+    await ctx.cluster.restart_node(master.port)
+    ctx.notes.append(f"{master.port} restarted (now a replica)")
+
+
+async def _master_stop(ctx: ScenarioContext) -> None:
+    master = await ctx.cluster.master_of_key(ctx.target_key)
+    ctx.fault(f"SIGSTOP master {master.port} (> node timeout)")
+    await ctx.cluster.pause_node(master)
+    try:
+        new = await _wait_new_master(ctx, master.port, 20 * ctx.node_timeout + 20)
+        ctx.notes.append(f"replica {new} promoted")
+        await asyncio.sleep(1.0)
+    finally:
+        await ctx.cluster.resume_node(master)
+    ctx.recovered(f"SIGCONT {master.port}")
+
+
+async def _stream_del(ctx: ScenarioContext) -> None:
+    ctx.fault(f"DEL {ctx.target_key}")
+    await ctx.admin.delete(ctx.target_key)
+    # Kicks that started before this moment may have been deleted with the
+    # stream: they are "destroyed", not lost.
+    ctx.destroyed_before = time.time()
+    ctx.recovered()
+
+
+async def _slot_migrate(ctx: ScenarioContext) -> None:
+    slot = slot_of(ctx.target_key)
+    master = await ctx.cluster.master_of_key(ctx.target_key)
+    other = next(m for m in await ctx.cluster.masters() if m.port != master.port)
+    ctx.fault(f"MIGRATE slot {slot} from {master.port} to {other.port}")
+    await ctx.cluster.migrate_slot(slot, other)
+    ctx.recovered(f"slot {slot} owned by {other.port}")
+
+
+async def _majority_down(ctx: ScenarioContext) -> None:
+    masters = await ctx.cluster.masters()
+    first = await ctx.cluster.master_of_key(ctx.target_key)
+    victims = [first] + [m for m in masters if m.port != first.port]
+    victims = victims[: len(masters) // 2 + 1]
+    pause = 3 * ctx.node_timeout + 2.0
+    ports = [v.port for v in victims]
+    ctx.fault(f"SIGSTOP masters {ports} for {pause:.1f}s (majority down)")
+    try:
+        for v in victims:
+            await ctx.cluster.pause_node(v)
+        await asyncio.sleep(pause)
+    finally:
+        for v in victims:
+            await ctx.cluster.resume_node(v)
+    ctx.recovered(f"SIGCONT {ports}")
+
+
+def rebalancer_available() -> bool:
+    """True once the ``rebalance`` command exists (written separately)."""
+    from . import _cli
+
+    if "rebalance" not in _cli._COMMAND_MODULES:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("taskiq_redis_cluster._cmd_rebalance") is not None
+
+
+async def _run_process(
+    command: Sequence[str], timeout: float, log_path: Path, *, kill_after: float | None = None
+) -> int | None:
+    """Run ``command`` in its own process group; returns its exit code.
+
+    With ``kill_after`` the group is SIGKILLed after that many seconds (the
+    return value is then None if it was still running). Always reaped.
+    """
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            limit = timeout if kill_after is None else min(timeout, kill_after)
+            deadline = time.monotonic() + limit
+            for _ in range(int(limit / 0.05) + 2):
+                if proc.poll() is not None or time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.05)
+            return proc.poll()
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(proc.wait, 10)
+
+
+def _owner(statuses: Sequence[NodeStatus], slot: int) -> NodeStatus | None:
+    for s in statuses:
+        if s.role == "master" and s.up and any(lo <= slot <= hi for lo, hi in s.slots):
+            return s
+    return None
+
+
+async def _reshard_under_load(ctx: ScenarioContext) -> None:
+    """``redis-cli --cluster reshard`` of the fewest slots that move a shard."""
+    statuses = await ctx.cluster.status()
+    best: tuple[int, NodeStatus, int] | None = None
+    for key in ctx.stream_keys:
+        slot = slot_of(key)
+        owner = _owner(statuses, slot)
+        if owner is None:
+            continue
+        # redis-cli takes the source's lowest slots first.
+        offset = sum(min(hi, slot) - lo + 1 for lo, hi in owner.slots if lo <= slot)
+        if best is None or offset < best[0]:
+            best = (offset, owner, slot)
+    if best is None:
+        raise RuntimeError("no master owns the queue's streams")
+    count, source, slot = best
+    target = next(s for s in statuses if s.role == "master" and s.up and s.slots
+                  and s.port != source.port)
+    ctx.fault(f"redis-cli --cluster reshard: {count} slots (up to {slot}) "
+              f"{source.port} -> {target.port}")
+    rc = await _run_process(
+        ["redis-cli", "--cluster", "reshard", f"{ctx.cluster.host}:{source.port}",
+         "--cluster-from", str(source.node_id), "--cluster-to", str(target.node_id),
+         "--cluster-slots", str(count), "--cluster-yes"],
+        timeout=240, log_path=ctx.workdir / "reshard.log",
+    )
+    if rc != 0:
+        ctx.violations.append(f"redis-cli reshard exited with {rc} (see reshard.log)")
+
+
+def _rebalance_command(ctx: ScenarioContext) -> list[str]:
+    return [sys.executable, "-m", "taskiq_redis_cluster._cli", "rebalance", "apply",
+            "--url", ctx.url, "--queue", ctx.queue]
+
+
+async def _rebalance(ctx: ScenarioContext, timeout: float = 120.0) -> None:
+    # A killed rebalancer may leave a lease behind; retry until it expires.
+    deadline = time.monotonic() + timeout
+    rc: int | None = None
+    for attempt in range(1, 31):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        rc = await _run_process(_rebalance_command(ctx), timeout=left,
+                                log_path=ctx.workdir / "rebalance.log")
+        if rc == 0:
+            ctx.notes.append(f"rebalance apply ok (attempt {attempt})")
+            return
+        await asyncio.sleep(2.0)
+    ctx.violations.append(f"rebalance apply did not succeed (last exit {rc}; see rebalance.log)")
+
+
+async def _reshard(ctx: ScenarioContext) -> None:
+    await _reshard_under_load(ctx)
+    if ctx.config.broker == "ours":
+        await _rebalance(ctx)
+    ctx.recovered("reshard (and rebalance) done")
+
+
+async def _rebalancer_kill(ctx: ScenarioContext) -> None:
+    await _reshard_under_load(ctx)
+    rc = await _run_process(_rebalance_command(ctx), timeout=60, kill_after=1.5,
+                            log_path=ctx.workdir / "rebalance.log")
+    ctx.notes.append("rebalancer SIGKILLed after 1.5s" if rc is None
+                     else f"rebalancer finished before the kill (exit {rc})")
+    await _rebalance(ctx)
+    ctx.recovered("rebalance completed after the kill")
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("worker-kill", "SIGKILL a worker with tasks in flight, start a replacement",
+                 _worker_kill),
+        Scenario("worker-stop", "SIGSTOP a worker longer than idle_timeout, then SIGCONT",
+                 _worker_stop),
+        Scenario("failover", "CLUSTER FAILOVER of a shard's master", _failover),
+        Scenario("master-kill", "SIGKILL a shard's master; its replica takes over",
+                 _master_kill, loss_allowed="no-wait"),
+        Scenario("master-kill-wait1", "master-kill with wait_replicas=1", _master_kill,
+                 wait_replicas=1, ours_only=True),
+        Scenario("master-stop", "SIGSTOP a shard's master longer than the node timeout",
+                 _master_stop),
+        Scenario("stream-del", "DEL a shard's stream under load", _stream_del),
+        Scenario("slot-migrate", "MIGRATE a shard's slot to another master", _slot_migrate),
+        Scenario("reshard", "redis-cli --cluster reshard, then our rebalancer", _reshard,
+                 needs_rebalancer=True),
+        Scenario("rebalancer-kill", "reshard, SIGKILL the rebalancer mid-move, rerun it",
+                 _rebalancer_kill, needs_rebalancer=True, ours_only=True),
+        Scenario("majority-down", "SIGSTOP a majority of masters past the node timeout",
+                 _majority_down, resume_bound=60.0),
+    )
+}
+
+#: The bounded subset CI runs on every change.
+CI_SCENARIOS = ("worker-kill", "failover", "stream-del", "master-kill", "master-kill-wait1")
+
+
+def skip_reason(scenario: Scenario, config: ChaosConfig) -> str | None:
+    """Why ``scenario`` cannot run with ``config`` (None: it can)."""
+    if scenario.ours_only and config.broker != "ours":
+        return f"{scenario.name} needs features taskiq-redis lacks (WAIT / rebalancer)"
+    if scenario.needs_rebalancer and config.broker == "ours" and not rebalancer_available():
+        return ("the `taskiq-redis-cluster rebalance` command does not exist yet "
+                "(taskiq_redis_cluster/_rebalance.py)")
+    return None
+
+
+def scenario_bound(config: ChaosConfig) -> float:
+    """Upper bound in seconds of one scenario, setup and teardown included."""
+    return 120.0 + config.kick_window + config.kick_timeout + config.effective_drain_timeout + 300.0
+
+
+# --------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------
+
+
+async def run_scenario(
+    cluster: DevCluster, scenario: Scenario, config: ChaosConfig, workdir: Path
+) -> ScenarioResult:
+    """Run one scenario against ``cluster``; never raises for a failed check."""
+    if scenario.wait_replicas is not None:
+        config = replace(config, wait_replicas=scenario.wait_replicas)
+    result = ScenarioResult(scenario.name, config.broker, config.wait_replicas,
+                            bound_s=scenario_bound(config))
+    reason = skip_reason(scenario, config)
+    if reason is not None:
+        result.status, result.reason = "skipped", reason
+        logger.info("Skipping %s: %s", scenario.name, reason)
+        return result
+    began = time.monotonic()
+    directory = workdir / f"{scenario.name}-{config.broker}-{uuid.uuid4().hex[:6]}"
+    directory.mkdir(parents=True)
+    logger.info("Scenario %s (%s, wait_replicas=%d) in %s", scenario.name, config.broker,
+                config.wait_replicas, directory)
+    try:
+        await asyncio.wait_for(
+            _run_body(cluster, scenario, config, directory, result), result.bound_s
+        )
+    except asyncio.TimeoutError:
+        result.status, result.reason = "error", f"scenario exceeded its {result.bound_s:.0f}s bound"
+    except Exception as exc:
+        logger.exception("Scenario %s failed to run", scenario.name)
+        result.status, result.reason = "error", _short_error(exc)
+    result.duration_s = round(time.monotonic() - began, 1)
+    if result.status == "ok" and result.violations:
+        result.status = "fail"
+    logger.info("Scenario %s: %s %s", scenario.name, result.status, result.violations)
+    return result
+
+
+async def _run_body(
+    cluster: DevCluster,
+    scenario: Scenario,
+    config: ChaosConfig,
+    directory: Path,
+    result: ScenarioResult,
+) -> None:
+    await cluster.heal()
+    queue = f"chaos-{scenario.name}-{uuid.uuid4().hex[:6]}"
+    env = {
+        _ENV + "URL": cluster.url,
+        _ENV + "QUEUE": queue,
+        _ENV + "BROKER": config.broker,
+        _ENV + "DIR": str(directory),
+        _ENV + "SLEEP": str(config.task_sleep),
+        _ENV + "IDLE_TIMEOUT": str(config.idle_timeout),
+        _ENV + "XREAD_BLOCK": str(config.xread_block),
+        _ENV + "SHARDS": "" if config.shards is None else str(config.shards),
+    }
+    pool = WorkerPool(directory, env)
+    producer = make_broker(config.broker, cluster.url, queue, idle_timeout=config.idle_timeout,
+                           xread_block=config.xread_block, wait_replicas=config.wait_replicas,
+                           shards=config.shards)
+    admin = await connect(cluster.url)
+    monitor: asyncio.Task[None] | None = None
+    try:
+        await producer.startup()
+        stream_keys = await _stream_keys(producer, queue)
+        ctx = ScenarioContext(cluster=cluster, pool=pool, admin=admin, config=config,
+                              queue=queue, url=cluster.url, stream_keys=stream_keys,
+                              target_key=stream_keys[0], workdir=directory, worker_env=env)
+        indexes = [pool.start() for _ in range(config.workers)]
+        await pool.wait_ready(indexes, 90)
+        monitor = asyncio.ensure_future(_monitor(pool))
+        ids = [f"{scenario.name}-{i:06d}" for i in range(config.tasks)]
+        kicks_task = asyncio.ensure_future(
+            produce(producer, ids, config.rate, config.kick_timeout)
+        )
+        try:
+            await asyncio.sleep(config.fault_at)
+            try:
+                await scenario.inject(ctx)
+            except Exception as exc:
+                logger.exception("Fault injection of %s failed", scenario.name)
+                ctx.violations.append(f"fault injection failed: {_short_error(exc)}")
+            kicks = await kicks_task
+        finally:
+            if not kicks_task.done():
+                kicks_task.cancel()
+                await asyncio.gather(kicks_task, return_exceptions=True)
+        acked = {k.task_id for k in kicks if k.outcome == "acked"}
+        await _drain(directory, acked, config.effective_drain_timeout)
+        await asyncio.sleep(config.settle)
+        _fill(result, ctx, kicks, read_executions(directory), pool, scenario)
+    finally:
+        if monitor is not None:
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+        await pool.stop_all()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.shutdown(), 20)
+        with contextlib.suppress(Exception):
+            await admin.aclose()
+
+
+async def _stream_keys(producer: AsyncBroker, queue: str) -> list[str]:
+    from ._stream import ClusterStreamBroker
+
+    if isinstance(producer, ClusterStreamBroker):
+        plan = await producer.current_plan()
+        return [ShardKeys(producer.options.prefix, s.tag).stream for s in plan.shards]
+    return [queue]
+
+
+async def _monitor(pool: WorkerPool) -> None:
+    # Notices (and logs) unexpected worker exits while the scenario runs.
+    while True:
+        pool.unexpected_exits()
+        await asyncio.sleep(0.5)
+
+
+async def _drain(directory: Path, acked: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / _POLL) + 2):
+        done = {e.task_id for e in read_executions(directory)}
+        if acked <= done or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(_POLL)
+
+
+def _fill(
+    result: ScenarioResult,
+    ctx: ScenarioContext,
+    kicks: Sequence[Kick],
+    executions: Sequence[Execution],
+    pool: WorkerPool,
+    scenario: Scenario,
+) -> None:
+    counts = analyse(kicks, executions, fault_start=ctx.fault_start, fault_end=ctx.fault_end,
+                     destroyed_before=ctx.destroyed_before)
+    result.kicked = len(kicks)
+    result.acked, result.failed, result.unknown = counts.acked, counts.failed, counts.unknown
+    result.executed, result.executions = counts.executed, counts.executions
+    result.lost, result.destroyed = len(counts.lost), len(counts.destroyed)
+    result.duplicates, result.phantoms = counts.duplicates, len(counts.phantoms)
+    result.unknown_executed = counts.unknown_executed
+    result.resume_s = _round(counts.resume_s)
+    result.stall_s = _round(counts.stall_s)
+    result.done_s = _round(counts.done_s)
+    result.lost_sample = sorted(counts.lost)[:10]
+    result.kick_errors = dict(Counter(k.error.split(":")[0] for k in kicks if k.error))
+    result.worker_exits = pool.unexpected_exits()
+    result.child_restarts = pool.child_restarts()
+    result.notes = list(ctx.notes)
+    v = list(ctx.violations)
+    if result.phantoms:
+        v.append(f"{result.phantoms} phantom executions")
+    if result.worker_exits:
+        v.append(f"worker exited: {', '.join(result.worker_exits)}")
+    if result.child_restarts:
+        v.append(f"{result.child_restarts} worker child restarts (crashes)")
+    loss_ok = scenario.loss_allowed == "no-wait" and ctx.config.wait_replicas == 0
+    if result.lost and not loss_ok:
+        v.append(f"{result.lost} acknowledged kicks lost")
+    if result.acked == 0:
+        v.append("no kick was acknowledged")
+    if scenario.resume_bound is not None and (
+        result.resume_s is None or result.resume_s > scenario.resume_bound
+    ):
+        v.append(f"executions did not resume within {scenario.resume_bound:.0f}s")
+    result.violations = v
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+@contextlib.asynccontextmanager
+async def chaos_cluster(
+    directory: Path, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1500
+) -> AsyncIterator[DevCluster]:
+    """A fresh DevCluster on free ports, always stopped afterwards."""
+    cluster: DevCluster | None = None
+    for attempt in range(3):
+        cluster = DevCluster(
+            masters=masters, replicas=replicas, node_timeout_ms=node_timeout_ms,
+            base_port=find_free_base_port(masters * (1 + replicas)), directory=directory,
+        )
+        try:
+            await cluster.start()
+            break
+        except PortBusyError:
+            if attempt == 2:
+                raise
+    assert cluster is not None
+    try:
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+async def run_suite(
+    names: Sequence[str],
+    config: ChaosConfig,
+    workdir: Path,
+    *,
+    cluster: DevCluster | None = None,
+    on_result: Callable[[ScenarioResult], None] | None = None,
+) -> list[ScenarioResult]:
+    """Run scenarios in order, on ``cluster`` or on a cluster of their own.
+
+    The cluster is healed before each scenario and after the last.
+    """
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise ConfigurationError(
+            message=f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    if cluster is None:
+        async with chaos_cluster(workdir / "cluster") as own:
+            return await run_suite(names, config, workdir, cluster=own, on_result=on_result)
+    results = []
+    try:
+        for name in names:
+            result = await run_scenario(cluster, SCENARIOS[name], config, workdir)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        with contextlib.suppress(Exception):
+            await cluster.heal()
+    return results
+
+
+# --------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------
+
+_COLUMNS = (
+    ("scenario", "name"), ("broker", "broker"), ("wait", "wait_replicas"),
+    ("status", "status"), ("kicked", "kicked"), ("acked", "acked"), ("unknown", "unknown"),
+    ("failed", "failed"), ("lost", "lost"), ("dup", "duplicates"), ("phantom", "phantoms"),
+    ("resume_s", "resume_s"), ("stall_s", "stall_s"), ("done_s", "done_s"),
+    ("deaths", "deaths"), ("time_s", "duration_s"),
+)
+
+
+def format_table(results: Sequence[ScenarioResult]) -> str:
+    """A plain-text (Markdown-compatible) table of ``results``."""
+    rows = []
+    for r in results:
+        values = r.to_dict()
+        values["deaths"] = len(r.worker_exits) + r.child_restarts
+        if r.destroyed:
+            values["lost"] = f"{r.lost} (+{r.destroyed} deleted)"
+        rows.append(["-" if values[k] is None else str(values[k]) for _, k in _COLUMNS])
+    header = [title for title, _ in _COLUMNS]
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in rows]
+    for r in results:
+        if r.reason or r.violations:
+            out.append(f"{r.name} [{r.broker}]: {r.reason or '; '.join(r.violations)}")
+    return "\n".join(out)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and when a report was measured."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    redis_version = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        redis_version = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, timeout=10,
+            check=False,
+        ).stdout.strip()
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "redis": redis_version,
+    }
+
+
+def write_json(path: Path, results: Sequence[ScenarioResult], config: ChaosConfig) -> None:
+    """Write the report (machine, config, results) as JSON."""
+    report = {
+        "machine": machine_info(),
+        "config": asdict(config),
+        "results": [r.to_dict() for r in results],
+    }
+    path.write_text(json.dumps(report, indent=2) + "\n")
