@@ -26,7 +26,7 @@ from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
 from ._autopipeline import AutoPipeline, CommandFailure, Reply
-from ._connection import connect, redact_url, validate_url
+from ._connection import ConnectionOptions, connect, redact_url, validate_url
 from ._errors import KickFailedError, KickOutcomeUnknownError
 from ._events import NULL_EVENTS, BrokerEvents
 from ._keys import ShardKeys, slot_of
@@ -119,10 +119,7 @@ class ShardedBroker(AsyncBroker):
         """
         self._lifecycle.starting()
         try:
-            # Our own retries replace redis-py's so an XADD is never re-sent
-            # when its outcome is unknown (see _retry).
-            conn_options = replace(self.options.connection, retries=0)
-            self._client = await connect(self.url, conn_options)
+            self._client = await connect(self.url, self._connection_options())
             self._pipeline = self._make_pipeline(self._client)
             store = PlanStore(self._client, prefix=self.options.prefix)
             await self.retry.call(lambda: self._ensure_plan(store))
@@ -177,6 +174,20 @@ class ShardedBroker(AsyncBroker):
 
     def _make_pipeline(self, client: RedisCluster) -> AutoPipeline:
         return AutoPipeline(client)
+
+    def _connection_options(self) -> ConnectionOptions:
+        # Our own retries replace redis-py's so an XADD is never re-sent when
+        # its outcome is unknown (see _retry).
+        options = replace(self.options.connection, retries=0)
+        # A blocked read must not look like a dead server.
+        floor = self._blocking_seconds() + 5.0
+        if options.socket_timeout < floor:
+            options = replace(options, socket_timeout=floor)
+        return options
+
+    def _blocking_seconds(self) -> float:
+        """Longest time one blocking read of a reader may wait."""
+        return 0.0
 
     async def _after_startup(self) -> None:
         """Hook: extra startup work of a concrete broker."""
@@ -284,7 +295,7 @@ class ShardedBroker(AsyncBroker):
             for reader in readers.values():
                 reader.stop()
             tasks = {supervisor, *(r.task for r in readers.values())}
-            _, pending = await asyncio.wait(tasks, timeout=self._stop_timeout())
+            _, pending = await asyncio.wait(tasks, timeout=self._blocking_seconds() + 5.0)
             if pending:
                 logger.warning("%d readers of %s did not stop in time", len(pending),
                                self.queue_name)
@@ -305,9 +316,6 @@ class ShardedBroker(AsyncBroker):
 
     def _prefetch(self) -> int:
         return 100
-
-    def _stop_timeout(self) -> float:
-        return 10.0
 
     async def _supervise(self, readers: dict[str, _Reader], sink: Sink) -> None:
         """Keep exactly one reader per shard tag in the plan (active or draining)."""

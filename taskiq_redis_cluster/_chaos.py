@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -104,7 +105,7 @@ class ChaosConfig:
     wait_replicas: int = 0
     idle_timeout: int = 2_000
     xread_block: int = 500
-    task_sleep: float = 0.05
+    task_sleep: float = 0.2
     fault_after: float | None = None
     kick_timeout: float = 20.0
     drain_timeout: float | None = None
@@ -411,7 +412,7 @@ class WorkerPool:
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.1)
-        for index, w in enumerate(self._workers):
+        for index in range(len(self._workers)):
             # Also when the leader is gone: an orphaned child may remain.
             self._signal(index, signal.SIGKILL)
         for w in self._workers:
@@ -576,7 +577,7 @@ def analyse(
         resume = after[0] - fault_end if after else None
     if fault_start is not None and times:
         points = [fault_start] + [t for t in times if t >= fault_start]
-        stall = max((b - a for a, b in zip(points, points[1:], strict=False)), default=0.0)
+        stall = max((b - a for a, b in itertools.pairwise(points)), default=0.0)
         if not missing - destroyed:
             last = max((first[t] for t in acked if t in first), default=fault_start)
             done = max(0.0, last - fault_start)
@@ -666,8 +667,19 @@ class Scenario:
     resume_bound: float | None = None
 
 
+async def pending_entries(ctx: ScenarioContext) -> int:
+    """Entries delivered but not yet acknowledged, over the queue's streams."""
+    group = "taskiq"  # both brokers' default consumer group
+    total = 0
+    for key in ctx.stream_keys:
+        with contextlib.suppress(Exception):
+            total += int((await ctx.admin.xpending(key, group))["pending"])
+    return total
+
+
 async def _worker_kill(ctx: ScenarioContext) -> None:
-    ctx.fault("SIGKILL worker w0 (tasks in flight)")
+    in_flight = await pending_entries(ctx)
+    ctx.fault(f"SIGKILL worker w0 ({in_flight} entries pending over all workers)")
     ctx.pool.kill(0)
     await asyncio.sleep(0.5)
     index = ctx.pool.start()
@@ -785,25 +797,30 @@ async def _run_process(
     With ``kill_after`` the group is SIGKILLed after that many seconds (the
     return value is then None if it was still running). Always reaped.
     """
+    proc = _spawn_group(command, log_path)
+    try:
+        limit = timeout if kill_after is None else min(timeout, kill_after)
+        deadline = time.monotonic() + limit
+        for _ in range(int(limit / 0.05) + 2):
+            if proc.poll() is not None or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        return proc.poll()
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(proc.wait, 10)
+
+
+def _spawn_group(command: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``command`` in a new process group, output appended to ``log_path``."""
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            limit = timeout if kill_after is None else min(timeout, kill_after)
-            deadline = time.monotonic() + limit
-            for _ in range(int(limit / 0.05) + 2):
-                if proc.poll() is not None or time.monotonic() >= deadline:
-                    break
-                await asyncio.sleep(0.05)
-            return proc.poll()
-        finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(proc.wait, 10)
 
 
 def _owner(statuses: Sequence[NodeStatus], slot: int) -> NodeStatus | None:
@@ -1143,7 +1160,7 @@ async def run_suite(
         raise ConfigurationError(
             message=f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}"
         )
-    workdir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     if cluster is None:
         async with chaos_cluster(workdir / "cluster") as own:
             return await run_suite(names, config, workdir, cluster=own, on_result=on_result)

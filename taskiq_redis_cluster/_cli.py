@@ -18,6 +18,8 @@ _COMMAND_MODULES = (
     "cluster",
     "plan",
     "exporter",
+    "rebalance",
+    "bench",
 )
 
 

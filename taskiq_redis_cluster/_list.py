@@ -71,15 +71,15 @@ class ClusterListQueueBroker(ShardedBroker):
             )
         super().__init__(url, options, events=events, retry=retry)
 
+    def _blocking_seconds(self) -> float:
+        return self.options.brpop_timeout
+
     def _make_pipeline(self, client: Any) -> AutoPipeline:
         return AutoPipeline(client, max_batch=self.options.max_batch)
 
     async def _publish(self, keys: ShardKeys, message: BrokerMessage) -> Reply:
         assert self._pipeline is not None
         return await self._pipeline.execute(keys.list, "LPUSH", keys.list, message.message)
-
-    def _stop_timeout(self) -> float:
-        return self.options.brpop_timeout + 5.0
 
     async def _read_shard(
         self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: asyncio.Event

@@ -311,21 +311,21 @@ METRICS: tuple[MetricSpec, ...] = (
         f"{_P}rebalance_moves_total",
         "counter",
         ("queue", "result"),
-        "Shard moves of the rebalancer, by result.",
+        "Shard moves of the rebalancer, by result (done, reverted, skipped).",
         "rebalancer",
     ),
     MetricSpec(
         f"{_P}rebalance_duration_seconds",
         "histogram",
-        ("queue",),
-        "Duration of rebalance runs.",
+        (),
+        "Duration of rebalance runs (one apply() over its queues).",
         "rebalancer",
     ),
     MetricSpec(
         f"{_P}rebalance_in_progress",
         "gauge",
-        ("queue",),
-        "1 while a rebalance of the queue runs.",
+        (),
+        "1 while a rebalance runs in some process, else 0.",
         "rebalancer",
         multiprocess_mode="livemax",
     ),
@@ -333,7 +333,7 @@ METRICS: tuple[MetricSpec, ...] = (
         f"{_P}last_successful_rebalance_timestamp_seconds",
         "gauge",
         ("queue",),
-        "Unix time the last successful rebalance of the queue ended.",
+        "Unix time a rebalance of the queue last completed (balanced, or moves done).",
         "rebalancer",
         multiprocess_mode="max",
     ),
@@ -502,33 +502,45 @@ class PrometheusEvents(BrokerEvents):
         self._m.retries.labels(_label(kind)).inc()
 
     # -------------------------------------------------------- rebalancer
-    def rebalance_started(self, queue: str) -> None:
-        """A rebalance of ``queue`` began."""
-        self._m.rebalance_in_progress.labels(queue).set(1)
-
     def rebalance_moved(self, queue: str, result: str, count: int = 1) -> None:
-        """``count`` shard moves ended with ``result`` (e.g. ``done``, ``aborted``)."""
+        """``count`` shard moves of ``queue`` ended with ``result`` (``done``, ...)."""
         self._m.rebalance_moves.labels(queue, _label(result)).inc(count)
 
-    def rebalance_finished(self, queue: str, *, success: bool, duration: float) -> None:
-        """A rebalance of ``queue`` ended after ``duration`` seconds."""
-        self._m.rebalance_in_progress.labels(queue).set(0)
-        self._m.rebalance_duration.labels(queue).observe(max(0.0, duration))
-        if success:
-            self._m.last_rebalance.labels(queue).set(time.time())
+    def rebalance_queue_done(self, queue: str) -> None:
+        """A rebalance of ``queue`` completed: it is balanced or its moves are done."""
+        self._m.last_rebalance.labels(queue).set(time.time())
+
+    def rebalance_event(self, event: Any) -> None:
+        """``on_event`` callback for ``Rebalancer``: counts moves and completed queues.
+
+        Example::
+
+            events = default_events()
+            rebalancer = Rebalancer(client, on_event=events.rebalance_event)
+            with events.track_rebalance():
+                await rebalancer.apply()
+        """
+        kind = str(getattr(event.kind, "value", event.kind))
+        result = _MOVE_RESULTS.get(kind)
+        if result is not None:
+            self.rebalance_moved(event.queue, result)
+        elif kind == "queue_done":
+            self.rebalance_queue_done(event.queue)
 
     @contextmanager
-    def track_rebalance(self, queue: str) -> Iterator[None]:
-        """Context manager: started/finished around a rebalance, failure on exception."""
+    def track_rebalance(self) -> Iterator[None]:
+        """Around one rebalance run: the in-progress gauge and the duration."""
         start = time.monotonic()
-        self.rebalance_started(queue)
+        self._m.rebalance_in_progress.set(1)
         try:
             yield
-        except BaseException:
-            self.rebalance_finished(queue, success=False, duration=time.monotonic() - start)
-            raise
-        self.rebalance_finished(queue, success=True, duration=time.monotonic() - start)
+        finally:
+            self._m.rebalance_in_progress.set(0)
+            self._m.rebalance_duration.observe(max(0.0, time.monotonic() - start))
 
+
+#: Rebalancer event kinds that end a move, and their ``result`` label.
+_MOVE_RESULTS = {"finalized": "done", "reverted": "reverted", "skipped": "skipped"}
 
 _DEFAULT_EVENTS = _Lazy(PrometheusEvents)
 
@@ -642,7 +654,12 @@ class _Samples:
         return self._values.get(name, {}).get(tuple(labels))
 
     def items(self, name: str) -> list[tuple[tuple[str, ...], float]]:
-        return sorted(self._values.get(name, {}).items())
+        return sorted(self._values.get(name, {}).items(), key=lambda kv: _natural(kv[0]))
+
+
+def _natural(labels: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
+    """Sort key that puts shard "2" before shard "10"."""
+    return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in labels)
 
 
 def _empty_family(spec: MetricSpec) -> CounterMetricFamily | GaugeMetricFamily:

@@ -248,6 +248,7 @@ class RebalanceEvent:
     index: int | None = None
     old_tag: str | None = None
     new_tag: str | None = None
+    draining_tag: str | None = None
     epoch: int | None = None
     undelivered: int | None = None
     pending: int | None = None
@@ -925,6 +926,7 @@ class Rebalancer:
             extra.setdefault("index", rec.index)
             extra.setdefault("old_tag", rec.old.tag)
             extra.setdefault("new_tag", rec.new.tag)
+            extra.setdefault("draining_tag", rec.draining)
         event = RebalanceEvent(kind=kind, queue=queue, **extra)
         if self._on_event is not None:
             try:

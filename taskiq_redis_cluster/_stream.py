@@ -272,6 +272,9 @@ class ClusterStreamBroker(ShardedBroker):
         self._unhanded: dict[int, tuple[str, bytes]] = {}
 
     # ------------------------------------------------------------ lifecycle
+    def _blocking_seconds(self) -> float:
+        return self.options.xread_block / 1000
+
     def _make_pipeline(self, client: RedisCluster) -> AutoPipeline:
         return AutoPipeline(
             client,
@@ -352,9 +355,6 @@ class ClusterStreamBroker(ShardedBroker):
             )
 
     # --------------------------------------------------------------- listen
-    def _stop_timeout(self) -> float:
-        return self.options.xread_block / 1000 + 5.0
-
     async def _read_shard(
         self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: asyncio.Event
     ) -> None:

@@ -1,0 +1,23 @@
+#!/usr/bin/env python3
+"""Fault-injection suite for ClusterStreamBroker (and taskiq-redis, for comparison).
+
+The whole suite is one command::
+
+    python scripts/chaos.py --all --json chaos.json
+
+It starts its own local Redis Cluster on free loopback ports, real
+``taskiq worker`` processes and a producer, injects each fault, prints a
+table (acknowledged, lost, duplicated, phantom tasks, recovery times, worker
+deaths) and stops every process it started. ``--broker taskiq-redis`` runs
+the same faults against taskiq-redis's RedisStreamClusterBroker. The same
+command is available as ``taskiq-redis-cluster chaos``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from taskiq_redis_cluster._cmd_chaos import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""``taskiq-redis-cluster bench``: our brokers against taskiq-redis's, side by side.
+
+``bench [--quick] [--url URL] [--rounds N] [--scale F] [--brokers K,K] [--json FILE]``
+    Starts a local 3-master, 3-replica cluster on free ports (or uses
+    ``--url``), runs every figure for ClusterStreamBroker,
+    ClusterListQueueBroker and taskiq-redis's RedisStreamClusterBroker and
+    ListQueueClusterBroker, prints a table with the ours/theirs ratios and
+    the targets, and writes the full report as JSON with ``--json``.
+
+    Exit status: 0 when the run completed (targets missed or not), 1 with
+    ``--check-targets`` when a target was missed, 2 when the run failed.
+    ``scripts/bench.py`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ._bench import BROKERS, BenchConfig, BenchError, format_report, run_bench
+from ._errors import ClusterError
+
+EXIT_OK = 0
+EXIT_MISSED = 1
+EXIT_ERROR = 2
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``bench`` command."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark our brokers against taskiq-redis's cluster brokers",
+        description=(
+            "Side-by-side benchmark of ClusterStreamBroker/ClusterListQueueBroker and "
+            "taskiq-redis's RedisStreamClusterBroker/ListQueueClusterBroker on one cluster. "
+            "Every figure is the median of --rounds rounds."
+        ),
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="CI mode: fewer tasks and rounds (under 2 minutes)"
+    )
+    parser.add_argument(
+        "--url", help="use this cluster instead of starting a local one (keys are cleaned up)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds per figure (default 5; quick 3)"
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every task count and the latency duration (e.g. 0.2 for smoke tests)",
+    )
+    parser.add_argument(
+        "--brokers",
+        default=",".join(BROKERS),
+        help=f"comma-separated subset of {','.join(BROKERS)}",
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    parser.add_argument(
+        "--check-targets", action="store_true", help="exit 1 when a target was missed"
+    )
+    parser.set_defaults(handler=_handle)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so the cluster is torn down.
+    raise KeyboardInterrupt
+
+
+def _handle(args: argparse.Namespace) -> int:
+    try:
+        cfg = BenchConfig.make(
+            quick=args.quick,
+            rounds=args.rounds,
+            scale=args.scale,
+            url=args.url,
+            brokers=[b.strip() for b in args.brokers.split(",") if b.strip()],
+        )
+    except ValueError as exc:
+        print(f"taskiq-redis-cluster bench: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        report = asyncio.run(run_bench(cfg))
+    except (BenchError, ClusterError, OSError) as exc:
+        text = " ".join(str(exc).split())
+        print(f"taskiq-redis-cluster bench: error: {text}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(format_report(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    missed = [t for t in report["targets"] if t["met"] is False]
+    if args.check_targets and missed:
+        return EXIT_MISSED
+    return EXIT_OK

@@ -1,0 +1,553 @@
+"""Metrics: the spec table, the broker counters and the scrape-time queue collector.
+
+Queue-state tests run against the real 3+3 cluster and compare what the
+collector reports with XLEN / XPENDING / XINFO read directly. The
+multiprocess test runs a real ``taskiq worker --workers 2``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import RedisCluster
+from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
+
+from taskiq_redis_cluster import ClusterStreamBroker, PlanStore, ShardPlan
+from taskiq_redis_cluster._exporter import scrape_once
+from taskiq_redis_cluster._metrics import (
+    METRIC_PREFIX,
+    METRICS,
+    MULTIPROC_ENV,
+    PrometheusEvents,
+    QueueCollector,
+    QueueStateReader,
+    dead_letter_reason,
+    default_events,
+    metrics_registry,
+    reference_table,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "metrics.md"
+_FORMATTER = InMemoryBroker().formatter
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def _message(task_id: str, task_name: str = "tests:noop") -> BrokerMessage:
+    msg = TaskiqMessage(task_id=task_id, task_name=task_name, labels={}, args=[], kwargs={})
+    return BrokerMessage(
+        task_id=task_id, task_name=task_name, message=_FORMATTER.dumps(msg).message, labels={}
+    )
+
+
+def parse(text: str) -> dict[str, Metric]:
+    """Exposition text -> families by name (raises if the text does not parse)."""
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def values(families: dict[str, Metric], family: str, **match: str) -> dict[str, float]:
+    """``{shard: value}`` of the samples of ``family`` whose labels include ``match``."""
+    found: dict[str, float] = {}
+    metric = families.get(family)
+    for sample in metric.samples if metric else ():
+        if all(sample.labels.get(k) == v for k, v in match.items()):
+            found[sample.labels.get("shard", "")] = sample.value
+    return found
+
+
+def _declared(text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """family -> (type, label names) from exposition text (labels of the samples)."""
+    result: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.endswith("_created"):
+            continue  # prometheus_client's creation timestamps of counters/histograms
+        labels: set[str] = set()
+        for sample in family.samples:
+            labels.update(k for k in sample.labels if k not in ("le", "quantile"))
+        result[family.name] = (family.type, tuple(sorted(labels)))
+    return result
+
+
+async def _shard_streams(client: RedisCluster, queue: str) -> ShardPlan:
+    plan = await PlanStore(client).load(queue)
+    assert plan is not None
+    return plan
+
+
+async def _take(broker: ClusterStreamBroker, want: int, *, ack: bool) -> list[AckableMessage]:
+    got: list[AckableMessage] = []
+    gen = broker.listen()
+
+    async def run() -> None:
+        async for msg in gen:
+            assert isinstance(msg, AckableMessage)
+            got.append(msg)
+            if ack:
+                await msg.ack()  # type: ignore[misc]
+            if len(got) >= want:
+                return
+
+    try:
+        await asyncio.wait_for(run(), 20.0)
+    finally:
+        await gen.aclose()
+    return got
+
+
+# --------------------------------------------------------------------------
+# the spec is the single source of truth
+# --------------------------------------------------------------------------
+
+
+def test_names_are_prefixed_in_base_units_and_labels_stay_small() -> None:
+    names = [spec.name for spec in METRICS]
+    assert len(names) == len(set(names))
+    for spec in METRICS:
+        assert spec.name.startswith(METRIC_PREFIX), spec.name
+        assert re.fullmatch(r"[a-z_]+", spec.name), spec.name
+        assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
+        assert not re.search(r"_(ms|milliseconds|minutes)(_|$)", spec.name), spec.name
+        if not spec.optional:
+            assert not {"consumer", "pid", "task_id", "tag"} & set(spec.labels), spec.name
+
+
+def test_docs_table_is_generated_from_the_specs() -> None:
+    text = DOC.read_text()
+    start = text.index("<!-- metrics-table:start -->") + len("<!-- metrics-table:start -->")
+    end = text.index("<!-- metrics-table:end -->")
+    assert text[start:end].strip() == reference_table(), (
+        "docs/metrics.md is out of date; paste the output of "
+        "python -c 'from taskiq_redis_cluster._metrics import reference_table as t; print(t())'"
+    )
+    # And every row names a declared metric with its declared type and labels.
+    rows = re.findall(r"^\| `([a-z_]+)` \| (\w+) \| ([^|]*) \|", text, re.MULTILINE)
+    declared = {s.name: (s.kind, tuple(s.labels)) for s in METRICS}
+    assert len(rows) == len(METRICS)
+    for name, kind, labels in rows:
+        assert declared[name] == (kind, tuple(re.findall(r"`(\w+)`", labels))), name
+
+
+def test_prometheus_events_expose_exactly_the_declared_metrics() -> None:
+    registry = CollectorRegistry()
+    events = PrometheusEvents(registry=registry)
+    events.published("q", 0, 3)
+    events.publish_error("q", "timeout")
+    events.acked("q", 1, 2)
+    events.reclaimed("q", 2)
+    events.dead_lettered("q", 0, "unknown task 'app")
+    events.nogroup_recovered("q", 0)
+    events.retried("moved")
+    events.rebalance_moved("q", "done")
+    events.rebalance_queue_done("q")
+    with events.track_rebalance():
+        pass
+    declared = _declared(generate_latest(registry).decode())
+    expected = {
+        s.family: (s.kind, tuple(sorted(s.labels)))
+        for s in METRICS
+        if s.source in ("broker", "rebalancer")
+    }
+    assert declared == expected
+    assert registry.get_sample_value(METRIC_PREFIX + "published_total", {"queue": "q"}) == 3
+    assert registry.get_sample_value(METRIC_PREFIX + "acked_total", {"queue": "q"}) == 2
+    assert registry.get_sample_value(
+        METRIC_PREFIX + "dead_lettered_total", {"queue": "q", "reason": "unknown_task"}
+    ) == 1
+    assert registry.get_sample_value(METRIC_PREFIX + "rebalance_in_progress") == 0
+    assert registry.get_sample_value(METRIC_PREFIX + "rebalance_duration_seconds_count") == 1
+
+
+def test_free_text_reasons_become_a_small_label_set() -> None:
+    assert dead_letter_reason("max deliveries exceeded (5)") == "max_deliveries"
+    assert dead_letter_reason("unknown task 'my.module") == "unknown_task"
+    assert dead_letter_reason("not a taskiq message") == "malformed"
+    assert dead_letter_reason("missing 'data' field") == "malformed"
+    assert dead_letter_reason("entry deleted from the stream") == "deleted"
+    assert dead_letter_reason("something new") == "other"
+    registry = CollectorRegistry()
+    events = PrometheusEvents(registry=registry)
+    events.retried("Weird Kind With Spaces And A Very Long Name Indeed")
+    events.retried("moved")
+    kinds = {s.labels["kind"] for s in registry.collect() for s in s.samples if "kind" in s.labels}
+    assert kinds == {"other", "moved"}
+
+
+def test_nothing_is_created_or_registered_at_import() -> None:
+    code = textwrap.dedent(
+        """
+        from prometheus_client import REGISTRY
+        import taskiq_redis_cluster._metrics as m
+        import taskiq_redis_cluster._exporter
+        assert m._SHARED_METRICS._value is None and m._DEFAULT_EVENTS._value is None
+        events = m.default_events()
+        assert m.default_events() is events
+        assert m.PrometheusEvents().registry is events.registry
+        assert m.metrics_registry() is events.registry
+        names = [n for n in REGISTRY._names_to_collectors if n.startswith("taskiq_redis")]
+        assert names == [], names
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_metrics_registry_reads_the_multiprocess_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    registry = metrics_registry()
+    assert registry is not default_events().registry
+    assert list(registry.collect()) == []  # an empty dir: no process wrote yet
+    monkeypatch.delenv(MULTIPROC_ENV)
+    assert metrics_registry() is default_events().registry
+
+
+# --------------------------------------------------------------------------
+# scrape-time queue state against the real cluster
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+async def loaded_queue(
+    cluster_url: str, cluster_client: RedisCluster, unique_name: str
+) -> AsyncIterator[str]:
+    """A queue with entries, some delivered and unacknowledged, some acked, some new."""
+    broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, shards=4, xread_block=200)
+    await broker.startup()
+    try:
+        await asyncio.gather(*(broker.kick(_message(f"a{i}")) for i in range(40)))
+        got = await _take(broker, 8, ack=False)
+        for msg in got[:3]:
+            await msg.ack()  # type: ignore[misc]
+    finally:
+        await broker.shutdown()
+    # New entries no consumer has seen: positive lag.
+    producer = ClusterStreamBroker(cluster_url, queue_name=unique_name)
+    await producer.startup()
+    try:
+        await asyncio.gather(*(producer.kick(_message(f"b{i}")) for i in range(12)))
+    finally:
+        await producer.shutdown()
+    yield unique_name
+
+
+@pytest.mark.cluster
+async def test_scrape_reports_what_xlen_and_xpending_show(
+    cluster_client: RedisCluster, loaded_queue: str
+) -> None:
+    text, duration = await scrape_once(cluster_client, [loaded_queue])
+    assert duration > 0
+    families = parse(text)
+    plan = await _shard_streams(cluster_client, loaded_queue)
+    q = {"queue": loaded_queue}
+    lengths = values(families, METRIC_PREFIX + "stream_length", **q, state="active")
+    pending = values(families, METRIC_PREFIX + "group_pending", **q, group="taskiq")
+    lag = values(families, METRIC_PREFIX + "group_lag", **q, group="taskiq")
+    lag_seconds = values(families, METRIC_PREFIX + "group_lag_seconds", **q, group="taskiq")
+    assert set(lengths) == {str(s.index) for s in plan.shards}
+    for shard in plan.shards:
+        stream = shard.keys("tqrc").stream
+        i = str(shard.index)
+        assert lengths[i] == await cluster_client.xlen(stream)
+        summary = await cluster_client.xpending(stream, "taskiq")
+        assert pending[i] == summary["pending"]
+        (group,) = await cluster_client.xinfo_groups(stream)
+        assert lag[i] == group["lag"]
+        assert (lag_seconds[i] > 0) == (group["lag"] > 0)
+    assert sum(lengths.values()) == 52
+    assert sum(pending.values()) >= 5  # taken, plus prefetched ones released at shutdown
+    assert sum(lag.values()) >= 12
+    epoch = values(families, METRIC_PREFIX + "plan_epoch", **q)
+    assert epoch == {"": plan.epoch}
+    masters = [
+        s for s in families[METRIC_PREFIX + "master_shards"].samples
+        if s.labels["queue"] == loaded_queue and s.labels["state"] == "active"
+    ]
+    assert sum(s.value for s in masters) == 4
+    assert len(masters) == 3  # every slot-serving master, zero included
+
+
+@pytest.mark.cluster
+async def test_scrape_declares_exactly_the_exporter_specs(
+    cluster_client: RedisCluster, loaded_queue: str
+) -> None:
+    for per_consumer in (False, True):
+        text, _ = await scrape_once(cluster_client, [loaded_queue], per_consumer=per_consumer)
+        declared = _declared(text)
+        expected = {
+            s.family: (s.kind, tuple(sorted(s.labels)))
+            for s in METRICS
+            if s.source == "exporter" and (per_consumer or not s.optional)
+        }
+        # scrape_errors_total has no sample when nothing failed: no labels seen.
+        declared[METRIC_PREFIX + "scrape_errors"] = ("counter", ("reason",))
+        assert declared == expected
+
+
+@pytest.mark.cluster
+async def test_all_queues_by_default_and_missing_queue_is_an_error(
+    cluster_client: RedisCluster, loaded_queue: str, unique_name: str
+) -> None:
+    text, _ = await scrape_once(cluster_client)
+    assert values(parse(text), METRIC_PREFIX + "plan_epoch", queue=loaded_queue)
+    missing = unique_name + "-none"
+    text, _ = await scrape_once(cluster_client, [missing])
+    families = parse(text)
+    errors = values(families, METRIC_PREFIX + "scrape_errors", reason="no_plan")
+    assert errors == {"": 1}
+    assert not values(families, METRIC_PREFIX + "stream_length", queue=missing)
+
+
+@pytest.mark.cluster
+async def test_oldest_pending_age_grows_until_another_worker_reclaims(
+    cluster_url: str, cluster_client: RedisCluster, unique_name: str
+) -> None:
+    # A "crashed" worker: takes every entry, never acks, goes away.
+    crashed = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name, shards=3, xread_block=200, consumer_name="crashed"
+    )
+    await crashed.startup()
+    try:
+        await asyncio.gather(*(crashed.kick(_message(f"c{i}")) for i in range(6)))
+        await _take(crashed, 6, ack=False)
+    finally:
+        await crashed.shutdown()
+    reader = QueueStateReader(cluster_client, queues=[unique_name])
+    name = METRIC_PREFIX + "group_oldest_pending_idle_seconds"
+
+    async def oldest() -> tuple[float, float]:
+        snapshot = await reader.read()
+        assert snapshot.errors == []
+        ages = [v for _, v in snapshot.samples.items(name)]
+        pending = [v for _, v in snapshot.samples.items(METRIC_PREFIX + "group_pending")]
+        return max(ages), sum(pending)
+
+    seen = []
+    for _ in range(3):
+        seen.append(await oldest())
+        await asyncio.sleep(0.3)
+    assert [p for _, p in seen] == [6, 6, 6]
+    ages = [a for a, _ in seen]
+    assert ages[0] < ages[1] < ages[2], ages
+
+    registry = CollectorRegistry()
+    rescuer = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name, idle_timeout=1000, xread_block=200,
+        events=PrometheusEvents(registry=registry),
+    )
+    await rescuer.startup()
+    try:
+        got = await _take(rescuer, 6, ack=True)
+        assert len(got) == 6
+        deadline = time.monotonic() + 15
+        while True:
+            age, pending = await oldest()
+            if (age, pending) == (0, 0) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert (age, pending) == (0, 0)
+    finally:
+        await rescuer.shutdown()
+    assert registry.get_sample_value(METRIC_PREFIX + "reclaimed_total", {"queue": unique_name}) == 6
+    assert registry.get_sample_value(METRIC_PREFIX + "acked_total", {"queue": unique_name}) == 6
+
+
+@pytest.mark.cluster
+async def test_trimmed_undelivered_entries_are_flagged(
+    cluster_client: RedisCluster, unique_name: str, cluster_url: str
+) -> None:
+    broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, shards=1, xread_block=200)
+    await broker.startup()
+    try:
+        await broker.kick(_message("t0"))
+        await _take(broker, 1, ack=True)
+        for i in range(5):
+            await broker.kick(_message(f"t{i + 1}"))
+    finally:
+        await broker.shutdown()
+    plan = await _shard_streams(cluster_client, unique_name)
+    stream = plan.shards[0].keys("tqrc").stream
+    reader = QueueStateReader(cluster_client, queues=[unique_name])
+    flag = METRIC_PREFIX + "group_undelivered_trimmed"
+    labels = (unique_name, "0", "active", "taskiq")
+    before = await reader.read()
+    assert before.samples.value(flag, labels) == 0
+    assert before.samples.value(METRIC_PREFIX + "group_lag", labels) == 5
+    # What maxlen= does: drop entries nobody has received yet.
+    await cluster_client.xtrim(stream, maxlen=2, approximate=False)
+    after = await reader.read()
+    assert after.samples.value(flag, labels) == 1
+    assert after.samples.value(METRIC_PREFIX + "stream_length", labels[:3]) == 2
+
+
+@pytest.mark.cluster
+async def test_collector_bridges_to_the_loop_and_counts_timeouts(
+    cluster_client: RedisCluster, loaded_queue: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    reader = QueueStateReader(cluster_client, queues=[loaded_queue], timeout=5.0)
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(reader, loop))
+    # prometheus_client calls collect() from another thread; this loop reads.
+    text = (await asyncio.to_thread(generate_latest, registry)).decode()
+    assert len(values(parse(text), METRIC_PREFIX + "stream_length", queue=loaded_queue)) == 4
+
+    # A deadline that has passed before any reply: every part times out,
+    # the output still parses and the errors accumulate over scrapes.
+    hurried = QueueStateReader(cluster_client, queues=[loaded_queue], timeout=1e-9)
+    collector = QueueCollector(hurried, loop)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    for expected in (1, 2):
+        text = (await asyncio.to_thread(generate_latest, registry)).decode()
+        families = parse(text)
+        assert values(families, METRIC_PREFIX + "scrape_errors", reason="timeout")[""] >= expected
+        assert not values(families, METRIC_PREFIX + "stream_length")
+
+    # Called on the loop's own thread it must not deadlock.
+    snapshot = QueueCollector(reader, loop).snapshot()
+    assert snapshot.errors == ["same_loop"]
+
+
+# --------------------------------------------------------------------------
+# counters across `taskiq worker --workers 2`
+# --------------------------------------------------------------------------
+
+_APP = '''
+import os
+
+from taskiq_redis_cluster import ClusterStreamBroker
+from taskiq_redis_cluster._metrics import PrometheusEvents
+
+broker = ClusterStreamBroker(
+    os.environ["TQRC_TEST_URL"],
+    queue_name=os.environ["TQRC_TEST_QUEUE"],
+    xread_block=200,
+    events=PrometheusEvents(),
+)
+
+
+@broker.task(task_name="noop")
+async def noop() -> None:
+    return None
+'''
+
+
+@pytest.fixture
+def worker_dir(tmp_path: Path) -> Iterator[Path]:
+    (tmp_path / "metrics_app.py").write_text(_APP)
+    (tmp_path / "prom").mkdir()
+    yield tmp_path
+
+
+def _multiprocess_value(path: Path, name: str, labels: dict[str, str]) -> float | None:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
+    return registry.get_sample_value(name, labels)
+
+
+@pytest.mark.cluster
+async def test_counters_are_summed_over_worker_processes(
+    cluster_url: str, cluster_client: RedisCluster, unique_name: str, worker_dir: Path
+) -> None:
+    total = 200
+    prom = worker_dir / "prom"
+    producer_registry = CollectorRegistry()
+    producer = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name, events=PrometheusEvents(registry=producer_registry)
+    )
+    await producer.startup()  # creates the plan the workers will read
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(worker_dir),
+        MULTIPROC_ENV: str(prom),
+        "TQRC_TEST_URL": cluster_url,
+        "TQRC_TEST_QUEUE": unique_name,
+    }
+    log = (worker_dir / "worker.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskiq", "worker", "metrics_app:broker", "--workers", "2",
+         "--shutdown-timeout", "5"],
+        cwd=worker_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    acked_name = METRIC_PREFIX + "acked_total"
+    labels = {"queue": unique_name}
+    try:
+        plan = await producer.current_plan()
+        first = plan.shards[0].keys("tqrc").stream
+        # Both workers must be reading before the kicks, so both get work.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if len(await cluster_client.xinfo_consumers(first, "taskiq")) >= 2:
+                    break
+            except Exception:  # the group does not exist until a worker reads
+                pass
+            await asyncio.sleep(0.2)
+        assert proc.poll() is None, (worker_dir / "worker.log").read_text()[-3000:]
+        await asyncio.gather(*(producer.kick(_message(f"w{i}", "noop")) for i in range(total)))
+
+        deadline = time.monotonic() + 60
+        acked = None
+        while time.monotonic() < deadline:
+            acked = _multiprocess_value(prom, acked_name, labels)
+            if acked is not None and acked >= total:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # an extra ack would show up now
+        acked = _multiprocess_value(prom, acked_name, labels)
+        assert acked == total, (worker_dir / "worker.log").read_text()[-3000:]
+        per_process = [
+            _multiprocess_value_file(f, acked_name, labels) for f in prom.glob("counter_*.db")
+        ]
+        contributions = [v for v in per_process if v]
+        assert len(contributions) == 2, per_process
+        assert producer_registry.get_sample_value(
+            METRIC_PREFIX + "published_total", labels
+        ) == total
+    finally:
+        await producer.shutdown()
+        _stop(proc)
+        log.close()
+
+
+def _multiprocess_value_file(path: Path, name: str, labels: dict[str, str]) -> float | None:
+    for metric in MultiProcessCollector.merge([str(path)], accumulate=False):  # type: ignore[no-untyped-call]
+        for sample in metric.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session: the workers too
+            proc.wait(timeout=10)

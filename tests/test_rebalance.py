@@ -1,0 +1,797 @@
+"""The rebalancer: journal reconciliation, and moves under load on a real cluster.
+
+The cluster tests run a producer that kicks uniquely named tasks steadily and
+consumers that record every execution, then compute ``lost = kicked -
+executed`` (it must be empty) and print the longest gap between two task
+completions while shards moved (the "stall").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import RedisCluster
+from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
+
+from taskiq_redis_cluster import (
+    ClusterStreamBroker,
+    KickFailedError,
+    KickOutcomeUnknownError,
+    PlanStore,
+    QueueSpec,
+    RebalanceAbortedError,
+    RebalanceLockedError,
+    ShardPlan,
+    balance,
+    connect,
+    read_topology,
+)
+from taskiq_redis_cluster._keys import (
+    DEFAULT_PREFIX,
+    ShardKeys,
+    rebalance_journal_key,
+    shard_tag,
+    shard_tag_slots,
+)
+from taskiq_redis_cluster._planner import Shard
+from taskiq_redis_cluster._rebalance import (
+    EventKind,
+    Journal,
+    MoveRecord,
+    MoveState,
+    RebalanceEvent,
+    RebalanceLease,
+    RebalanceOptions,
+    Rebalancer,
+    reconcile,
+)
+from taskiq_redis_cluster._topology import Topology
+from taskiq_redis_cluster.devcluster import DevCluster, find_free_base_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "rebalance.py"
+POLL = 0.5
+_FORMATTER = InMemoryBroker().formatter
+
+
+def _opts(**kw: Any) -> RebalanceOptions:
+    values: dict[str, Any] = {
+        "plan_poll_interval": POLL,
+        "settle_margin": 0.5,
+        "move_timeout": 60.0,
+        "check_interval": 0.2,
+        "lease_ttl": 5.0,
+        "max_moves_at_once": 2,
+    }
+    values.update(kw)
+    return RebalanceOptions(**values)
+
+
+def _cli_args(url: str, queue: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(SCRIPT),
+        *extra[:1],
+        "--url",
+        url,
+        "--queue",
+        queue,
+        *extra[1:],
+    ]
+
+
+def _tuning(timeout: float = 60.0) -> list[str]:
+    return [
+        "--plan-poll-interval",
+        str(POLL),
+        "--timeout",
+        str(timeout),
+        "--lease-ttl",
+        "3",
+        "--max-moves-at-once",
+        "2",
+    ]
+
+
+# --------------------------------------------------------------------------
+# Pure parts
+# --------------------------------------------------------------------------
+
+
+def _shard(index: int, salt: int, master: str = "m1") -> Shard:
+    tag = shard_tag("q", index, salt)
+    from taskiq_redis_cluster._keys import tag_slot
+
+    return Shard(index, tag, tag_slot(tag), master)
+
+
+def _plan(epoch: int, shards: Iterable[Shard], draining: Iterable[Shard] = ()) -> ShardPlan:
+    return ShardPlan("q", epoch, tuple(shards), tuple(draining))
+
+
+def _rec(old: Shard, new: Shard, state: MoveState, **kw: Any) -> MoveRecord:
+    return MoveRecord(index=old.index, old=old, new=new, state=state, draining=old.tag, **kw)
+
+
+def test_move_record_json_round_trip() -> None:
+    rec = _rec(_shard(0, 0), _shard(0, 5, "m2"), MoveState.SWITCHED, switched_epoch=3,
+               switched_at=12.5)
+    back = MoveRecord.from_json(rec.to_json())
+    assert back == rec
+    with pytest.raises(ValueError, match="lacks"):
+        MoveRecord.from_json('{"index": 1}')
+
+
+def test_reconcile_follows_the_plan_not_the_journal() -> None:
+    a0, a1 = _shard(0, 0), _shard(1, 0)
+    n0, n1 = _shard(0, 3, "m2"), _shard(1, 4, "m2")
+    # Killed after the switch CAS, before the journal said "switched".
+    plan = _plan(2, [n0, a1], [a0])
+    active, dropped = reconcile(plan, [_rec(a0, n0, MoveState.PLANNED)])
+    assert [(r.index, r.state) for r in active] == [(0, MoveState.SWITCHED)]
+    assert active[0].switched_at is None and not dropped
+    # A planned move that never switched is forgotten (re-planned later).
+    active, dropped = reconcile(_plan(1, [a0, a1]), [_rec(a0, n0, MoveState.PLANNED)])
+    assert not active and len(dropped) == 1
+    # Killed after finalizing, before the journal said so.
+    active, _ = reconcile(_plan(3, [n0, a1]), [_rec(a0, n0, MoveState.DRAINED)])
+    assert active[0].state is MoveState.FINALIZED
+    # Killed after a revert: the new tag is the one to drain now.
+    active, _ = reconcile(_plan(3, [a0, a1], [n0]), [_rec(a0, n0, MoveState.SWITCHED)])
+    assert active[0].reverted and active[0].draining == n0.tag
+    assert active[0].target_shard == a0
+    # The draining tag became active again (someone else changed the plan):
+    # the record is dropped, so the active shard is never deleted.
+    rec = _rec(a1, n1, MoveState.FINALIZED)
+    active, dropped = reconcile(_plan(4, [a0, a1]), [rec])
+    assert not active and dropped == [rec]
+    # A draining shard without a journal entry becomes a drain-only record.
+    active, _ = reconcile(_plan(5, [n0, a1], [a0]), [])
+    assert [(r.kind, r.draining, r.new) for r in active] == [("drain", a0.tag, n0)]
+
+
+def test_options_are_validated() -> None:
+    from taskiq_redis_cluster import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        RebalanceOptions(max_moves_at_once=0)
+    with pytest.raises(ConfigurationError):
+        RebalanceOptions(plan_poll_interval=0)
+    assert RebalanceOptions(plan_poll_interval=2, settle_margin=1).settle == 5
+
+
+# --------------------------------------------------------------------------
+# Load harness
+# --------------------------------------------------------------------------
+
+
+def _message(task_id: str) -> BrokerMessage:
+    msg = TaskiqMessage(task_id=task_id, task_name="tests:noop", labels={}, args=[], kwargs={})
+    return BrokerMessage(
+        task_id=task_id, task_name="tests:noop", message=_FORMATTER.dumps(msg).message, labels={}
+    )
+
+
+class Load:
+    """A steady producer and in-process consumers recording every execution."""
+
+    def __init__(
+        self, url: str, queue: str, *, consumers: int = 2, rate: float = 40.0,
+        max_seconds: float = 150.0,
+    ) -> None:
+        self.url = url
+        self.queue = queue
+        self.consumers = consumers
+        self.rate = rate
+        self.max_seconds = max_seconds
+        self.kicked: set[str] = set()
+        self.unknown: set[str] = set()
+        self.failed = 0
+        self.executed: Counter[str] = Counter()
+        self.completions: list[float] = []
+        self._brokers: list[ClusterStreamBroker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._producer: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def _broker(self) -> ClusterStreamBroker:
+        return ClusterStreamBroker(
+            self.url, queue_name=self.queue, idle_timeout=1_500, xread_block=200,
+            plan_poll_interval=POLL,
+        )
+
+    async def start(self, *, produce: bool = True) -> None:
+        for _ in range(self.consumers):
+            broker = self._broker()
+            await broker.startup()
+            self._brokers.append(broker)
+            self._tasks.append(asyncio.create_task(self._consume(broker)))
+        if produce:
+            await self.start_producing()
+
+    async def start_producing(self) -> None:
+        broker = self._broker()
+        await broker.startup()
+        self._brokers.append(broker)
+        self._producer = asyncio.create_task(self._produce(broker))
+
+    async def _produce(self, broker: ClusterStreamBroker) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        for i in range(int(self.max_seconds * self.rate)):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return
+            task_id = f"{self.queue}-{i}"
+            try:
+                await broker.kick(_message(task_id))
+                self.kicked.add(task_id)
+            except KickOutcomeUnknownError:
+                self.unknown.add(task_id)
+            except KickFailedError:
+                self.failed += 1
+            await asyncio.sleep(1 / self.rate)
+
+    async def _consume(self, broker: ClusterStreamBroker) -> None:
+        async for msg in broker.listen():
+            assert isinstance(msg, AckableMessage)
+            self.executed[str(_FORMATTER.loads(msg.data).task_id)] += 1
+            self.completions.append(time.time())
+            await msg.ack()  # type: ignore[misc]
+
+    async def stop_producing(self) -> None:
+        self._stop.set()
+        if self._producer is not None:
+            await self._producer
+
+    async def wait_all_executed(self, timeout: float = 40.0) -> set[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            missing = self.kicked - set(self.executed)
+            if not missing:
+                return missing
+            await asyncio.sleep(0.2)
+        return self.kicked - set(self.executed)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in [*self._tasks, *([self._producer] if self._producer else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._producer is not None:
+            await asyncio.gather(self._producer, return_exceptions=True)
+        for broker in self._brokers:
+            await broker.shutdown()
+
+    def stall(self, start: float, end: float) -> float:
+        return _max_gap(self.completions, start, end)
+
+
+def _max_gap(times: Iterable[float], start: float, end: float) -> float:
+    window = sorted(t for t in times if start <= t <= end)
+    points = [start, *window, end]
+    return max(b - a for a, b in zip(points, points[1:], strict=False))
+
+
+@contextlib.asynccontextmanager
+async def _load(url: str, queue: str, **kw: Any) -> AsyncIterator[Load]:
+    load = Load(url, queue, **kw)
+    try:
+        await load.start()
+        yield load
+    finally:
+        await load.stop()
+
+
+async def _weighted_plan(client: RedisCluster, queue: str, shards: int = 6) -> ShardPlan:
+    """A plan crowding most shards onto one master (spread 3 for 6 shards)."""
+    topology = await read_topology(client)
+    heavy = topology.slot_masters[0].node_id
+    spec = QueueSpec(queue, shards, weights={heavy: 4.0})
+    plan = await PlanStore(client).get_or_create(topology, spec)
+    assert balance(plan, topology).spread >= 2
+    return plan
+
+
+async def _journal_states(client: RedisCluster, queue: str) -> list[str]:
+    return [r.state.value for r in await Journal(client, DEFAULT_PREFIX, queue).records()]
+
+
+async def _status_ok(client: RedisCluster, queue: str) -> tuple[bool, dict[str, int]]:
+    status = await Rebalancer(client).status(queue)
+    return status.ok, dict(status.report.counts)
+
+
+async def _run_cli(*args: str, timeout: float = 120.0) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _old_keys_gone(client: RedisCluster, tags: Iterable[str]) -> bool:
+    for tag in tags:
+        keys = ShardKeys(DEFAULT_PREFIX, tag)
+        if await client.exists(keys.stream, keys.dead, keys.list):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# Cluster tests (shared session cluster)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+async def test_plan_and_verify_commands_report_imbalance(
+    cluster_client: RedisCluster, cluster_url: str, unique_name: str
+) -> None:
+    await _weighted_plan(cluster_client, unique_name)
+    code, out, _ = await _run_cli(*_cli_args(cluster_url, unique_name, "plan"), "--json")
+    assert code == 1, out
+    doc = json.loads(out)["queues"][0]
+    assert doc["needed"] and len(doc["moves"]) == 2
+    assert sorted(doc["before"].values()) == [1, 1, 4]
+    assert sorted(doc["after"].values()) == [2, 2, 2]
+    code, out, _ = await _run_cli(*_cli_args(cluster_url, unique_name, "plan"))
+    assert code == 1 and "2 move(s)" in out and "before" in out
+    code, out, _ = await _run_cli(*_cli_args(cluster_url, unique_name, "verify"))
+    assert code == 1 and "NOT OK" in out
+    code, _, err = await _run_cli(*_cli_args(cluster_url, "no-such-queue", "verify"))
+    assert code == 2 and "no-such-queue" in err
+
+
+@pytest.mark.cluster
+async def test_kill_9_mid_move_then_rerun_completes_without_loss(
+    cluster_client: RedisCluster, cluster_url: str, unique_name: str
+) -> None:
+    queue = unique_name
+    await _weighted_plan(cluster_client, queue)
+    async with _load(cluster_url, queue) as load:
+        await asyncio.sleep(1.0)
+        proc = await asyncio.create_subprocess_exec(
+            *_cli_args(cluster_url, queue, "apply"), *_tuning(),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "switched" not in await _journal_states(cluster_client, queue):
+                assert proc.returncode is None, "the rebalancer ended before switching"
+                assert time.monotonic() < deadline, "no move reached 'switched'"
+                await asyncio.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        plan = await PlanStore(cluster_client).load(queue)
+        assert plan is not None and plan.draining, "a move must be half done"
+        # The dead rebalancer's lease blocks for its TTL; --lock-wait rides it out.
+        code, out, err = await _run_cli(
+            *_cli_args(cluster_url, queue, "apply"), *_tuning(), "--lock-wait", "10"
+        )
+        assert code == 0, out + err
+        code, out, err = await _run_cli(*_cli_args(cluster_url, queue, "verify"))
+        assert code == 0, out + err
+        await load.stop_producing()
+        lost = await load.wait_all_executed()
+    print(f"kill -9: kicked {len(load.kicked)}, lost {len(lost)}, "
+          f"duplicates {sum(c - 1 for c in load.executed.values())}")
+    assert not lost
+    final = await PlanStore(cluster_client).load(queue)
+    assert final is not None and not final.draining
+    old_tags = {t for t in plan.tags() + tuple(s.tag for s in plan.draining)} - set(final.tags())
+    assert await _old_keys_gone(cluster_client, old_tags)
+
+
+@pytest.mark.cluster
+async def test_two_rebalancers_at_once_one_exits_with_3(
+    cluster_client: RedisCluster, cluster_url: str, unique_name: str
+) -> None:
+    queue = unique_name
+    await _weighted_plan(cluster_client, queue)
+    async with _load(cluster_url, queue, rate=20.0) as load:
+        args = [*_cli_args(cluster_url, queue, "apply"), *_tuning()]
+        (c1, o1, e1), (c2, o2, e2) = await asyncio.gather(_run_cli(*args), _run_cli(*args))
+        assert sorted([c1, c2]) == [0, 3], (o1, e1, o2, e2)
+        loser_err = e1 if c1 == 3 else e2
+        assert "holds the lease" in loser_err and "only one may run at a time" in loser_err
+        await load.stop_producing()
+        assert not await load.wait_all_executed()
+    ok, counts = await _status_ok(cluster_client, queue)
+    assert ok, counts
+
+
+@pytest.mark.cluster
+async def test_lease_is_exclusive_and_released(cluster_client: RedisCluster) -> None:
+    prefix = f"lease{time.monotonic_ns()}"
+    first = RebalanceLease(cluster_client, prefix=prefix, ttl=5)
+    async with first:
+        first.check()
+        with pytest.raises(RebalanceLockedError) as info:
+            await RebalanceLease(cluster_client, prefix=prefix, ttl=5).acquire()
+        assert first.token in str(info.value)
+    # Released with compare-and-delete: the next one gets it at once.
+    async with RebalanceLease(cluster_client, prefix=prefix, ttl=5) as second:
+        second.check()
+
+
+@pytest.mark.cluster
+async def test_timeout_reverts_the_move_and_a_later_run_finishes(
+    cluster_client: RedisCluster, cluster_url: str, unique_name: str
+) -> None:
+    queue = unique_name
+    plan = await _weighted_plan(cluster_client, queue)
+    # Tasks wait in every shard, but no consumer runs: nothing can drain.
+    producer = ClusterStreamBroker(cluster_url, queue_name=queue, plan_poll_interval=POLL)
+    await producer.startup()
+    kicked = [f"{queue}-{i}" for i in range(60)]
+    try:
+        for task_id in kicked:
+            await producer.kick(_message(task_id))
+    finally:
+        await producer.shutdown()
+    # The group must exist on the old shards, as with real consumers.
+    for shard in plan.shards:
+        with contextlib.suppress(Exception):
+            await cluster_client.xgroup_create(ShardKeys(DEFAULT_PREFIX, shard.tag).stream,
+                                               "taskiq", id="0", mkstream=True)
+    events: list[RebalanceEvent] = []
+    rebalancer = Rebalancer(cluster_client, options=_opts(move_timeout=1.0,
+                                                          max_moves_at_once=1),
+                            on_event=events.append)
+    with pytest.raises(RebalanceAbortedError, match="did not drain") as info:
+        await rebalancer.apply([queue])
+    assert "draining" in str(info.value)
+    reverted = await PlanStore(cluster_client).load(queue)
+    assert reverted is not None
+    # The old plan is in force again; the new tag is draining.
+    assert reverted.tags() == plan.tags()
+    assert len(reverted.draining) == 1
+    assert [e.kind for e in events].count(EventKind.REVERTED) == 1
+    states = await _journal_states(cluster_client, queue)
+    assert states == ["switched"]
+    # With consumers running, a rerun drains the new tag and then moves.
+    async with _load(cluster_url, queue, consumers=1) as load:
+        await load.stop_producing()
+        results = await Rebalancer(cluster_client, options=_opts()).apply([queue])
+        assert results[0].resumed == 1 and results[0].moves == 2
+        executed = load.executed
+        deadline = time.monotonic() + 20
+        while set(kicked) - set(executed) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert not set(kicked) - set(executed)
+    ok, counts = await _status_ok(cluster_client, queue)
+    assert ok, counts
+
+
+# --------------------------------------------------------------------------
+# Worker subprocess + stall
+# --------------------------------------------------------------------------
+
+_WORKER_MODULE = '''
+import os
+import time
+
+from taskiq_redis_cluster import ClusterStreamBroker
+
+broker = ClusterStreamBroker(
+    os.environ["RBW_URL"], queue_name=os.environ["RBW_QUEUE"], plan_poll_interval=0.5,
+    idle_timeout=2000, xread_block=200,
+)
+OUT = os.environ["RBW_OUT"]
+
+
+@broker.task(task_name="rbw:record")
+async def record(task_id: str) -> None:
+    with open(OUT, "a") as fh:
+        fh.write(f"{task_id} {time.time():.4f}\\n")
+'''
+
+
+def _record_message(task_id: str) -> BrokerMessage:
+    msg = TaskiqMessage(task_id=task_id, task_name="rbw:record", labels={}, args=[task_id],
+                        kwargs={})
+    return BrokerMessage(task_id=task_id, task_name="rbw:record",
+                         message=_FORMATTER.dumps(msg).message, labels={})
+
+
+def _read_records(path: Path) -> list[tuple[str, float]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            rows.append((parts[0], float(parts[1])))
+    return rows
+
+
+@pytest.mark.cluster
+async def test_real_worker_keeps_running_through_moves_stall_is_short(
+    cluster_client: RedisCluster, cluster_url: str, unique_name: str, tmp_path: Path
+) -> None:
+    queue = unique_name
+    await _weighted_plan(cluster_client, queue)
+    (tmp_path / "rbw_tasks.py").write_text(_WORKER_MODULE)
+    out = tmp_path / "executed.txt"
+    env = {**os.environ, "RBW_URL": cluster_url, "RBW_QUEUE": queue, "RBW_OUT": str(out),
+           "PYTHONPATH": str(tmp_path)}
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed in finally
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "taskiq", "worker", "rbw_tasks:broker", "--workers", "1",
+         "--shutdown-timeout", "5"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    producer = ClusterStreamBroker(cluster_url, queue_name=queue, plan_poll_interval=POLL)
+    await producer.startup()
+    kicked: list[str] = []
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        for i in range(6000):  # bounded: stop is set long before
+            if stop.is_set():
+                return
+            task_id = f"w{i}"
+            await producer.kick(_record_message(task_id))
+            kicked.append(task_id)
+            await asyncio.sleep(0.025)
+
+    producing: asyncio.Task[None] | None = None
+    try:
+        await producer.kick(_record_message("warmup"))
+        deadline = time.monotonic() + 30
+        while not _read_records(out):
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, "the worker did not start consuming"
+            await asyncio.sleep(0.1)
+        producing = asyncio.create_task(produce())
+        await asyncio.sleep(1.0)
+        moves: list[float] = []
+
+        def on_event(event: RebalanceEvent) -> None:
+            if event.kind in (EventKind.SWITCHED, EventKind.CLEANED):
+                moves.append(time.time())
+
+        started = time.time()
+        results = await Rebalancer(cluster_client, options=_opts(),
+                                   on_event=on_event).apply([queue])
+        ended = time.time()
+        assert results[0].moves == 2
+        await asyncio.sleep(1.0)
+        stop.set()
+        await producing
+        deadline = time.monotonic() + 30
+        while set(kicked) - {r[0] for r in _read_records(out)} and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        records = _read_records(out)
+        lost = set(kicked) - {r[0] for r in records}
+        stall = _max_gap((t for _, t in records), started, ended)
+        print(f"real worker: kicked {len(kicked)}, lost {len(lost)}, rebalance took "
+              f"{ended - started:.1f}s, longest gap between completions {stall:.2f}s")
+        assert not lost
+        assert stall < 10.0
+        ok, counts = await _status_ok(cluster_client, queue)
+        assert ok, counts
+    finally:
+        stop.set()
+        if producing is not None:
+            await asyncio.gather(producing, return_exceptions=True)
+        await producer.shutdown()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            await asyncio.to_thread(worker.wait, 15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+            await asyncio.to_thread(worker.wait, 5)
+        log.close()
+
+
+# --------------------------------------------------------------------------
+# Resharding the shared cluster (restored afterwards)
+# --------------------------------------------------------------------------
+
+
+async def _redis_cli(*args: str, timeout: float = 120.0) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "redis-cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-2000:]
+    return text
+
+
+async def _reshard(port: int, source: str, target: str, count: int) -> None:
+    await _redis_cli("--cluster", "reshard", f"127.0.0.1:{port}", "--cluster-from", source,
+                     "--cluster-to", target, "--cluster-slots", str(count), "--cluster-yes")
+
+
+def _plan_on(topology: Topology, queue: str, epoch: int,
+             wanted: list[tuple[str, frozenset[int] | None]]) -> ShardPlan:
+    """Shard i on master wanted[i][0], in the slot set wanted[i][1] if given."""
+    owners = topology.slot_owners
+    used: set[int] = set()
+    shards = []
+    for index, (master, allowed) in enumerate(wanted):
+        for salt, slot in shard_tag_slots(queue, index, 0, 500_000):
+            if owners[slot] == master and slot not in used and (
+                allowed is None or slot in allowed
+            ):
+                used.add(slot)
+                shards.append(Shard(index, shard_tag(queue, index, salt), slot, master))
+                break
+        else:
+            raise AssertionError(f"no tag for shard {index}")
+    return ShardPlan(queue, epoch, tuple(shards))
+
+
+@pytest.mark.cluster
+async def test_reshard_a_third_then_apply_restores_balance_without_loss(
+    healthy_cluster: DevCluster, cluster_client: RedisCluster, cluster_url: str,
+    unique_name: str,
+) -> None:
+    queue = unique_name
+    topology = await read_topology(cluster_client)
+    a = topology.owner_of(0)
+    assert a is not None
+    b = next(m for m in topology.slot_masters if m.node_id != a.node_id)
+    c = next(m for m in topology.slot_masters if m.node_id not in (a.node_id, b.node_id))
+    a_slots = [s for s in range(16384) if topology.slot_owners[s] == a.node_id]
+    moved_count = len(a_slots) // 3
+    # redis-cli reshard takes the source's lowest slots: put A's shards there,
+    # so the reshard certainly carries them to B.
+    low = frozenset(a_slots[:moved_count])
+    wanted = [(a.node_id, low), (b.node_id, None), (c.node_id, None)] * 4
+    store = PlanStore(cluster_client)
+    await store.get_or_create(topology, QueueSpec(queue, 12))
+    assert await store.compare_and_swap(_plan_on(topology, queue, 2, wanted), expected_epoch=1)
+    port = a.address.port
+    async with _load(cluster_url, queue) as load:
+        await asyncio.sleep(1.0)
+        try:
+            await _reshard(port, a.node_id, b.node_id, moved_count)
+            await healthy_cluster.wait_healthy()
+            after = await read_topology(cluster_client)
+            report = balance((await store.load(queue)) or _plan(1, []), after)
+            assert sorted(report.counts.values()) == [0, 4, 8], report
+            started = time.time()
+            code, out, err = await _run_cli(*_cli_args(cluster_url, queue, "apply"), *_tuning())
+            ended = time.time()
+            assert code == 0, out + err
+            ok, counts = await _status_ok(cluster_client, queue)
+            assert ok and max(counts.values()) - min(counts.values()) <= 1, counts
+            await load.stop_producing()
+            lost = await load.wait_all_executed()
+            print(f"reshard: kicked {len(load.kicked)}, lost {len(lost)}, moves took "
+                  f"{ended - started:.1f}s, longest gap between completions "
+                  f"{load.stall(started, ended):.2f}s")
+            assert not lost
+            assert load.stall(started, ended) < 10.0
+        finally:
+            # Give the slots back so the session cluster stays as it was.
+            now = await read_topology(cluster_client)
+            back = [s for s in low if now.slot_owners[s] == b.node_id]
+            if back:
+                await _reshard(port, b.node_id, a.node_id, len(back))
+            await healthy_cluster.wait_healthy()
+            final = await read_topology(cluster_client)
+            assert all(final.slot_owners[s] == a.node_id for s in low)
+
+
+# --------------------------------------------------------------------------
+# Adding a fourth master (a separate small cluster)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+async def test_fourth_master_gets_its_share_of_shards(tmp_path: Path, unique_name: str) -> None:
+    base = find_free_base_port(4)
+    extra_port = base + 3
+    cluster = DevCluster(masters=3, replicas=0, base_port=base, directory=tmp_path / "c3")
+    node_dir = tmp_path / "extra"
+    node_dir.mkdir()
+    (node_dir / "redis.conf").write_text(
+        f"port {extra_port}\nbind 127.0.0.1\nprotected-mode no\ncluster-enabled yes\n"
+        f"cluster-config-file nodes-{extra_port}.conf\ncluster-node-timeout 1500\n"
+        f'dir {node_dir}\nappendonly no\nsave ""\n'
+    )
+    extra: subprocess.Popen[bytes] | None = None
+    queue = unique_name
+    await cluster.start()
+    try:
+        client = await connect(cluster.url)
+        try:
+            # A 12-shard plan (4 per master) and live traffic.
+            await PlanStore(client).get_or_create(await read_topology(client), QueueSpec(queue, 12))
+            async with _load(cluster.url, queue, consumers=1, rate=25.0) as load:
+                with open(node_dir / "redis.log", "wb") as log:
+                    extra = subprocess.Popen(
+                        ["redis-server", str(node_dir / "redis.conf")], cwd=node_dir,
+                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    )
+                for _ in range(100):
+                    try:
+                        await _redis_cli("-p", str(extra_port), "ping", timeout=5)
+                        break
+                    except AssertionError:
+                        await asyncio.sleep(0.1)
+                await _redis_cli("--cluster", "add-node", f"127.0.0.1:{extra_port}",
+                                 f"127.0.0.1:{base}")
+                # The new node must be known everywhere before redis-cli rebalances
+                # (otherwise it sees nothing to do).
+                ports = [base, base + 1, base + 2, extra_port]
+                for _ in range(100):
+                    views = [await _redis_cli("-p", str(p), "cluster", "nodes") for p in ports]
+                    if all(v.count("master") == 4 and "handshake" not in v for v in views):
+                        break
+                    await asyncio.sleep(0.1)
+                for attempt in range(20):
+                    await _redis_cli("--cluster", "rebalance", f"127.0.0.1:{base}",
+                                     "--cluster-use-empty-masters", timeout=180)
+                    topology = await read_topology(client)
+                    if len(topology.slot_masters) == 4 and not topology.migrating:
+                        break
+                    assert attempt < 19, "redis-cli did not give the new master slots"
+                    await asyncio.sleep(0.5)
+                results = await Rebalancer(client, options=_opts(max_moves_at_once=3)).apply(
+                    [queue]
+                )
+                assert results[0].moves >= 3
+                status = await Rebalancer(client).status(queue)
+                assert status.ok, status.to_dict()
+                assert sorted(status.report.counts.values()) == [3, 3, 3, 3]
+                new_id = next(
+                    m.node_id for m in topology.masters if m.address.port == extra_port
+                )
+                assert status.report.counts[new_id] == 3
+                await load.stop_producing()
+                lost = await load.wait_all_executed()
+                print(f"4th master: kicked {len(load.kicked)}, lost {len(lost)}")
+                assert not lost
+        finally:
+            await client.aclose()
+    finally:
+        try:
+            if extra is not None:
+                extra.terminate()
+                try:
+                    await asyncio.to_thread(extra.wait, 10)
+                except subprocess.TimeoutExpired:
+                    extra.kill()
+                    await asyncio.to_thread(extra.wait, 5)
+        finally:
+            await cluster.stop()
+
+
+@pytest.mark.cluster
+async def test_journal_lives_next_to_the_plan(cluster_client: RedisCluster) -> None:
+    from redis.crc import key_slot
+
+    from taskiq_redis_cluster._keys import plan_key
+
+    assert key_slot(rebalance_journal_key("p", "q").encode()) == key_slot(
+        plan_key("p", "q").encode()
+    )
