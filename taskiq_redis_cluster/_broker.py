@@ -26,11 +26,11 @@ from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
 from ._autopipeline import AutoPipeline, CommandFailure, Reply
-from ._connection import ConnectionOptions, connect, redact_url, validate_url
+from ._connection import ConnectionOptions, redact_url, validate_url
 from ._errors import KickFailedError, KickOutcomeUnknownError
 from ._events import NULL_EVENTS, BrokerEvents
 from ._keys import ShardKeys, slot_of
-from ._lifecycle import Lifecycle
+from ._lifecycle import OwnedClient
 from ._options import QueueOptions
 from ._planner import QueueSpec, Shard, ShardPlan
 from ._planstore import PlanFollower, PlanStore
@@ -79,8 +79,8 @@ class ShardedBroker(AsyncBroker):
         self.options = options
         self.events = events or NULL_EVENTS
         self.retry = retry or RetryPolicy()
-        self._lifecycle = Lifecycle(type(self).__name__)
-        self._client: RedisCluster | None = None
+        self._owned = OwnedClient(type(self).__name__)
+        self._lifecycle = self._owned.lifecycle
         self._pipeline: AutoPipeline | None = None
         self._follower: PlanFollower | None = None
         self._round_robin = itertools.count()
@@ -95,9 +95,7 @@ class ShardedBroker(AsyncBroker):
     @property
     def client(self) -> RedisCluster:
         """The broker's cluster client (only while running)."""
-        self._lifecycle.require_running("client access")
-        assert self._client is not None
-        return self._client
+        return self._owned.get("client access")
 
     @property
     def queue_name(self) -> str:
@@ -117,29 +115,26 @@ class ShardedBroker(AsyncBroker):
         :raises LifecycleError: if called twice.
         :raises NotAClusterError: if the URL is not a cluster node.
         """
-        self._lifecycle.starting()
+        client = await self._owned.open(self.url, self._connection_options())
         try:
-            self._client = await connect(self.url, self._connection_options())
-            self._pipeline = self._make_pipeline(self._client)
-            store = PlanStore(self._client, prefix=self.options.prefix)
-            await self.retry.call(lambda: self._ensure_plan(store))
+            self._pipeline = self._make_pipeline(client)
+            store = PlanStore(client, prefix=self.options.prefix)
+            await self.retry.call(lambda: self._ensure_plan(client, store))
             self._follower = PlanFollower(
                 store, self.options.queue_name, poll_interval=self.options.plan_poll_interval
             )
-            await self._after_startup()
+            await self._after_startup(client)
             await super().startup()
         except BaseException:
-            await self._close_client()
-            self._lifecycle.failed()
+            await self._owned.abort()
             raise
         self._lifecycle.started()
 
-    async def _ensure_plan(self, store: PlanStore) -> ShardPlan:
-        assert self._client is not None
+    async def _ensure_plan(self, client: RedisCluster, store: PlanStore) -> ShardPlan:
         existing = await store.load(self.options.queue_name)
         if existing is not None:
             return existing
-        topology = await read_topology(self._client)
+        topology = await read_topology(client)
         owning = sum(1 for m in topology.masters if m.slots)
         shards = self.options.shards or max(1, owning) * self.options.shards_per_master
         return await store.get_or_create(
@@ -154,23 +149,12 @@ class ShardedBroker(AsyncBroker):
         if self._lifecycle.running:
             # Shutdown handlers may still kick tasks, so they run first.
             await super().shutdown()
-        if not self._lifecycle.stopping():
-            return
-        try:
-            await self._before_close()
-            if self._pipeline is not None:
-                await self._pipeline.drain()
-        finally:
-            await self._close_client()
-            self._lifecycle.stopped()
+        await self._owned.close(before=self._flush)
 
-    async def _close_client(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.aclose()
-            except Exception:  # closing after a failure must not mask it
-                logger.debug("Error while closing the cluster client", exc_info=True)
+    async def _flush(self) -> None:
+        await self._before_close()
+        if self._pipeline is not None:
+            await self._pipeline.drain()
 
     def _make_pipeline(self, client: RedisCluster) -> AutoPipeline:
         return AutoPipeline(client)
@@ -189,7 +173,7 @@ class ShardedBroker(AsyncBroker):
         """Longest time one blocking read of a reader may wait."""
         return 0.0
 
-    async def _after_startup(self) -> None:
+    async def _after_startup(self, client: RedisCluster) -> None:
         """Hook: extra startup work of a concrete broker."""
 
     async def _before_close(self) -> None:

@@ -9,8 +9,15 @@ an obscure failure deep inside redis-py, and makes ``shutdown()`` idempotent.
 from __future__ import annotations
 
 import enum
+import logging
+from collections.abc import Awaitable, Callable
 
+from redis.asyncio import RedisCluster
+
+from ._connection import ConnectionOptions, connect
 from ._errors import LifecycleError
+
+logger = logging.getLogger("taskiq_redis_cluster")
 
 
 class State(enum.Enum):
@@ -84,3 +91,61 @@ class Lifecycle:
         else:
             message = f"{action} before startup()"
         raise LifecycleError(component=self.component, message=message)
+
+
+class OwnedClient:
+    """The one cluster client a component owns, tied to its lifecycle.
+
+    Brokers, the result backend and the schedule source all open one client
+    at startup, hand it out only while running, and close it exactly once;
+    this class is that logic, written once.
+    """
+
+    def __init__(self, component: str) -> None:
+        self.lifecycle = Lifecycle(component)
+        self._client: RedisCluster | None = None
+
+    async def open(self, url: str, options: ConnectionOptions) -> RedisCluster:
+        """Enter STARTING and connect; on failure the component stays NEW.
+
+        The caller finishes its own startup, then calls ``lifecycle.started()``
+        (or :meth:`abort` if a later step fails).
+        """
+        self.lifecycle.starting()
+        try:
+            self._client = await connect(url, options)
+        except BaseException:
+            self.lifecycle.failed()
+            raise
+        return self._client
+
+    async def abort(self) -> None:
+        """Undo :meth:`open` after a later startup step failed."""
+        await self._close()
+        self.lifecycle.failed()
+
+    async def close(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run ``before`` (e.g. flush buffers), then close; safe to call twice."""
+        if not self.lifecycle.stopping():
+            return
+        try:
+            if before is not None:
+                await before()
+        finally:
+            await self._close()
+            self.lifecycle.stopped()
+
+    def get(self, action: str = "this call") -> RedisCluster:
+        """The client; raises :class:`LifecycleError` unless running."""
+        self.lifecycle.require_running(action)
+        assert self._client is not None  # set by open(), checked by RUNNING
+        return self._client
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            await client.aclose()
+        except Exception:  # closing must not mask the error that led here
+            logger.debug("Error while closing a cluster client", exc_info=True)

@@ -19,15 +19,14 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterPubSub
 from taskiq import AsyncBroker, BrokerMessage
 
-from ._connection import ConnectionOptions, connect, redact_url, validate_url
+from ._connection import ConnectionOptions, redact_url, validate_url
 from ._errors import KickFailedError
 from ._events import NULL_EVENTS, BrokerEvents
 from ._keys import DEFAULT_PREFIX, broadcast_channel, validate_name
-from ._lifecycle import Lifecycle
+from ._lifecycle import OwnedClient
 from ._retry import RetryPolicy, error_kind, is_transient
 
 logger = logging.getLogger("taskiq_redis_cluster")
@@ -73,38 +72,26 @@ class ClusterPubSubBroker(AsyncBroker):
         )
         self.events = events or NULL_EVENTS
         self.retry = retry or RetryPolicy()
-        self._lifecycle = Lifecycle(type(self).__name__)
-        self._client: RedisCluster | None = None
+        self._owned = OwnedClient(type(self).__name__)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={redact_url(self.url)!r}, channel={self.channel!r})"
 
     async def startup(self) -> None:
         """Connect and run taskiq's startup. :raises LifecycleError: if called twice."""
-        self._lifecycle.starting()
+        await self._owned.open(self.url, self.connection)
         try:
-            self._client = await connect(self.url, self.connection)
             await super().startup()
         except BaseException:
-            if self._client is not None:
-                await self._client.aclose()
-                self._client = None
-            self._lifecycle.failed()
+            await self._owned.abort()
             raise
-        self._lifecycle.started()
+        self._owned.lifecycle.started()
 
     async def shutdown(self) -> None:
         """Run taskiq's shutdown and close; safe to call twice."""
-        if self._lifecycle.running:
+        if self._owned.lifecycle.running:
             await super().shutdown()
-        if not self._lifecycle.stopping():
-            return
-        client, self._client = self._client, None
-        try:
-            if client is not None:
-                await client.aclose()
-        finally:
-            self._lifecycle.stopped()
+        await self._owned.close()
 
     async def kick(self, message: BrokerMessage) -> None:
         """Publish ``message`` to every subscribed worker.
@@ -112,9 +99,7 @@ class ClusterPubSubBroker(AsyncBroker):
         SPUBLISH is retried on transient errors: a duplicate broadcast is
         preferred to a lost one. Returns even when nobody is subscribed.
         """
-        self._lifecycle.require_running("kick()")
-        assert self._client is not None
-        client = self._client
+        client = self._owned.get("kick()")
         try:
             await self.retry.call(
                 lambda: client.spublish(self.channel, message.message),
@@ -127,7 +112,7 @@ class ClusterPubSubBroker(AsyncBroker):
 
     async def listen(self) -> AsyncGenerator[bytes, None]:
         """Yield every message published on the channel while subscribed."""
-        self._lifecycle.require_running("listen()")
+        self._owned.get("listen()")
         failures = 0
         while True:
             pubsub: ClusterPubSub | None = None
@@ -152,13 +137,13 @@ class ClusterPubSubBroker(AsyncBroker):
                     await _close_pubsub(pubsub)
 
     async def _subscribe(self) -> tuple[ClusterPubSub, str]:
-        assert self._client is not None
+        client = self._owned.get("listen()")
         # A fresh slot map first: after a failover the old owner is gone.
-        await self._client.nodes_manager.initialize()
-        node = self._client.get_node_from_key(self.channel)
+        await client.nodes_manager.initialize()
+        node = client.get_node_from_key(self.channel)
         if node is None:
             raise ConnectionError(f"no node owns the slot of {self.channel}")
-        pubsub = self._client.pubsub()
+        pubsub = client.pubsub()
         await pubsub.ssubscribe(self.channel)
         logger.info("Subscribed to %s on %s", self.channel, node.name)
         return pubsub, node.name
@@ -166,7 +151,7 @@ class ClusterPubSubBroker(AsyncBroker):
     async def _receive(
         self, pubsub: ClusterPubSub, node_name: str
     ) -> AsyncGenerator[bytes, None]:
-        assert self._client is not None
+        client = self._owned.get("listen()")
         next_check = time.monotonic() + self.owner_check_interval
         while True:
             message = await pubsub.get_sharded_message(
@@ -183,8 +168,8 @@ class ClusterPubSubBroker(AsyncBroker):
                     return
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.owner_check_interval
-                await self._client.nodes_manager.initialize()
-                owner = self._client.get_node_from_key(self.channel)
+                await client.nodes_manager.initialize()
+                owner = client.get_node_from_key(self.channel)
                 if owner is None or owner.name != node_name:
                     logger.info("Slot of %s moved to %s; resubscribing", self.channel,
                                 owner.name if owner else "nobody")

@@ -28,9 +28,9 @@ from taskiq.depends.progress_tracker import TaskProgress
 from taskiq.result import TaskiqResult
 
 from . import _keys
-from ._connection import ConnectionOptions, connect, redact_url, validate_url
+from ._connection import ConnectionOptions, redact_url, validate_url
 from ._errors import InvalidOptionError, ResultError, ResultNotFoundError
-from ._lifecycle import Lifecycle
+from ._lifecycle import OwnedClient
 from ._serialization import default_serializer, dump_model, load_model
 
 logger = logging.getLogger("taskiq_redis_cluster.result_backend")
@@ -88,8 +88,7 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
         self._connection = connection or ConnectionOptions()
         self.prefix = _pick_prefix(prefix, prefix_str)
         self.result_ex_time, self.result_px_time = _expiry(result_ex_time, result_px_time, expire)
-        self._lifecycle = Lifecycle("ClusterResultBackend")
-        self._client: RedisCluster | None = None
+        self._owned = OwnedClient("ClusterResultBackend")
         self._slots: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
@@ -102,12 +101,7 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
         :raises NotAClusterError: if the URL is not a cluster node.
         :raises ConnectError: if the cluster cannot be reached.
         """
-        self._lifecycle.starting()
-        try:
-            self._client = await connect(self._url, self._connection)
-        except BaseException:
-            self._lifecycle.failed()
-            raise
+        await self._owned.open(self._url, self._connection)
         # redis-py raises MaxConnectionsError instead of waiting when more
         # commands run at once than a node's pool holds; many concurrent
         # wait_result() pollers would hit that. Bounding in-flight commands
@@ -119,26 +113,20 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
                 "they are only removed when read with keep_results=False",
                 redact_url(self._url),
             )
-        self._lifecycle.started()
+        self._owned.lifecycle.started()
 
     async def shutdown(self) -> None:
         """Close the client; safe to call twice or without startup."""
-        if not self._lifecycle.stopping():
-            return
-        client, self._client = self._client, None
         try:
-            if client is not None:
-                await client.aclose()
+            await self._owned.close()
         finally:
-            self._lifecycle.stopped()
             await super().shutdown()
 
     def _ready_client(self, action: str) -> tuple[RedisCluster, asyncio.Semaphore]:
-        self._lifecycle.require_running(action)
-        # Both are set by a successful startup(), which require_running checked.
-        assert self._client is not None
+        client = self._owned.get(action)
+        # Set by the same successful startup() that get() just checked.
         assert self._slots is not None
-        return self._client, self._slots
+        return client, self._slots
 
     async def set_result(self, task_id: str, result: TaskiqResult[_ReturnType]) -> None:
         """Store ``result`` for ``task_id`` with the configured lifetime."""

@@ -42,9 +42,9 @@ from taskiq.abc.serializer import TaskiqSerializer
 from taskiq.exceptions import ScheduledTaskCancelledError
 
 from . import _keys
-from ._connection import ConnectionOptions, connect, redact_url, validate_url
+from ._connection import ConnectionOptions, redact_url, validate_url
 from ._errors import CorruptScheduleError, InvalidOptionError
-from ._lifecycle import Lifecycle
+from ._lifecycle import OwnedClient
 from ._serialization import default_serializer, dump_model, load_model
 
 if sys.version_info >= (3, 11):
@@ -219,8 +219,7 @@ class ClusterListScheduleSource(ScheduleSource):
         self.serializer: TaskiqSerializer = serializer or default_serializer()
         self.keys = _keys.ScheduleKeys(self.prefix, self.name)
         self._connection = connection or ConnectionOptions()
-        self._lifecycle = Lifecycle(f"ClusterListScheduleSource({self.name!r})")
-        self._client: RedisCluster | None = None
+        self._owned = OwnedClient(f"ClusterListScheduleSource({self.name!r})")
         # Identifies this process in claim markers; only for debugging.
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._started_at_ms = 0
@@ -254,14 +253,9 @@ class ClusterListScheduleSource(ScheduleSource):
         :raises NotAClusterError: if the URL is not a cluster node.
         :raises ConnectError: if the cluster cannot be reached.
         """
-        self._lifecycle.starting()
-        try:
-            self._client = await connect(self._url, self._connection)
-        except BaseException:
-            self._lifecycle.failed()
-            raise
+        await self._owned.open(self._url, self._connection)
         self._started_at_ms = _floor_minute_ms(_now())
-        self._lifecycle.started()
+        self._owned.lifecycle.started()
         if self._migrate_from is not None:
             try:
                 await self._migrate_from.startup()
@@ -270,27 +264,16 @@ class ClusterListScheduleSource(ScheduleSource):
                 finally:
                     await self._migrate_from.shutdown()
             except BaseException:
-                await self.shutdown()
-                # Allow a retry of startup() on the same object.
-                self._lifecycle.failed()
+                # Close, and allow a retry of startup() on the same object.
+                await self._owned.abort()
                 raise
 
     async def shutdown(self) -> None:
         """Close the client; safe to call twice or without startup."""
-        if not self._lifecycle.stopping():
-            return
-        client, self._client = self._client, None
-        try:
-            if client is not None:
-                await client.aclose()
-        finally:
-            self._lifecycle.stopped()
+        await self._owned.close()
 
     def _ready_client(self, action: str) -> RedisCluster:
-        self._lifecycle.require_running(action)
-        # Set by a successful startup(), which require_running checked.
-        assert self._client is not None
-        return self._client
+        return self._owned.get(action)
 
     def _index_keys(self) -> list[str]:
         return [self.keys.schedules, self.keys.cron, self.keys.timeline]

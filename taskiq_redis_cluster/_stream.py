@@ -283,17 +283,16 @@ class ClusterStreamBroker(ShardedBroker):
             wait_timeout=self.options.wait_timeout,
         )
 
-    async def _after_startup(self) -> None:
-        assert self._client is not None
+    async def _after_startup(self, client: RedisCluster) -> None:
         # Acks never WAIT: losing an ack only causes a redelivery.
         self._acks = _AckBatcher(
-            AutoPipeline(self._client, max_batch=self.options.max_batch),
+            AutoPipeline(client, max_batch=self.options.max_batch),
             self.options.consumer_group_name,
             self,
         )
         self._scripts = {
-            "trim": self._client.register_script(_SAFE_TRIM),
-            "dead": self._client.register_script(_DEAD_LETTER),
+            "trim": client.register_script(_SAFE_TRIM),
+            "dead": client.register_script(_DEAD_LETTER),
         }
 
     def _handed_out(self, message: AckableMessage | bytes) -> None:
