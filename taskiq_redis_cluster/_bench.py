@@ -511,8 +511,8 @@ class _Processes:
         return child
 
     async def stop(self, child: _Child, grace: float = 4.0) -> None:
-        """SIGTERM the child's group, SIGKILL it after ``grace`` seconds."""
-        if child.proc.returncode is None:
+        """SIGTERM the child's group, SIGKILL it after ``grace`` seconds (0: at once)."""
+        if child.proc.returncode is None and grace > 0:
             _signal_group(child.proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(child.proc.wait(), grace)
@@ -669,12 +669,37 @@ async def _info(client: RedisCluster, node: ClusterNode, section: str) -> dict[s
     return _as_info(reply)
 
 
-async def used_memory(client: RedisCluster) -> int:
-    """``used_memory`` summed over the masters."""
-    total = 0
+async def memory(client: RedisCluster) -> tuple[int, int]:
+    """``(used_memory, used_memory_dataset)``, each summed over the masters."""
+    used = dataset = 0
     for node in client.get_primaries():
-        total += int((await _info(client, node, "memory"))["used_memory"])
-    return total
+        info = await _info(client, node, "memory")
+        used += int(info["used_memory"])
+        dataset += int(info.get("used_memory_dataset", 0))
+    return used, dataset
+
+
+async def prime_replication_backlogs(client: RedisCluster, run_id: str) -> None:
+    """Fill every master's replication backlog before memory is measured.
+
+    The backlog grows with the first writes up to ``repl-backlog-size`` and
+    stays there; without this, whichever broker writes to a master first
+    would be charged up to that size (1 MB by default) per master.
+    """
+    for node in client.get_primaries():
+        info = await _info(client, node, "replication")
+        size = int(info.get("repl_backlog_size", 1 << 20)) + (256 << 10)
+        for i in range(100_000):
+            key = f"bench-{run_id}-prime{i}"
+            owner = client.get_node_from_key(key)
+            if owner is not None and owner.name == node.name:
+                break
+        await client.set(key, b"x" * size)
+        await client.unlink(key)
+
+
+def _per_100k(delta: int, tasks: int) -> int:
+    return max(0, round(delta * 100_000 / tasks)) if tasks > 0 else 0
 
 
 async def command_calls(client: RedisCluster) -> dict[str, int]:
@@ -910,7 +935,7 @@ class _Bench:
         return child
 
     async def run_broker(self, kind: str) -> dict[str, Any]:
-        cfg = self.cfg
+        """Every phase for one broker kind, on a queue of its own."""
         short = kind.replace("ours-", "o").replace("theirs-", "t")
         queue = f"bench-{self.run_id}-{short}"
         self.queues.append(queue)
@@ -918,128 +943,34 @@ class _Bench:
         stats_dir.mkdir()
         env = self._env(kind, queue, stats_dir)
         result: dict[str, Any] = {"label": LABELS[kind], "queue": queue}
-        n = cfg.count(cfg.kick_total, minimum=cfg.concurrency)
-        long_wait = 60.0 + n / 50
         producer = await self._producer(f"{kind}-producer", env)
         workers: list[_Child] = []
         try:
-            # -- kick rounds into an idle queue: throughput, spread, memory
-            logger.info("%s: kick throughput, %d rounds of %d kicks", kind, cfg.rounds, n)
-            memory_before = await used_memory(self.client)
-            kicks, spreads, per_master = [], [], []
-            errors = 0
-            for _ in range(cfg.rounds):
-                calls_before = await command_calls(self.client)
-                reply = await producer.request(
-                    long_wait, op="kick", task="noop", count=n, concurrency=cfg.concurrency
-                )
-                calls_after = await command_calls(self.client)
-                kicks.append(reply["tps"])
-                errors += int(reply["errors"])
-                ratio, deltas = spread(calls_before, calls_after)
-                spreads.append(ratio)
-                per_master.append(deltas)
-                if reply["errors"]:
-                    logger.warning(
-                        "%s: %d kicks failed, first: %s",
-                        kind,
-                        reply["errors"],
-                        reply["first_error"],
-                    )
-            backlog = n * cfg.rounds - errors
-            await asyncio.sleep(1.0)
-            queued_bytes = await used_memory(self.client) - memory_before
-            median_spread = _median(spreads)
+            memory_before = await memory(self.client)
+            result.update(await self._kick_phase(kind, producer))
             result.update(
-                kick_tps=_median(kicks),
-                kick_tps_rounds=kicks,
-                kick_errors=errors,
-                spread_max_mean=median_spread,
-                spread_rounds=spreads,
-                ops_per_master=per_master[
-                    spreads.index(min(spreads, key=lambda s: abs(s - (median_spread or 0))))
-                ],
-                memory_tasks=backlog,
-                memory_queued_bytes=max(0, queued_bytes),
-                memory_queued_per_100k_bytes=max(0, round(queued_bytes * 100_000 / backlog))
-                if backlog > 0
-                else 0,
+                await self._drain_phase(
+                    kind, env, stats_dir, workers, memory_before, int(result["memory_tasks"])
+                )
             )
-
-            # -- one worker drains the backlog; memory after done
-            logger.info("%s: one worker drains %d queued tasks", kind, backlog)
-            workers.append(await self._worker(f"{kind}-w1", env, stats_dir))
-            await _wait_for(
-                f"{kind} backlog drain",
-                lambda: _read_stats(stats_dir).total("done") >= backlog,
-                long_wait + backlog / 50,
-                workers[0],
-            )
-            stats = _read_stats(stats_dir)
-            first, last = stats.earliest("first_done"), stats.latest("last_done")
-            result["drain_1w_tps"] = (
-                backlog / (last - first) if first and last and last > first else None
-            )
-            # Our stream broker trims acknowledged entries every trim_interval,
-            # once its blocked read returns: wait for two such passes.
-            settle = 0.5
-            if kind == "ours-stream":
-                settle += 2 * cfg.trim_interval + cfg.xread_block_ms / 1000
-            await asyncio.sleep(settle)
-            done_bytes = await used_memory(self.client) - memory_before
-            result["memory_done_bytes"] = max(0, done_bytes)
-            result["memory_done_fraction"] = (
-                round(max(0, done_bytes) / queued_bytes, 4) if queued_bytes > 0 else None
-            )
-
-            # -- end to end: workers already running, then kick
-            result["e2e_1w_tps_rounds"] = [
-                await self._e2e_round(producer, stats_dir, n, workers) for _ in range(cfg.rounds)
+            n = self.cfg.count(self.cfg.kick_total, minimum=self.cfg.concurrency)
+            logger.info("%s: end to end, 1 worker, %d rounds", kind, self.cfg.rounds)
+            rounds = [
+                await self._e2e_round(producer, stats_dir, n, workers)
+                for _ in range(self.cfg.rounds)
             ]
-            result["e2e_1w_tps"] = _median(result["e2e_1w_tps_rounds"])
+            result.update(e2e_1w_tps=_median(rounds), e2e_1w_tps_rounds=rounds)
             workers.append(await self._worker(f"{kind}-w2", env, stats_dir))
-            result["e2e_2w_tps_rounds"] = [
-                await self._e2e_round(producer, stats_dir, n, workers) for _ in range(cfg.rounds)
+            logger.info("%s: end to end, 2 workers, %d rounds", kind, self.cfg.rounds)
+            rounds = [
+                await self._e2e_round(producer, stats_dir, n, workers)
+                for _ in range(self.cfg.rounds)
             ]
-            result["e2e_2w_tps"] = _median(result["e2e_2w_tps_rounds"])
-
-            # -- latency at a fixed rate (two workers)
-            p50s, p99s = [], []
-            seconds = cfg.latency_seconds * cfg.scale
-            logger.info(
-                "%s: latency, %d rounds at %.0f/s for %.1fs",
-                kind,
-                cfg.rounds,
-                cfg.latency_rate,
-                seconds,
-            )
-            for r in range(cfg.rounds):
-                reply = await producer.request(
-                    seconds + 60.0, op="rate", round=r, rate=cfg.latency_rate, seconds=seconds
-                )
-                expected = int(reply["count"]) - int(reply["errors"])
-                await _wait_for(
-                    f"{kind} latency round {r}",
-                    lambda r=r, expected=expected: (  # type: ignore[misc]
-                        len(_read_latencies(stats_dir, r)) >= expected
-                    ),
-                    30.0 + seconds,
-                )
-                samples = _read_latencies(stats_dir, r)
-                p50s.append(percentile(samples, 50) * 1000)
-                p99s.append(percentile(samples, 99) * 1000)
-            result.update(
-                latency_p50_ms=_median(p50s),
-                latency_p99_ms=_median(p99s),
-                latency_p50_ms_rounds=p50s,
-                latency_p99_ms_rounds=p99s,
-                latency_rate=cfg.latency_rate,
-                latency_seconds=seconds,
-            )
-            await asyncio.gather(*(self.procs.stop(w) for w in workers))
+            result.update(e2e_2w_tps=_median(rounds), e2e_2w_tps_rounds=rounds)
+            result.update(await self._latency_phase(kind, producer, stats_dir))
+            # Nothing is in flight any more: no need for a graceful stop.
+            await asyncio.gather(*(self.procs.stop(w, grace=0) for w in workers))
             workers.clear()
-
-            # -- crash recovery (streams only: lists are at most once)
             if kind.endswith("-stream"):
                 result.update(await self._recovery(kind, queue, producer))
             else:
@@ -1050,10 +981,127 @@ class _Bench:
                 )
         finally:
             for w in workers:
-                await self.procs.stop(w)
+                await self.procs.stop(w, grace=0)
             await producer.quit()
             await self.procs.stop(producer.child, grace=10.0)
         return result
+
+    async def _kick_phase(self, kind: str, producer: _Producer) -> dict[str, Any]:
+        """Kick rounds into an idle queue: throughput, load spread, queued memory."""
+        cfg = self.cfg
+        n = cfg.count(cfg.kick_total, minimum=cfg.concurrency)
+        logger.info("%s: kick throughput, %d rounds of %d kicks", kind, cfg.rounds, n)
+        before = await memory(self.client)
+        kicks: list[float] = []
+        spreads: list[float] = []
+        per_master: list[dict[str, int]] = []
+        errors = 0
+        for _ in range(cfg.rounds):
+            calls_before = await command_calls(self.client)
+            reply = await producer.request(
+                60.0 + n / 50, op="kick", task="noop", count=n, concurrency=cfg.concurrency
+            )
+            calls_after = await command_calls(self.client)
+            kicks.append(float(reply["tps"]))
+            errors += int(reply["errors"])
+            ratio, deltas = spread(calls_before, calls_after)
+            spreads.append(ratio)
+            per_master.append(deltas)
+            if reply["errors"]:
+                logger.warning(
+                    "%s: %d kicks failed, first: %s", kind, reply["errors"], reply["first_error"]
+                )
+        backlog = n * cfg.rounds - errors
+        # Let idle client query buffers shrink (Redis does so after 2 s idle).
+        await asyncio.sleep(2.2)
+        after = await memory(self.client)
+        queued = after[0] - before[0]
+        dataset = after[1] - before[1]
+        median_spread = _median(spreads) or 0.0
+        closest = min(range(len(spreads)), key=lambda i: abs(spreads[i] - median_spread))
+        return {
+            "kick_tps": _median(kicks),
+            "kick_tps_rounds": kicks,
+            "kick_errors": errors,
+            "spread_max_mean": median_spread,
+            "spread_rounds": spreads,
+            "ops_per_master": per_master[closest],
+            "memory_tasks": backlog,
+            "memory_queued_bytes": max(0, queued),
+            "memory_queued_per_100k_bytes": _per_100k(queued, backlog),
+            "dataset_queued_per_100k_bytes": _per_100k(dataset, backlog),
+        }
+
+    async def _drain_phase(
+        self,
+        kind: str,
+        env: dict[str, str],
+        stats_dir: Path,
+        workers: list[_Child],
+        memory_before: tuple[int, int],
+        backlog: int,
+    ) -> dict[str, Any]:
+        """One worker drains the kick-phase backlog; memory once all is done."""
+        logger.info("%s: one worker drains %d queued tasks", kind, backlog)
+        workers.append(await self._worker(f"{kind}-w1", env, stats_dir))
+        await _wait_for(
+            f"{kind} backlog drain",
+            lambda: _read_stats(stats_dir).total("done") >= backlog,
+            60.0 + backlog / 25,
+            workers[0],
+        )
+        stats = _read_stats(stats_dir)
+        first, last = stats.earliest("first_done"), stats.latest("last_done")
+        # Our stream broker trims acknowledged entries every trim_interval,
+        # when its blocked read returns: wait for two such passes.
+        settle = 2.2
+        if kind == "ours-stream":
+            settle = max(settle, 2 * self.cfg.trim_interval + self.cfg.xread_block_ms / 1000)
+        await asyncio.sleep(settle)
+        after = await memory(self.client)
+        done = max(0, after[0] - memory_before[0])
+        return {
+            "drain_1w_tps": backlog / (last - first) if first and last and last > first else None,
+            "memory_done_bytes": done,
+            "dataset_done_bytes": max(0, after[1] - memory_before[1]),
+        }
+
+    async def _latency_phase(
+        self, kind: str, producer: _Producer, stats_dir: Path
+    ) -> dict[str, Any]:
+        """Kick-to-start latency at a fixed rate, with the workers already running."""
+        cfg = self.cfg
+        p50s: list[float] = []
+        p99s: list[float] = []
+        seconds = cfg.latency_seconds * cfg.scale
+        logger.info(
+            "%s: latency, %d rounds at %.0f/s for %.1fs",
+            kind,
+            cfg.rounds,
+            cfg.latency_rate,
+            seconds,
+        )
+        for r in range(cfg.rounds):
+            reply = await producer.request(
+                seconds + 60.0, op="rate", round=r, rate=cfg.latency_rate, seconds=seconds
+            )
+            expected = int(reply["count"]) - int(reply["errors"])
+
+            def arrived(r: int = r, expected: int = expected) -> bool:
+                return len(_read_latencies(stats_dir, r)) >= expected
+
+            await _wait_for(f"{kind} latency round {r}", arrived, 30.0 + seconds)
+            samples = _read_latencies(stats_dir, r)
+            p50s.append(percentile(samples, 50) * 1000)
+            p99s.append(percentile(samples, 99) * 1000)
+        return {
+            "latency_p50_ms": _median(p50s),
+            "latency_p99_ms": _median(p99s),
+            "latency_p50_ms_rounds": p50s,
+            "latency_p99_ms_rounds": p99s,
+            "latency_rate": cfg.latency_rate,
+            "latency_seconds": seconds,
+        }
 
     async def _e2e_round(
         self, producer: _Producer, stats_dir: Path, n: int, workers: Sequence[_Child]
@@ -1313,6 +1361,7 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         bench = _Bench(cfg, url, client, work, procs)
         try:
             masters = len(client.get_primaries())
+            await prime_replication_backlogs(client, bench.run_id)
             brokers: dict[str, dict[str, Any]] = {}
             for kind in cfg.brokers:
                 brokers[kind] = await bench.run_broker(kind)

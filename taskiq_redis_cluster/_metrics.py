@@ -183,8 +183,8 @@ METRICS: tuple[MetricSpec, ...] = (
         f"{_P}group_undelivered_trimmed",
         "gauge",
         _GROUP,
-        "1 when an entry the group had not yet received was deleted "
-        "(max-deleted-entry-id above last-delivered-id), else 0.",
+        "1 when entries the group had not yet received were trimmed or deleted "
+        "(lost tasks), else 0.",
         "exporter",
         merge="max",
     ),
@@ -614,6 +614,35 @@ class _ShardRef:
         return (self.queue, str(self.index), self.state)
 
 
+@dataclass(frozen=True)
+class _StreamFacts:
+    """What XINFO STREAM tells about one shard stream."""
+
+    length: int
+    removed: int | None  # entries-added - length: trimmed or deleted entries
+    first: tuple[int, int] | None
+    last_generated: tuple[int, int]
+    max_deleted: tuple[int, int]
+
+    def lost_before(self, last_delivered: tuple[int, int], entries_read: int | None) -> bool:
+        """Whether an entry was removed before a group at ``last_delivered`` got it.
+
+        XDEL raises ``max-deleted-entry-id``; trimming does not, but it
+        removes from the head, so it lost undelivered entries when the group
+        is behind the first entry and has read fewer entries than were
+        removed (or the stream is empty while the group missed entries).
+        """
+        if self.max_deleted > last_delivered:
+            return True
+        if last_delivered >= self.last_generated:
+            return False
+        if self.length == 0 or self.first is None:
+            return True
+        if last_delivered < self.first and entries_read is not None and self.removed is not None:
+            return entries_read < self.removed
+        return False
+
+
 @dataclass
 class _GroupState:
     """What round 1 learned about one group of one shard."""
@@ -862,12 +891,18 @@ class QueueStateReader:
         self, samples: _Samples, ref: _ShardRef, info: Mapping[Any, Any], groups: list[Any]
     ) -> list[_GroupState]:
         labels = ref.stream_labels
-        samples.add(f"{_P}stream_length", labels, int(_get(info, "length") or 0))
+        length = int(_get(info, "length") or 0)
+        samples.add(f"{_P}stream_length", labels, length)
         added = _get(info, "entries-added")
         if added is not None:
             samples.add(f"{_P}stream_entries_added_total", labels, int(added))
-        max_deleted = _parse_id(_get(info, "max-deleted-entry-id")) or (0, 0)
-        last_generated = _parse_id(_get(info, "last-generated-id")) or (0, 0)
+        stream = _StreamFacts(
+            length=length,
+            removed=None if added is None else int(added) - length,
+            first=_first_id(_get(info, "first-entry")),
+            last_generated=_parse_id(_get(info, "last-generated-id")) or (0, 0),
+            max_deleted=_parse_id(_get(info, "max-deleted-entry-id")) or (0, 0),
+        )
         states: list[_GroupState] = []
         for raw in groups:
             group = _as_map(raw)
@@ -875,6 +910,7 @@ class QueueStateReader:
             if self.groups is not None and name not in self.groups:
                 continue
             lag = _get(group, "lag")
+            read = _get(group, "entries-read")
             last = _parse_id(_get(group, "last-delivered-id")) or (0, 0)
             state = _GroupState(
                 shard=ref,
@@ -883,8 +919,8 @@ class QueueStateReader:
                 consumers=int(_get(group, "consumers") or 0),
                 last_delivered=last,
                 lag=None if lag is None else int(lag),
-                deleted_past_delivery=max_deleted > last,
-                caught_up=last >= last_generated,
+                deleted_past_delivery=stream.lost_before(last, None if read is None else int(read)),
+                caught_up=last >= stream.last_generated,
             )
             glabels = state.labels
             samples.add(f"{_P}group_pending", glabels, state.pending)
@@ -1041,6 +1077,13 @@ def _as_map(value: Any) -> Mapping[Any, Any]:
         return value
     items = list(value)
     return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def _first_id(entry: Any) -> tuple[int, int] | None:
+    """Id of XINFO STREAM's ``first-entry`` (``(id, fields)`` or None)."""
+    if not entry:
+        return None
+    return _parse_id(entry[0])
 
 
 def _missing_key(reply: Any) -> bool:

@@ -126,8 +126,9 @@ def _rec(old: Shard, new: Shard, state: MoveState, **kw: Any) -> MoveRecord:
 
 
 def test_move_record_json_round_trip() -> None:
-    rec = _rec(_shard(0, 0), _shard(0, 5, "m2"), MoveState.SWITCHED, switched_epoch=3,
-               switched_at=12.5)
+    rec = _rec(
+        _shard(0, 0), _shard(0, 5, "m2"), MoveState.SWITCHED, switched_epoch=3, switched_at=12.5
+    )
     back = MoveRecord.from_json(rec.to_json())
     assert back == rec
     with pytest.raises(ValueError, match="lacks"):
@@ -188,7 +189,12 @@ class Load:
     """A steady producer and in-process consumers recording every execution."""
 
     def __init__(
-        self, url: str, queue: str, *, consumers: int = 2, rate: float = 40.0,
+        self,
+        url: str,
+        queue: str,
+        *,
+        consumers: int = 2,
+        rate: float = 40.0,
         max_seconds: float = 150.0,
     ) -> None:
         self.url = url
@@ -208,7 +214,10 @@ class Load:
 
     def _broker(self) -> ClusterStreamBroker:
         return ClusterStreamBroker(
-            self.url, queue_name=self.queue, idle_timeout=1_500, xread_block=200,
+            self.url,
+            queue_name=self.queue,
+            idle_timeout=1_500,
+            xread_block=200,
             plan_poll_interval=POLL,
         )
 
@@ -367,8 +376,10 @@ async def test_kill_9_mid_move_then_rerun_completes_without_loss(
     async with _load(cluster_url, queue) as load:
         await asyncio.sleep(1.0)
         proc = await asyncio.create_subprocess_exec(
-            *_cli_args(cluster_url, queue, "apply"), *_tuning(),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            *_cli_args(cluster_url, queue, "apply"),
+            *_tuning(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         try:
             deadline = time.monotonic() + 30
@@ -390,8 +401,10 @@ async def test_kill_9_mid_move_then_rerun_completes_without_loss(
         assert code == 0, out + err
         await load.stop_producing()
         lost = await load.wait_all_executed()
-    print(f"kill -9: kicked {len(load.kicked)}, lost {len(lost)}, "
-          f"duplicates {sum(c - 1 for c in load.executed.values())}")
+    print(
+        f"kill -9: kicked {len(load.kicked)}, lost {len(lost)}, "
+        f"duplicates {sum(c - 1 for c in load.executed.values())}"
+    )
     assert not lost
     final = await PlanStore(cluster_client).load(queue)
     assert final is not None and not final.draining
@@ -449,12 +462,13 @@ async def test_timeout_reverts_the_move_and_a_later_run_finishes(
     # The group must exist on the old shards, as with real consumers.
     for shard in plan.shards:
         with contextlib.suppress(Exception):
-            await cluster_client.xgroup_create(ShardKeys(DEFAULT_PREFIX, shard.tag).stream,
-                                               "taskiq", id="0", mkstream=True)
+            await cluster_client.xgroup_create(
+                ShardKeys(DEFAULT_PREFIX, shard.tag).stream, "taskiq", id="0", mkstream=True
+            )
     events: list[RebalanceEvent] = []
-    rebalancer = Rebalancer(cluster_client, options=_opts(move_timeout=1.0,
-                                                          max_moves_at_once=1),
-                            on_event=events.append)
+    rebalancer = Rebalancer(
+        cluster_client, options=_opts(move_timeout=1.0, max_moves_at_once=1), on_event=events.append
+    )
     with pytest.raises(RebalanceAbortedError, match="did not drain") as info:
         await rebalancer.apply([queue])
     assert "draining" in str(info.value)
@@ -484,7 +498,7 @@ async def test_timeout_reverts_the_move_and_a_later_run_finishes(
 # Worker subprocess + stall
 # --------------------------------------------------------------------------
 
-_WORKER_MODULE = '''
+_WORKER_MODULE = """
 import os
 import time
 
@@ -501,14 +515,16 @@ OUT = os.environ["RBW_OUT"]
 async def record(task_id: str) -> None:
     with open(OUT, "a") as fh:
         fh.write(f"{task_id} {time.time():.4f}\\n")
-'''
+"""
 
 
 def _record_message(task_id: str) -> BrokerMessage:
-    msg = TaskiqMessage(task_id=task_id, task_name="rbw:record", labels={}, args=[task_id],
-                        kwargs={})
-    return BrokerMessage(task_id=task_id, task_name="rbw:record",
-                         message=_FORMATTER.dumps(msg).message, labels={})
+    msg = TaskiqMessage(
+        task_id=task_id, task_name="rbw:record", labels={}, args=[task_id], kwargs={}
+    )
+    return BrokerMessage(
+        task_id=task_id, task_name="rbw:record", message=_FORMATTER.dumps(msg).message, labels={}
+    )
 
 
 def _read_records(path: Path) -> list[tuple[str, float]]:
@@ -530,13 +546,31 @@ async def test_real_worker_keeps_running_through_moves_stall_is_short(
     await _weighted_plan(cluster_client, queue)
     (tmp_path / "rbw_tasks.py").write_text(_WORKER_MODULE)
     out = tmp_path / "executed.txt"
-    env = {**os.environ, "RBW_URL": cluster_url, "RBW_QUEUE": queue, "RBW_OUT": str(out),
-           "PYTHONPATH": str(tmp_path)}
+    env = {
+        **os.environ,
+        "RBW_URL": cluster_url,
+        "RBW_QUEUE": queue,
+        "RBW_OUT": str(out),
+        "PYTHONPATH": str(tmp_path),
+    }
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed in finally
     worker = subprocess.Popen(
-        [sys.executable, "-m", "taskiq", "worker", "rbw_tasks:broker", "--workers", "1",
-         "--shutdown-timeout", "5"],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "taskiq",
+            "worker",
+            "rbw_tasks:broker",
+            "--workers",
+            "1",
+            "--shutdown-timeout",
+            "5",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     producer = ClusterStreamBroker(cluster_url, queue_name=queue, plan_poll_interval=POLL)
     await producer.startup()
@@ -569,8 +603,9 @@ async def test_real_worker_keeps_running_through_moves_stall_is_short(
                 moves.append(time.time())
 
         started = time.time()
-        results = await Rebalancer(cluster_client, options=_opts(),
-                                   on_event=on_event).apply([queue])
+        results = await Rebalancer(cluster_client, options=_opts(), on_event=on_event).apply(
+            [queue]
+        )
         ended = time.time()
         assert results[0].moves == 2
         await asyncio.sleep(1.0)
@@ -582,8 +617,10 @@ async def test_real_worker_keeps_running_through_moves_stall_is_short(
         records = _read_records(out)
         lost = set(kicked) - {r[0] for r in records}
         stall = _max_gap((t for _, t in records), started, ended)
-        print(f"real worker: kicked {len(kicked)}, lost {len(lost)}, rebalance took "
-              f"{ended - started:.1f}s, longest gap between completions {stall:.2f}s")
+        print(
+            f"real worker: kicked {len(kicked)}, lost {len(lost)}, rebalance took "
+            f"{ended - started:.1f}s, longest gap between completions {stall:.2f}s"
+        )
         assert not lost
         assert stall < 10.0
         ok, counts = await _status_ok(cluster_client, queue)
@@ -625,21 +662,30 @@ async def _redis_cli(*args: str, timeout: float = 120.0) -> str:
 
 
 async def _reshard(port: int, source: str, target: str, count: int) -> None:
-    await _redis_cli("--cluster", "reshard", f"127.0.0.1:{port}", "--cluster-from", source,
-                     "--cluster-to", target, "--cluster-slots", str(count), "--cluster-yes")
+    await _redis_cli(
+        "--cluster",
+        "reshard",
+        f"127.0.0.1:{port}",
+        "--cluster-from",
+        source,
+        "--cluster-to",
+        target,
+        "--cluster-slots",
+        str(count),
+        "--cluster-yes",
+    )
 
 
-def _plan_on(topology: Topology, queue: str, epoch: int,
-             wanted: list[tuple[str, frozenset[int] | None]]) -> ShardPlan:
+def _plan_on(
+    topology: Topology, queue: str, epoch: int, wanted: list[tuple[str, frozenset[int] | None]]
+) -> ShardPlan:
     """Shard i on master wanted[i][0], in the slot set wanted[i][1] if given."""
     owners = topology.slot_owners
     used: set[int] = set()
     shards = []
     for index, (master, allowed) in enumerate(wanted):
         for salt, slot in shard_tag_slots(queue, index, 0, 500_000):
-            if owners[slot] == master and slot not in used and (
-                allowed is None or slot in allowed
-            ):
+            if owners[slot] == master and slot not in used and (allowed is None or slot in allowed):
                 used.add(slot)
                 shards.append(Shard(index, shard_tag(queue, index, salt), slot, master))
                 break
@@ -650,7 +696,9 @@ def _plan_on(topology: Topology, queue: str, epoch: int,
 
 @pytest.mark.cluster
 async def test_reshard_a_third_then_apply_restores_balance_without_loss(
-    healthy_cluster: DevCluster, cluster_client: RedisCluster, cluster_url: str,
+    healthy_cluster: DevCluster,
+    cluster_client: RedisCluster,
+    cluster_url: str,
     unique_name: str,
 ) -> None:
     queue = unique_name
@@ -685,9 +733,11 @@ async def test_reshard_a_third_then_apply_restores_balance_without_loss(
             assert ok and max(counts.values()) - min(counts.values()) <= 1, counts
             await load.stop_producing()
             lost = await load.wait_all_executed()
-            print(f"reshard: kicked {len(load.kicked)}, lost {len(lost)}, moves took "
-                  f"{ended - started:.1f}s, longest gap between completions "
-                  f"{load.stall(started, ended):.2f}s")
+            print(
+                f"reshard: kicked {len(load.kicked)}, lost {len(lost)}, moves took "
+                f"{ended - started:.1f}s, longest gap between completions "
+                f"{load.stall(started, ended):.2f}s"
+            )
             assert not lost
             assert load.stall(started, ended) < 10.0
         finally:
@@ -724,13 +774,33 @@ async def test_fourth_master_gets_its_share_of_shards(tmp_path: Path, unique_nam
     try:
         client = await connect(cluster.url)
         try:
-            # A 12-shard plan (4 per master) and live traffic.
-            await PlanStore(client).get_or_create(await read_topology(client), QueueSpec(queue, 12))
+            # A 12-shard plan (4 per master) and live traffic. redis-cli moves
+            # each source's lowest slots; keeping the shards above them makes
+            # the new master start empty, so our rebalancer has to move 3.
+            topology = await read_topology(client)
+            store = PlanStore(client)
+            await store.get_or_create(topology, QueueSpec(queue, 12))
+            upper = {
+                m.node_id: frozenset(
+                    s for s in range(16384) if topology.slot_owners[s] == m.node_id
+                )
+                - frozenset(
+                    sorted(s for s in range(16384) if topology.slot_owners[s] == m.node_id)[:2000]
+                )
+                for m in topology.slot_masters
+            }
+            wanted = [(m, upper[m]) for m in sorted(upper)] * 4
+            assert await store.compare_and_swap(
+                _plan_on(topology, queue, 2, wanted), expected_epoch=1
+            )
             async with _load(cluster.url, queue, consumers=1, rate=25.0) as load:
                 with open(node_dir / "redis.log", "wb") as log:
                     extra = subprocess.Popen(
-                        ["redis-server", str(node_dir / "redis.conf")], cwd=node_dir,
-                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                        ["redis-server", str(node_dir / "redis.conf")],
+                        cwd=node_dir,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
                     )
                 for _ in range(100):
                     try:
@@ -738,34 +808,43 @@ async def test_fourth_master_gets_its_share_of_shards(tmp_path: Path, unique_nam
                         break
                     except AssertionError:
                         await asyncio.sleep(0.1)
-                await _redis_cli("--cluster", "add-node", f"127.0.0.1:{extra_port}",
-                                 f"127.0.0.1:{base}")
+                await _redis_cli(
+                    "--cluster", "add-node", f"127.0.0.1:{extra_port}", f"127.0.0.1:{base}"
+                )
                 # The new node must be known everywhere before redis-cli rebalances
                 # (otherwise it sees nothing to do).
                 ports = [base, base + 1, base + 2, extra_port]
-                for _ in range(100):
+                for _ in range(200):
                     views = [await _redis_cli("-p", str(p), "cluster", "nodes") for p in ports]
-                    if all(v.count("master") == 4 and "handshake" not in v for v in views):
+                    infos = [await _redis_cli("-p", str(p), "cluster", "info") for p in ports]
+                    if all(v.count("master") == 4 and "handshake" not in v for v in views) and all(
+                        "cluster_state:ok" in i for i in infos
+                    ):
                         break
                     await asyncio.sleep(0.1)
                 for attempt in range(20):
-                    await _redis_cli("--cluster", "rebalance", f"127.0.0.1:{base}",
-                                     "--cluster-use-empty-masters", timeout=180)
+                    await _redis_cli(
+                        "--cluster",
+                        "rebalance",
+                        f"127.0.0.1:{base}",
+                        "--cluster-use-empty-masters",
+                        timeout=180,
+                    )
                     topology = await read_topology(client)
                     if len(topology.slot_masters) == 4 and not topology.migrating:
                         break
                     assert attempt < 19, "redis-cli did not give the new master slots"
                     await asyncio.sleep(0.5)
+                new_id = next(m.node_id for m in topology.masters if m.address.port == extra_port)
+                before = (await Rebalancer(client).status(queue, topology)).report.counts
+                assert sorted(before.values()) == [0, 4, 4, 4]
                 results = await Rebalancer(client, options=_opts(max_moves_at_once=3)).apply(
                     [queue]
                 )
-                assert results[0].moves >= 3
+                assert results[0].moves == 3
                 status = await Rebalancer(client).status(queue)
                 assert status.ok, status.to_dict()
                 assert sorted(status.report.counts.values()) == [3, 3, 3, 3]
-                new_id = next(
-                    m.node_id for m in topology.masters if m.address.port == extra_port
-                )
                 assert status.report.counts[new_id] == 3
                 await load.stop_producing()
                 lost = await load.wait_all_executed()
