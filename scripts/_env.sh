@@ -18,6 +18,22 @@ ensure_redis_server() {
     fi
 }
 
+ensure_prometheus() {
+    # Only the metrics integration test needs it (a real Prometheus server and
+    # promtool); that test skips with the reason when it cannot be installed.
+    if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+        return 0
+    fi
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "prometheus not found; installing it with apt-get" >&2
+        apt-get update -qq || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1 \
+            || echo "could not install prometheus; its integration test will skip" >&2
+    else
+        echo "prometheus not installed (sudo apt-get install -y prometheus); its test will skip" >&2
+    fi
+}
+
 ensure_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"

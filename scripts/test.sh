@@ -6,6 +6,7 @@
 # and stop themselves. Extra arguments go to pytest.
 source "$(dirname "$0")/_env.sh"
 ensure_redis_server
+ensure_prometheus
 ensure_venv
 cd "$ROOT"
 echo "== ruff"

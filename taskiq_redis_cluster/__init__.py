@@ -38,7 +38,16 @@ from ._errors import (
     TopologyError,
 )
 from ._events import BrokerEvents
+from ._exporter import MetricsServer, run_exporter, scrape_once, start_metrics_server
 from ._list import ClusterListQueueBroker
+from ._metrics import (
+    PrometheusEvents,
+    QueueCollector,
+    QueueSnapshot,
+    QueueStateReader,
+    default_events,
+    metrics_registry,
+)
 from ._options import ListOptions, QueueOptions, StreamOptions
 from ._planner import QueueSpec, Shard, ShardPlan, balance, plan_queue, replan
 from ._planstore import PlanStore
@@ -74,14 +83,19 @@ __all__ = [
     "LifecycleError",
     "ListOptions",
     "MasterInfo",
+    "MetricsServer",
     "NoMastersError",
     "NotAClusterError",
     "PlanError",
     "PlanStore",
     "PlanVersionError",
     "PortBusyError",
+    "PrometheusEvents",
+    "QueueCollector",
     "QueueOptions",
+    "QueueSnapshot",
     "QueueSpec",
+    "QueueStateReader",
     "RebalanceAbortedError",
     "RebalanceError",
     "RebalanceLockedError",
@@ -98,8 +112,13 @@ __all__ = [
     "TopologyError",
     "balance",
     "connect",
+    "default_events",
+    "metrics_registry",
     "plan_queue",
     "read_topology",
     "redact_url",
     "replan",
+    "run_exporter",
+    "scrape_once",
+    "start_metrics_server",
 ]

@@ -251,6 +251,8 @@ class Recorder:
         self.done = 0
         self.first_done: float | None = None
         self.last_done: float | None = None
+        self.cpu_first: float | None = None
+        self.cpu_last: float | None = None
         self.slow = 0
         self.reruns = 0
         self.last_rerun: float | None = None
@@ -278,9 +280,13 @@ class Recorder:
 
     def noop_done(self) -> None:
         now = time.time()
+        # Process CPU time: a figure that noise from other processes barely moves.
+        cpu = time.process_time()
         if self.first_done is None:
             self.first_done = now
+            self.cpu_first = cpu
         self.last_done = now
+        self.cpu_last = cpu
         self.done += 1
         self._dirty = True
 
@@ -318,6 +324,8 @@ class Recorder:
             "done": self.done,
             "first_done": self.first_done,
             "last_done": self.last_done,
+            "cpu_first": self.cpu_first,
+            "cpu_last": self.cpu_last,
             "samples": self._samples_total,
             "slow": self.slow,
             "reruns": self.reruns,
@@ -432,8 +440,10 @@ async def kick_many(
 
     first = time.time()
     start = time.perf_counter()
+    cpu_start = time.process_time()
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, count)))))
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     return {
         "count": count,
         "errors": len(errors),
@@ -441,6 +451,7 @@ async def kick_many(
         "first_kick": first,
         "elapsed": elapsed,
         "tps": count / elapsed if elapsed > 0 else 0.0,
+        "cpu_us_per_kick": cpu / count * 1e6,
     }
 
 
@@ -601,6 +612,9 @@ class _Stats:
             if not exclude or pid not in exclude
         )
 
+    def total_float(self, key: str) -> float:
+        return sum(float(w.get(key) or 0.0) for w in self.workers.values())
+
     def latest(self, key: str) -> float | None:
         values = [float(w[key]) for w in self.workers.values() if w.get(key) is not None]
         return max(values) if values else None
@@ -676,6 +690,23 @@ async def memory(client: RedisCluster) -> tuple[int, int]:
         info = await _info(client, node, "memory")
         used += int(info["used_memory"])
         dataset += int(info.get("used_memory_dataset", 0))
+        logger.debug(
+            "memory of %s: %s",
+            node.name,
+            {
+                k: info.get(k)
+                for k in (
+                    "used_memory",
+                    "used_memory_dataset",
+                    "mem_clients_normal",
+                    "mem_replication_backlog",
+                    "mem_clients_slaves",
+                    "mem_aof_buffer",
+                    "used_memory_overhead",
+                    "lazyfree_pending_objects",
+                )
+            },
+        )
     return used, dataset
 
 
@@ -993,6 +1024,7 @@ class _Bench:
         logger.info("%s: kick throughput, %d rounds of %d kicks", kind, cfg.rounds, n)
         before = await memory(self.client)
         kicks: list[float] = []
+        kick_cpu: list[float] = []
         spreads: list[float] = []
         per_master: list[dict[str, int]] = []
         errors = 0
@@ -1003,6 +1035,7 @@ class _Bench:
             )
             calls_after = await command_calls(self.client)
             kicks.append(float(reply["tps"]))
+            kick_cpu.append(float(reply["cpu_us_per_kick"]))
             errors += int(reply["errors"])
             ratio, deltas = spread(calls_before, calls_after)
             spreads.append(ratio)
@@ -1022,6 +1055,7 @@ class _Bench:
         return {
             "kick_tps": _median(kicks),
             "kick_tps_rounds": kicks,
+            "kick_cpu_us_per_kick": _median(kick_cpu),
             "kick_errors": errors,
             "spread_max_mean": median_spread,
             "spread_rounds": spreads,
@@ -1052,6 +1086,7 @@ class _Bench:
         )
         stats = _read_stats(stats_dir)
         first, last = stats.earliest("first_done"), stats.latest("last_done")
+        cpu = stats.total_float("cpu_last") - stats.total_float("cpu_first")
         # Our stream broker trims acknowledged entries every trim_interval,
         # when its blocked read returns: wait for two such passes.
         settle = 2.2
@@ -1062,6 +1097,7 @@ class _Bench:
         done = max(0, after[0] - memory_before[0])
         return {
             "drain_1w_tps": backlog / (last - first) if first and last and last > first else None,
+            "drain_worker_cpu_us_per_task": round(cpu / backlog * 1e6, 1) if backlog else None,
             "memory_done_bytes": done,
             "dataset_done_bytes": max(0, after[1] - memory_before[1]),
         }
@@ -1263,6 +1299,8 @@ RATIO_METRICS = (
     ("e2e_1w_tps", "higher"),
     ("e2e_2w_tps", "higher"),
     ("drain_1w_tps", "higher"),
+    ("kick_cpu_us_per_kick", "lower"),
+    ("drain_worker_cpu_us_per_task", "lower"),
     ("latency_p50_ms", "lower"),
     ("latency_p99_ms", "lower"),
     ("spread_max_mean", "lower"),
@@ -1435,6 +1473,8 @@ _ROWS = (
     ("end-to-end, 1 worker (tasks/s)", "e2e_1w_tps", "int"),
     ("end-to-end, 2 workers (tasks/s)", "e2e_2w_tps", "int"),
     ("backlog drain, 1 worker (tasks/s) *", "drain_1w_tps", "int"),
+    ("producer CPU per kick (us)", "kick_cpu_us_per_kick", "f"),
+    ("worker CPU per task, drain (us) *", "drain_worker_cpu_us_per_task", "f"),
     ("latency p50 (ms)", "latency_p50_ms", "f"),
     ("latency p99 (ms)", "latency_p99_ms", "f"),
     ("load spread max/mean", "spread_max_mean", "f"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from abc import abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import replace
@@ -278,8 +279,15 @@ class ShardedBroker(AsyncBroker):
             supervisor.cancel()
             for reader in readers.values():
                 reader.stop()
-            tasks = {supervisor, *(r.task for r in readers.values())}
-            _, pending = await asyncio.wait(tasks, timeout=self._blocking_seconds() + 5.0)
+            # redis-py can swallow a cancellation that races a finished read;
+            # such a reader then blocks handing over what it read. Draining the
+            # buffer lets it finish and see its stop flag.
+            pending: set[asyncio.Task[None]] = {supervisor, *(r.task for r in readers.values())}
+            deadline = time.monotonic() + self._blocking_seconds() + 5.0
+            while pending and time.monotonic() < deadline:
+                while not buffer.empty():
+                    unsent.append(buffer.get_nowait())
+                _, pending = await asyncio.wait(pending, timeout=0.1)
             if pending:
                 logger.warning("%d readers of %s did not stop in time", len(pending),
                                self.queue_name)

@@ -35,7 +35,9 @@ a whole; every process started here is stopped in ``finally`` blocks
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -58,7 +60,7 @@ from taskiq import AsyncBroker, TaskiqEvents, TaskiqMessage, TaskiqState
 from ._connection import connect
 from ._errors import ConfigurationError, KickFailedError, PortBusyError
 from ._keys import ShardKeys, slot_of
-from .devcluster import DevCluster, NodeStatus, find_free_base_port
+from .devcluster import DevCluster, NodeStatus, find_free_base_port, kill_from_pid_files
 
 logger = logging.getLogger("taskiq_redis_cluster.chaos")
 
@@ -375,8 +377,9 @@ class WorkerPool:
 
     def child_restarts(self) -> int:
         """Worker children that taskiq's process manager had to start again."""
-        starts = Counter(label for kind, label, _, _ in read_worker_events(self.directory)
-                         if kind == "start")
+        starts = Counter(
+            label for kind, label, _, _ in read_worker_events(self.directory) if kind == "start"
+        )
         return sum(max(0, n - 1) for n in starts.values())
 
     async def wait_ready(self, indexes: Iterable[int], timeout: float) -> None:
@@ -387,17 +390,21 @@ class WorkerPool:
         wanted = {self._workers[i].label for i in indexes}
         deadline = time.monotonic() + timeout
         for _ in range(int(timeout / _POLL) + 2):
-            ready = {label for kind, label, _, _ in read_worker_events(self.directory)
-                     if kind == "ready"}
+            ready = {
+                label for kind, label, _, _ in read_worker_events(self.directory) if kind == "ready"
+            }
             if wanted <= ready:
                 return
-            dead = [w.label for w in self._workers if w.label in wanted and w.proc.poll()
-                    is not None]
+            dead = [
+                w.label for w in self._workers if w.label in wanted and w.proc.poll() is not None
+            ]
             if dead or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(_POLL)
-        raise TimeoutError(f"workers {sorted(wanted - ready)} not ready within {timeout:.0f}s "
-                           f"(see worker-*.log in {self.directory})")
+        raise TimeoutError(
+            f"workers {sorted(wanted - ready)} not ready within {timeout:.0f}s "
+            f"(see worker-*.log in {self.directory})"
+        )
 
     async def stop_all(self, grace: float = 8.0) -> None:
         """SIGTERM every group, then SIGKILL what is left; reap everything."""
@@ -438,8 +445,7 @@ class Kick:
 
 
 def _message(broker: AsyncBroker, task_id: str) -> Any:
-    msg = TaskiqMessage(task_id=task_id, task_name=TASK_NAME, labels={}, args=[task_id],
-                        kwargs={})
+    msg = TaskiqMessage(task_id=task_id, task_name=TASK_NAME, labels={}, args=[task_id], kwargs={})
     return broker.formatter.dumps(msg)
 
 
@@ -488,6 +494,7 @@ class ScenarioResult:
     name: str
     broker: str
     wait_replicas: int
+    rate: float = 0.0  #: kicks per second actually used
     status: str = "ok"  #: ok, fail, skipped, error
     reason: str = ""
     kicked: int = 0
@@ -567,7 +574,8 @@ def analyse(
         first[e.task_id] = min(e.at, first.get(e.task_id, e.at))
     missing = acked - runs.keys()
     destroyed = frozenset(
-        t for t in missing
+        t
+        for t in missing
         if destroyed_before is not None and started.get(t, 0.0) < destroyed_before
     )
     times = sorted(e.at for e in executions)
@@ -655,6 +663,9 @@ class Scenario:
         (``"no-wait"``: only when the run has ``wait_replicas == 0``).
     :param wait_replicas: overrides the run's ``wait_replicas``.
     :param needs_rebalancer: ``ours`` needs the ``rebalance`` command.
+    :param ours_only: skipped for taskiq-redis (needs WAIT or the rebalancer).
+    :param resume_bound: executions must resume within this many seconds
+        after the fault is lifted.
     """
 
     name: str
@@ -665,20 +676,28 @@ class Scenario:
     needs_rebalancer: bool = False
     ours_only: bool = False
     resume_bound: float | None = None
+    #: Kicks are spread over at least this many seconds (the rate is lowered
+    #: if needed), so that load continues through and after the fault.
+    min_kick_window: float = 8.0
 
 
-async def pending_entries(ctx: ScenarioContext) -> int:
-    """Entries delivered but not yet acknowledged, over the queue's streams."""
-    group = "taskiq"  # both brokers' default consumer group
+async def pending_entries(
+    admin: RedisCluster, stream_keys: Iterable[str], group: str = "taskiq"
+) -> int:
+    """Entries delivered but not yet acknowledged, over ``stream_keys``.
+
+    ``taskiq`` is the default consumer group of both brokers. Streams that
+    cannot be read (missing, node down) count as 0.
+    """
     total = 0
-    for key in ctx.stream_keys:
+    for key in stream_keys:
         with contextlib.suppress(Exception):
-            total += int((await ctx.admin.xpending(key, group))["pending"])
+            total += int((await admin.xpending(key, group))["pending"])
     return total
 
 
 async def _worker_kill(ctx: ScenarioContext) -> None:
-    in_flight = await pending_entries(ctx)
+    in_flight = await pending_entries(ctx.admin, ctx.stream_keys)
     ctx.fault(f"SIGKILL worker w0 ({in_flight} entries pending over all workers)")
     ctx.pool.kill(0)
     await asyncio.sleep(0.5)
@@ -818,7 +837,10 @@ def _spawn_group(command: Sequence[str], log_path: Path) -> subprocess.Popen[byt
     """Start ``command`` in a new process group, output appended to ``log_path``."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -846,23 +868,45 @@ async def _reshard_under_load(ctx: ScenarioContext) -> None:
     if best is None:
         raise RuntimeError("no master owns the queue's streams")
     count, source, slot = best
-    target = next(s for s in statuses if s.role == "master" and s.up and s.slots
-                  and s.port != source.port)
-    ctx.fault(f"redis-cli --cluster reshard: {count} slots (up to {slot}) "
-              f"{source.port} -> {target.port}")
+    target = next(
+        s for s in statuses if s.role == "master" and s.up and s.slots and s.port != source.port
+    )
+    ctx.fault(
+        f"redis-cli --cluster reshard: {count} slots (up to {slot}) {source.port} -> {target.port}"
+    )
     rc = await _run_process(
-        ["redis-cli", "--cluster", "reshard", f"{ctx.cluster.host}:{source.port}",
-         "--cluster-from", str(source.node_id), "--cluster-to", str(target.node_id),
-         "--cluster-slots", str(count), "--cluster-yes"],
-        timeout=240, log_path=ctx.workdir / "reshard.log",
+        [
+            "redis-cli",
+            "--cluster",
+            "reshard",
+            f"{ctx.cluster.host}:{source.port}",
+            "--cluster-from",
+            str(source.node_id),
+            "--cluster-to",
+            str(target.node_id),
+            "--cluster-slots",
+            str(count),
+            "--cluster-yes",
+        ],
+        timeout=240,
+        log_path=ctx.workdir / "reshard.log",
     )
     if rc != 0:
         ctx.violations.append(f"redis-cli reshard exited with {rc} (see reshard.log)")
 
 
 def _rebalance_command(ctx: ScenarioContext) -> list[str]:
-    return [sys.executable, "-m", "taskiq_redis_cluster._cli", "rebalance", "apply",
-            "--url", ctx.url, "--queue", ctx.queue]
+    return [
+        sys.executable,
+        "-m",
+        "taskiq_redis_cluster._cli",
+        "rebalance",
+        "apply",
+        "--url",
+        ctx.url,
+        "--queue",
+        ctx.queue,
+    ]
 
 
 async def _rebalance(ctx: ScenarioContext, timeout: float = 120.0) -> None:
@@ -873,8 +917,9 @@ async def _rebalance(ctx: ScenarioContext, timeout: float = 120.0) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        rc = await _run_process(_rebalance_command(ctx), timeout=left,
-                                log_path=ctx.workdir / "rebalance.log")
+        rc = await _run_process(
+            _rebalance_command(ctx), timeout=left, log_path=ctx.workdir / "rebalance.log"
+        )
         if rc == 0:
             ctx.notes.append(f"rebalance apply ok (attempt {attempt})")
             return
@@ -891,10 +936,14 @@ async def _reshard(ctx: ScenarioContext) -> None:
 
 async def _rebalancer_kill(ctx: ScenarioContext) -> None:
     await _reshard_under_load(ctx)
-    rc = await _run_process(_rebalance_command(ctx), timeout=60, kill_after=1.5,
-                            log_path=ctx.workdir / "rebalance.log")
-    ctx.notes.append("rebalancer SIGKILLed after 1.5s" if rc is None
-                     else f"rebalancer finished before the kill (exit {rc})")
+    rc = await _run_process(
+        _rebalance_command(ctx), timeout=60, kill_after=1.5, log_path=ctx.workdir / "rebalance.log"
+    )
+    ctx.notes.append(
+        "rebalancer SIGKILLed after 1.5s"
+        if rc is None
+        else f"rebalancer finished before the kill (exit {rc})"
+    )
     await _rebalance(ctx)
     ctx.recovered("rebalance completed after the kill")
 
@@ -902,25 +951,63 @@ async def _rebalancer_kill(ctx: ScenarioContext) -> None:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("worker-kill", "SIGKILL a worker with tasks in flight, start a replacement",
-                 _worker_kill),
-        Scenario("worker-stop", "SIGSTOP a worker longer than idle_timeout, then SIGCONT",
-                 _worker_stop),
+        Scenario(
+            "worker-kill",
+            "SIGKILL a worker with tasks in flight, start a replacement",
+            _worker_kill,
+        ),
+        Scenario(
+            "worker-stop",
+            "SIGSTOP a worker longer than idle_timeout, then SIGCONT",
+            _worker_stop,
+            min_kick_window=12.0,
+        ),
         Scenario("failover", "CLUSTER FAILOVER of a shard's master", _failover),
-        Scenario("master-kill", "SIGKILL a shard's master; its replica takes over",
-                 _master_kill, loss_allowed="no-wait"),
-        Scenario("master-kill-wait1", "master-kill with wait_replicas=1", _master_kill,
-                 wait_replicas=1, ours_only=True),
-        Scenario("master-stop", "SIGSTOP a shard's master longer than the node timeout",
-                 _master_stop),
+        Scenario(
+            "master-kill",
+            "SIGKILL a shard's master; its replica takes over",
+            _master_kill,
+            loss_allowed="no-wait",
+            min_kick_window=12.0,
+        ),
+        Scenario(
+            "master-kill-wait1",
+            "master-kill with wait_replicas=1",
+            _master_kill,
+            wait_replicas=1,
+            ours_only=True,
+            min_kick_window=12.0,
+        ),
+        Scenario(
+            "master-stop",
+            "SIGSTOP a shard's master longer than the node timeout",
+            _master_stop,
+            min_kick_window=12.0,
+        ),
         Scenario("stream-del", "DEL a shard's stream under load", _stream_del),
         Scenario("slot-migrate", "MIGRATE a shard's slot to another master", _slot_migrate),
-        Scenario("reshard", "redis-cli --cluster reshard, then our rebalancer", _reshard,
-                 needs_rebalancer=True),
-        Scenario("rebalancer-kill", "reshard, SIGKILL the rebalancer mid-move, rerun it",
-                 _rebalancer_kill, needs_rebalancer=True, ours_only=True),
-        Scenario("majority-down", "SIGSTOP a majority of masters past the node timeout",
-                 _majority_down, resume_bound=60.0),
+        Scenario(
+            "reshard",
+            "redis-cli --cluster reshard, then our rebalancer",
+            _reshard,
+            needs_rebalancer=True,
+            min_kick_window=30.0,
+        ),
+        Scenario(
+            "rebalancer-kill",
+            "reshard, SIGKILL the rebalancer mid-move, rerun it",
+            _rebalancer_kill,
+            needs_rebalancer=True,
+            ours_only=True,
+            min_kick_window=45.0,
+        ),
+        Scenario(
+            "majority-down",
+            "SIGSTOP a majority of masters past the node timeout",
+            _majority_down,
+            resume_bound=60.0,
+            min_kick_window=16.0,
+        ),
     )
 }
 
@@ -933,8 +1020,10 @@ def skip_reason(scenario: Scenario, config: ChaosConfig) -> str | None:
     if scenario.ours_only and config.broker != "ours":
         return f"{scenario.name} needs features taskiq-redis lacks (WAIT / rebalancer)"
     if scenario.needs_rebalancer and config.broker == "ours" and not rebalancer_available():
-        return ("the `taskiq-redis-cluster rebalance` command does not exist yet "
-                "(taskiq_redis_cluster/_rebalance.py)")
+        return (
+            "the `taskiq-redis-cluster rebalance` command does not exist yet "
+            "(taskiq_redis_cluster/_rebalance.py)"
+        )
     return None
 
 
@@ -954,8 +1043,15 @@ async def run_scenario(
     """Run one scenario against ``cluster``; never raises for a failed check."""
     if scenario.wait_replicas is not None:
         config = replace(config, wait_replicas=scenario.wait_replicas)
-    result = ScenarioResult(scenario.name, config.broker, config.wait_replicas,
-                            bound_s=scenario_bound(config))
+    if config.kick_window < scenario.min_kick_window:
+        config = replace(config, rate=config.tasks / scenario.min_kick_window)
+    result = ScenarioResult(
+        scenario.name,
+        config.broker,
+        config.wait_replicas,
+        rate=round(config.rate, 1),
+        bound_s=scenario_bound(config),
+    )
     reason = skip_reason(scenario, config)
     if reason is not None:
         result.status, result.reason = "skipped", reason
@@ -964,8 +1060,13 @@ async def run_scenario(
     began = time.monotonic()
     directory = workdir / f"{scenario.name}-{config.broker}-{uuid.uuid4().hex[:6]}"
     directory.mkdir(parents=True)
-    logger.info("Scenario %s (%s, wait_replicas=%d) in %s", scenario.name, config.broker,
-                config.wait_replicas, directory)
+    logger.info(
+        "Scenario %s (%s, wait_replicas=%d) in %s",
+        scenario.name,
+        config.broker,
+        config.wait_replicas,
+        directory,
+    )
     try:
         await asyncio.wait_for(
             _run_body(cluster, scenario, config, directory, result), result.bound_s
@@ -991,35 +1092,31 @@ async def _run_body(
 ) -> None:
     await cluster.heal()
     queue = f"chaos-{scenario.name}-{uuid.uuid4().hex[:6]}"
-    env = {
-        _ENV + "URL": cluster.url,
-        _ENV + "QUEUE": queue,
-        _ENV + "BROKER": config.broker,
-        _ENV + "DIR": str(directory),
-        _ENV + "SLEEP": str(config.task_sleep),
-        _ENV + "IDLE_TIMEOUT": str(config.idle_timeout),
-        _ENV + "XREAD_BLOCK": str(config.xread_block),
-        _ENV + "SHARDS": "" if config.shards is None else str(config.shards),
-    }
+    env = worker_env(cluster.url, queue, directory, config)
     pool = WorkerPool(directory, env)
-    producer = make_broker(config.broker, cluster.url, queue, idle_timeout=config.idle_timeout,
-                           xread_block=config.xread_block, wait_replicas=config.wait_replicas,
-                           shards=config.shards)
+    producer = producer_broker(cluster.url, queue, config)
     admin = await connect(cluster.url)
     monitor: asyncio.Task[None] | None = None
     try:
         await producer.startup()
-        stream_keys = await _stream_keys(producer, queue)
-        ctx = ScenarioContext(cluster=cluster, pool=pool, admin=admin, config=config,
-                              queue=queue, url=cluster.url, stream_keys=stream_keys,
-                              target_key=stream_keys[0], workdir=directory, worker_env=env)
+        keys = await stream_keys(producer, queue)
+        ctx = ScenarioContext(
+            cluster=cluster,
+            pool=pool,
+            admin=admin,
+            config=config,
+            queue=queue,
+            url=cluster.url,
+            stream_keys=keys,
+            target_key=keys[0],
+            workdir=directory,
+            worker_env=env,
+        )
         indexes = [pool.start() for _ in range(config.workers)]
         await pool.wait_ready(indexes, 90)
         monitor = asyncio.ensure_future(_monitor(pool))
         ids = [f"{scenario.name}-{i:06d}" for i in range(config.tasks)]
-        kicks_task = asyncio.ensure_future(
-            produce(producer, ids, config.rate, config.kick_timeout)
-        )
+        kicks_task = asyncio.ensure_future(produce(producer, ids, config.rate, config.kick_timeout))
         try:
             await asyncio.sleep(config.fault_at)
             try:
@@ -1047,7 +1144,40 @@ async def _run_body(
             await admin.aclose()
 
 
-async def _stream_keys(producer: AsyncBroker, queue: str) -> list[str]:
+def worker_env(url: str, queue: str, directory: Path, config: ChaosConfig) -> dict[str, str]:
+    """Environment for :func:`worker_broker` (see :class:`WorkerPool`)."""
+    return {
+        _ENV + "URL": url,
+        _ENV + "QUEUE": queue,
+        _ENV + "BROKER": config.broker,
+        _ENV + "DIR": str(directory),
+        _ENV + "SLEEP": str(config.task_sleep),
+        _ENV + "IDLE_TIMEOUT": str(config.idle_timeout),
+        _ENV + "XREAD_BLOCK": str(config.xread_block),
+        _ENV + "SHARDS": "" if config.shards is None else str(config.shards),
+    }
+
+
+def sleep_env(seconds: float) -> dict[str, str]:
+    """Extra worker environment that overrides the task's sleep."""
+    return {_ENV + "SLEEP": str(seconds)}
+
+
+def producer_broker(url: str, queue: str, config: ChaosConfig) -> AsyncBroker:
+    """The producer's broker for ``config`` (not started)."""
+    return make_broker(
+        config.broker,
+        url,
+        queue,
+        idle_timeout=config.idle_timeout,
+        xread_block=config.xread_block,
+        wait_replicas=config.wait_replicas,
+        shards=config.shards,
+    )
+
+
+async def stream_keys(producer: AsyncBroker, queue: str) -> list[str]:
+    """The stream keys of ``queue``: one per shard, or taskiq-redis's one."""
     from ._stream import ClusterStreamBroker
 
     if isinstance(producer, ClusterStreamBroker):
@@ -1080,8 +1210,13 @@ def _fill(
     pool: WorkerPool,
     scenario: Scenario,
 ) -> None:
-    counts = analyse(kicks, executions, fault_start=ctx.fault_start, fault_end=ctx.fault_end,
-                     destroyed_before=ctx.destroyed_before)
+    counts = analyse(
+        kicks,
+        executions,
+        fault_start=ctx.fault_start,
+        fault_end=ctx.fault_end,
+        destroyed_before=ctx.destroyed_before,
+    )
     result.kicked = len(kicks)
     result.acked, result.failed, result.unknown = counts.acked, counts.failed, counts.unknown
     result.executed, result.executions = counts.executed, counts.executions
@@ -1123,24 +1258,38 @@ def _round(value: float | None) -> float | None:
 async def chaos_cluster(
     directory: Path, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1500
 ) -> AsyncIterator[DevCluster]:
-    """A fresh DevCluster on free ports, always stopped afterwards."""
+    """A fresh DevCluster on free ports, always stopped afterwards.
+
+    An ``atexit`` hook kills the nodes from their pid files should the
+    process exit without running the ``finally`` block.
+    """
+    fallback = functools.partial(kill_from_pid_files, directory)
+    atexit.register(fallback)
     cluster: DevCluster | None = None
-    for attempt in range(3):
-        cluster = DevCluster(
-            masters=masters, replicas=replicas, node_timeout_ms=node_timeout_ms,
-            base_port=find_free_base_port(masters * (1 + replicas)), directory=directory,
-        )
-        try:
-            await cluster.start()
-            break
-        except PortBusyError:
-            if attempt == 2:
-                raise
-    assert cluster is not None
     try:
+        for attempt in range(3):
+            cluster = DevCluster(
+                masters=masters,
+                replicas=replicas,
+                node_timeout_ms=node_timeout_ms,
+                base_port=find_free_base_port(masters * (1 + replicas)),
+                directory=directory,
+            )
+            try:
+                await cluster.start()
+                break
+            except PortBusyError:
+                if attempt == 2:
+                    raise
+        assert cluster is not None
         yield cluster
     finally:
-        await cluster.stop()
+        try:
+            if cluster is not None:
+                await cluster.stop()
+        finally:
+            kill_from_pid_files(directory)
+            atexit.unregister(fallback)
 
 
 async def run_suite(
@@ -1182,11 +1331,22 @@ async def run_suite(
 # --------------------------------------------------------------------------
 
 _COLUMNS = (
-    ("scenario", "name"), ("broker", "broker"), ("wait", "wait_replicas"),
-    ("status", "status"), ("kicked", "kicked"), ("acked", "acked"), ("unknown", "unknown"),
-    ("failed", "failed"), ("lost", "lost"), ("dup", "duplicates"), ("phantom", "phantoms"),
-    ("resume_s", "resume_s"), ("stall_s", "stall_s"), ("done_s", "done_s"),
-    ("deaths", "deaths"), ("time_s", "duration_s"),
+    ("scenario", "name"),
+    ("broker", "broker"),
+    ("wait", "wait_replicas"),
+    ("status", "status"),
+    ("kicked", "kicked"),
+    ("acked", "acked"),
+    ("unknown", "unknown"),
+    ("failed", "failed"),
+    ("lost", "lost"),
+    ("dup", "duplicates"),
+    ("phantom", "phantoms"),
+    ("resume_s", "resume_s"),
+    ("stall_s", "stall_s"),
+    ("done_s", "done_s"),
+    ("deaths", "deaths"),
+    ("time_s", "duration_s"),
 )
 
 
@@ -1224,7 +1384,10 @@ def machine_info() -> dict[str, Any]:
     redis_version = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         redis_version = subprocess.run(
-            ["redis-server", "--version"], capture_output=True, text=True, timeout=10,
+            ["redis-server", "--version"],
+            capture_output=True,
+            text=True,
+            timeout=10,
             check=False,
         ).stdout.strip()
     return {

@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "exporter",
     "rebalance",
     "bench",
+    "chaos",
 )
 
 

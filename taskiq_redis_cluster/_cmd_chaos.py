@@ -50,26 +50,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"scenario to run (repeatable): {names}",
     )  # fmt: skip
     parser.add_argument("--all", action="store_true", help="run every scenario")
-    parser.add_argument("--ci", action="store_true",
-                        help=f"run the CI subset: {', '.join(CI_SCENARIOS)}")
+    parser.add_argument(
+        "--ci", action="store_true", help=f"run the CI subset: {', '.join(CI_SCENARIOS)}"
+    )
     parser.add_argument("--tasks", type=int, default=400, help="tasks per scenario (400)")
     parser.add_argument("--rate", type=float, default=50.0, help="kicks per second (50)")
     parser.add_argument("--workers", type=int, default=3, help="worker processes (3)")
-    parser.add_argument("--wait-replicas", type=int, default=0,
-                        help="producer wait_replicas (0; master-kill-wait1 always uses 1)")
-    parser.add_argument("--broker", choices=BROKERS, default="ours",
-                        help="broker under test (ours = ClusterStreamBroker)")
-    parser.add_argument("--idle-timeout", type=int, default=2000, metavar="MS",
-                        help="idle_timeout of the workers (2000)")
-    parser.add_argument("--xread-block", type=int, default=500, metavar="MS",
-                        help="xread_block of the workers (500)")
-    parser.add_argument("--task-sleep", type=float, default=0.2,
-                        help="seconds each task sleeps (0.2)")
-    parser.add_argument("--drain-timeout", type=float, default=None,
-                        help="seconds to wait for acked tasks after the fault")
+    parser.add_argument(
+        "--wait-replicas",
+        type=int,
+        default=0,
+        help="producer wait_replicas (0; master-kill-wait1 always uses 1)",
+    )
+    parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="ours",
+        help="broker under test (ours = ClusterStreamBroker)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=int,
+        default=2000,
+        metavar="MS",
+        help="idle_timeout of the workers (2000)",
+    )
+    parser.add_argument(
+        "--xread-block",
+        type=int,
+        default=500,
+        metavar="MS",
+        help="xread_block of the workers (500)",
+    )
+    parser.add_argument(
+        "--task-sleep", type=float, default=0.2, help="seconds each task sleeps (0.2)"
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for acked tasks after the fault",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write a JSON report")
-    parser.add_argument("--workdir", type=Path,
-                        help="keep cluster data, worker logs and ledgers here")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep cluster data, worker logs and ledgers here"
+    )
 
 
 def _names(args: argparse.Namespace) -> list[str]:
@@ -87,14 +112,21 @@ def run(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in SCENARIOS]
     if not names or unknown:
         problem = f"unknown scenario(s) {unknown}" if unknown else "no scenario chosen"
-        print(f"chaos: error: {problem}; use --all, --ci or --scenario NAME "
-              f"({', '.join(SCENARIOS)})", file=sys.stderr)
+        print(
+            f"chaos: error: {problem}; use --all, --ci or --scenario NAME ({', '.join(SCENARIOS)})",
+            file=sys.stderr,
+        )
         return 2
     try:
         config = ChaosConfig(
-            tasks=args.tasks, rate=args.rate, workers=args.workers, broker=args.broker,
-            wait_replicas=args.wait_replicas, idle_timeout=args.idle_timeout,
-            xread_block=args.xread_block, task_sleep=args.task_sleep,
+            tasks=args.tasks,
+            rate=args.rate,
+            workers=args.workers,
+            broker=args.broker,
+            wait_replicas=args.wait_replicas,
+            idle_timeout=args.idle_timeout,
+            xread_block=args.xread_block,
+            task_sleep=args.task_sleep,
             drain_timeout=args.drain_timeout,
         )
     except ClusterError as exc:
@@ -104,8 +136,12 @@ def run(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tqrc-chaos-"))
 
     def progress(result: ScenarioResult) -> None:
-        print(format_table([result]).splitlines()[-1] if result.reason or result.violations
-              else f"{result.name}: {result.status} ({result.duration_s}s)", file=sys.stderr)
+        print(
+            format_table([result]).splitlines()[-1]
+            if result.reason or result.violations
+            else f"{result.name}: {result.status} ({result.duration_s}s)",
+            file=sys.stderr,
+        )
 
     try:
         results = asyncio.run(run_suite(names, config, workdir, on_result=progress))

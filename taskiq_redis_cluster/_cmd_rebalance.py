@@ -45,8 +45,8 @@ from ._connection import connect
 from ._errors import ClusterError, RebalanceAbortedError, RebalanceError, RebalanceLockedError
 from ._keys import DEFAULT_PREFIX
 from ._rebalance import (
-    EventKind,
     RebalanceEvent,
+    RebalanceEventKind,
     RebalanceOptions,
     RebalancePreview,
     Rebalancer,
@@ -164,6 +164,16 @@ def register(subparsers: Any) -> None:
     watch.add_argument(
         "--max-runtime", type=float, default=None, metavar="S", help="stop after S seconds"
     )
+    watch.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the rebalancer's Prometheus counters on this port while watching",
+    )
+    watch.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
+    )
     watch.set_defaults(handler=_handle_watch)
 
     verify = sub.add_parser("verify", help="exit 0 only if every queue is balanced and settled")
@@ -261,14 +271,39 @@ def _handle_verify(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+def _rebalancer(
+    client: RedisCluster, args: argparse.Namespace, progress: _Progress
+) -> tuple[Rebalancer, Any]:
+    """A Rebalancer reporting to ``progress`` and to the Prometheus counters.
+
+    The counters reach Prometheus from this process only with
+    ``PROMETHEUS_MULTIPROC_DIR`` set (see docs/metrics.md), or through
+    ``watch --metrics-port``.
+    """
+    from ._metrics import default_events
+
+    events = default_events()
+
+    def on_event(event: RebalanceEvent) -> None:
+        progress(event)
+        events.rebalance_event(event)
+
+    rebalancer = Rebalancer(
+        client,
+        prefix=args.prefix,
+        options=_options(args),
+        on_event=on_event,
+        run_hook=events.track_rebalance,
+    )
+    return rebalancer, events
+
+
 def _handle_apply(args: argparse.Namespace) -> int:
     _quiet_library_logs(args)
     progress = _Progress(sys.stderr)
 
     async def body(client: RedisCluster) -> int:
-        rebalancer = Rebalancer(
-            client, prefix=args.prefix, options=_options(args), on_event=progress
-        )
+        rebalancer, _ = _rebalancer(client, args, progress)
         queues = await _queues(rebalancer, args)
         try:
             results = await rebalancer.apply(queues)
@@ -298,9 +333,15 @@ def _handle_watch(args: argparse.Namespace) -> int:
     progress = _Progress(sys.stderr)
 
     async def body(client: RedisCluster) -> int:
-        rebalancer = Rebalancer(
-            client, prefix=args.prefix, options=_options(args), on_event=progress
-        )
+        rebalancer, events = _rebalancer(client, args, progress)
+        server = None
+        if args.metrics_port is not None:
+            from ._exporter import start_metrics_server
+            from ._metrics import metrics_registry
+
+            server = start_metrics_server(
+                args.metrics_port, host=args.metrics_host, registry=metrics_registry(events)
+            )
         try:
             runs = await rebalancer.watch(
                 args.queue or None,
@@ -311,6 +352,8 @@ def _handle_watch(args: argparse.Namespace) -> int:
             )
         finally:
             progress.close()
+            if server is not None:
+                server.close()
         if args.json:
             print(json.dumps({"rebalances": runs}))
         else:
@@ -425,7 +468,7 @@ class _Progress:
 
     def __call__(self, event: RebalanceEvent) -> None:
         line = self._describe(event)
-        if event.kind is EventKind.WAITING:
+        if event.kind is RebalanceEventKind.WAITING:
             if self._tty:
                 self._draw(self._bar(event) + " " + line)
                 return
@@ -447,18 +490,18 @@ class _Progress:
         if event.index is not None:
             where += f" shard {event.index}"
         kind = event.kind
-        if kind is EventKind.WAITING:
+        if kind is RebalanceEventKind.WAITING:
             return (
                 f"{where}: draining {event.draining_tag} "
                 f"(undelivered {event.undelivered}, pending {event.pending})"
             )
-        if kind is EventKind.PLANNED:
+        if kind is RebalanceEventKind.PLANNED:
             return f"{where}: planned {event.old_tag} -> {event.new_tag}"
-        if kind is EventKind.SWITCHED:
+        if kind is RebalanceEventKind.SWITCHED:
             return f"{where}: switched to {event.new_tag} (epoch {event.epoch})"
-        if kind is EventKind.QUEUE_DONE:
+        if kind is RebalanceEventKind.QUEUE_DONE:
             return f"{where}: done, {event.done} move(s), epoch {event.epoch}"
-        if kind is EventKind.RELABELLED:
+        if kind is RebalanceEventKind.RELABELLED:
             return f"{where}: master ids refreshed (epoch {event.epoch})"
         detail = f" ({event.message})" if event.message else ""
         epoch = f" (epoch {event.epoch})" if event.epoch is not None else ""

@@ -446,7 +446,7 @@ class _Lazy:
 # PrometheusEvents() without a registry. One set per process matters in
 # multiprocess mode, where two objects for the same series would overwrite
 # each other's value in the shared mmap file.
-_SHARED_METRICS = _Lazy(lambda: _BrokerMetrics(CollectorRegistry(auto_describe=True)))
+_SHARED_METRICS = _Lazy(lambda: _BrokerMetrics(CollectorRegistry()))
 
 
 class PrometheusEvents(BrokerEvents):
@@ -782,60 +782,81 @@ class QueueStateReader:
         self.per_consumer = per_consumer
         self._clock = clock
         self._store = PlanStore(client, prefix=prefix)
+        # Only a fallback for a plan read that fails; never used otherwise.
+        self._last_plans: dict[str, ShardPlan] = {}
 
     async def read(self) -> QueueSnapshot:
         """Read everything once; never raises for Redis trouble (see ``errors``)."""
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
         snap = QueueSnapshot()
         try:
-            await self._read(snap, deadline)
+            await self._read(snap, asyncio.get_running_loop().time())
         except Exception as exc:  # a scrape must answer; the reason is counted
             logger.warning("Reading the queue state failed: %r", exc)
             snap.errors.append(_reason(exc))
         snap.duration = time.perf_counter() - started
         return snap
 
-    async def _read(self, snap: QueueSnapshot, deadline: float) -> None:
+    async def _read(self, snap: QueueSnapshot, start: float) -> None:
+        # Each phase gets a share of the time, so a master that hangs in
+        # one phase does not starve the reads of the healthy masters.
+        deadline = start + self.timeout
+        plans_deadline = start + self.timeout * 0.4
+        streams_deadline = start + self.timeout * 0.75
+        # The topology is only needed for the per-master metrics: read it
+        # alongside everything else.
+        topology_task = asyncio.ensure_future(read_topology(self.client))
+        try:
+            plans = await self._read_plans(snap, plans_deadline)
+            shards: list[_ShardRef] = []
+            for plan in plans:
+                snap.samples.add(f"{_P}plan_epoch", [plan.queue], plan.epoch)
+                snap.samples.add(f"{_P}plan_shards", [plan.queue, "active"], len(plan.shards))
+                snap.samples.add(f"{_P}plan_shards", [plan.queue, "draining"], len(plan.draining))
+                shards += [
+                    _ShardRef(plan.queue, s.index, "active", s.keys(self.prefix))
+                    for s in plan.shards
+                ]
+                shards += [
+                    _ShardRef(plan.queue, s.index, "draining", s.keys(self.prefix))
+                    for s in plan.draining
+                ]
+            groups = await self._round_streams(snap, shards, streams_deadline)
+            await self._round_groups(snap, groups, deadline)
+        finally:
+            done, errors = await _bounded({"": topology_task}, deadline)
+        if errors:
+            snap.errors.append("topology")
+        else:
+            self._topology_samples(snap.samples, done[""], plans)
+
+    async def _read_plans(self, snap: QueueSnapshot, deadline: float) -> list[ShardPlan]:
         queues: Sequence[str] | None = self.queues
         if queues is None:
             listed, failed = await _bounded({0: self._store.list_queues()}, deadline)
             snap.errors.extend(failed.values())
             queues = listed.get(0, [])
-        jobs: dict[str, Awaitable[Any]] = {"": read_topology(self.client)}
-        jobs.update({f"q:{q}": self._store.load(q) for q in queues})
+        jobs = {q: self._store.load(q) for q in queues}
         done, errors = await _bounded(jobs, deadline)
-        for key, reason in errors.items():
-            snap.errors.append("topology" if key == "" else reason)
-        topology: Topology | None = done.get("")
+        snap.errors.extend(errors.values())
         plans: list[ShardPlan] = []
         for queue in queues:
-            if f"q:{queue}" not in done:
+            if queue not in done:
+                # The plan's master is slow or down: the shards on the other
+                # masters are still worth reporting, with the last plan seen.
+                cached = self._last_plans.get(queue)
+                if cached is not None:
+                    plans.append(cached)
                 continue
-            plan = done[f"q:{queue}"]
+            plan = done[queue]
             if plan is None:
                 snap.errors.append("no_plan")
+                self._last_plans.pop(queue, None)
                 logger.debug("Queue %s has no plan; nothing to report", queue)
             else:
+                self._last_plans[queue] = plan
                 plans.append(plan)
-
-        if topology is not None:
-            self._topology_samples(snap.samples, topology, plans)
-        shards: list[_ShardRef] = []
-        for plan in plans:
-            snap.samples.add(f"{_P}plan_epoch", [plan.queue], plan.epoch)
-            snap.samples.add(f"{_P}plan_shards", [plan.queue, "active"], len(plan.shards))
-            snap.samples.add(f"{_P}plan_shards", [plan.queue, "draining"], len(plan.draining))
-            shards += [
-                _ShardRef(plan.queue, s.index, "active", s.keys(self.prefix)) for s in plan.shards
-            ]
-            shards += [
-                _ShardRef(plan.queue, s.index, "draining", s.keys(self.prefix))
-                for s in plan.draining
-            ]
-        groups = await self._round_streams(snap, shards, deadline)
-        await self._round_groups(snap, groups, deadline)
+        return plans
 
     # ----------------------------------------------------------- topology
     @staticmethod

@@ -62,6 +62,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -222,7 +223,7 @@ class RebalanceOptions:
         return 2 * self.plan_poll_interval + self.settle_margin
 
 
-class EventKind(str, enum.Enum):
+class RebalanceEventKind(str, enum.Enum):
     """What a :class:`RebalanceEvent` reports."""
 
     RESUMED = "resumed"  #: an unfinished move found in the journal/plan
@@ -231,9 +232,13 @@ class EventKind(str, enum.Enum):
     SWITCHED = "switched"
     WAITING = "waiting"  #: periodic drain progress (lag, pending)
     DRAINED = "drained"
+    #: a move took effect: its old shard left the plan (once per completed move)
     FINALIZED = "finalized"
+    #: a draining shard that is not a move's old shard left the plan (after a
+    #: revert, a re-drain, or a leftover draining shard)
+    RETIRED = "retired"
     REDRAIN = "redrain"  #: entries appeared after finalizing; draining again
-    CLEANED = "cleaned"
+    CLEANED = "cleaned"  #: the old shard's keys are deleted
     REVERTED = "reverted"
     SKIPPED = "skipped"  #: a planned move no longer fits the stored plan
     QUEUE_DONE = "queue_done"
@@ -243,7 +248,7 @@ class EventKind(str, enum.Enum):
 class RebalanceEvent:
     """Progress of a rebalance, passed to the ``on_event`` callback."""
 
-    kind: EventKind
+    kind: RebalanceEventKind
     queue: str
     index: int | None = None
     old_tag: str | None = None
@@ -490,7 +495,7 @@ class RebalancePreview:
 
 
 @dataclass(frozen=True)
-class QueueResult:
+class RebalanceResult:
     """Outcome of ``apply`` for one queue."""
 
     queue: str
@@ -717,6 +722,10 @@ def reconcile(
             if cur == rec.new.tag and rec.old.tag in drain_tags:
                 # Killed after the switch but before the journal said so.
                 active.append(replace(rec, state=MoveState.SWITCHED, switched_at=None))
+            elif cur == rec.new.tag and rec.old.tag not in tags:
+                # Switched and already out of the plan: only cleaning is
+                # left, which re-checks (and re-drains) the old shard.
+                active.append(replace(rec, state=MoveState.FINALIZED, finalized_at=None))
             else:
                 dropped.append(rec)
             continue
@@ -791,7 +800,10 @@ class Rebalancer:
     :param prefix: key prefix of the deployment.
     :param options: pacing and bounds, see :class:`RebalanceOptions`.
     :param on_event: called with every :class:`RebalanceEvent` (progress
-        bars, logs); must not block.
+        bars, logs, ``PrometheusEvents.rebalance_event``); must not block.
+    :param run_hook: a context manager factory entered around each
+        :meth:`apply` run once the lease is held (for example
+        ``PrometheusEvents.track_rebalance``).
     """
 
     def __init__(
@@ -801,8 +813,10 @@ class Rebalancer:
         prefix: str = DEFAULT_PREFIX,
         options: RebalanceOptions | None = None,
         on_event: Callable[[RebalanceEvent], None] | None = None,
+        run_hook: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self._client = client
+        self._run_hook = run_hook
         self.prefix = validate_name(prefix, "prefix")
         self.options = options or RebalanceOptions()
         self.store = PlanStore(client, prefix=prefix)
@@ -880,7 +894,7 @@ class Rebalancer:
         )
 
     # ------------------------------------------------------------- applying
-    async def apply(self, queues: Sequence[str] | None = None) -> list[QueueResult]:
+    async def apply(self, queues: Sequence[str] | None = None) -> list[RebalanceResult]:
         """Rebalance ``queues`` (default: every queue with a plan) under the lease.
 
         Unfinished moves (journal, or ``draining`` shards in the plan) are
@@ -901,26 +915,31 @@ class Rebalancer:
             wait=self.options.lock_wait,
         ) as lease:
             self._lease = lease
+            hook = self._run_hook() if self._run_hook is not None else contextlib.nullcontext()
             try:
-                names = list(queues) if queues is not None else await self.queues()
-                results: list[QueueResult] = []
-                first_abort: RebalanceAbortedError | None = None
-                for queue in names:
-                    try:
-                        results.append(await self._apply_queue(queue))
-                    except RebalanceAbortedError as exc:
-                        logger.error("Rebalance of queue %s aborted: %s", queue, exc)
-                        plan = await self._plan(queue)
-                        results.append(QueueResult(queue, 0, 0, False, plan.epoch, str(exc)))
-                        first_abort = first_abort or exc
-                if first_abort is not None:
-                    raise first_abort
-                return results
+                with hook:
+                    return await self._apply_all(queues)
             finally:
                 self._lease = None
 
+    async def _apply_all(self, queues: Sequence[str] | None) -> list[RebalanceResult]:
+        names = list(queues) if queues is not None else await self.queues()
+        results: list[RebalanceResult] = []
+        first_abort: RebalanceAbortedError | None = None
+        for queue in names:
+            try:
+                results.append(await self._apply_queue(queue))
+            except RebalanceAbortedError as exc:
+                logger.error("Rebalance of queue %s aborted: %s", queue, exc)
+                plan = await self._plan(queue)
+                results.append(RebalanceResult(queue, 0, 0, False, plan.epoch, str(exc)))
+                first_abort = first_abort or exc
+        if first_abort is not None:
+            raise first_abort
+        return results
+
     def _emit(
-        self, kind: EventKind, queue: str, rec: MoveRecord | None = None, **extra: Any
+        self, kind: RebalanceEventKind, queue: str, rec: MoveRecord | None = None, **extra: Any
     ) -> None:
         if rec is not None:
             extra.setdefault("index", rec.index)
@@ -939,7 +958,7 @@ class Rebalancer:
             raise RebalanceError(message="the rebalancer runs outside apply()")
         self._lease.check()
 
-    async def _apply_queue(self, queue: str) -> QueueResult:
+    async def _apply_queue(self, queue: str) -> RebalanceResult:
         journal = Journal(self._client, self.prefix, queue)
         plan = await self._plan(queue)
         records = await journal.records()
@@ -951,10 +970,11 @@ class Rebalancer:
                 len(dropped),
             )
             await journal.remove(dropped)
-        resumed = len(active)
         for rec in active:
             await journal.put(rec)
-            self._emit(EventKind.RESUMED, queue, rec, message=rec.state.value)
+            self._emit(RebalanceEventKind.RESUMED, queue, rec, message=rec.state.value)
+        active += await self._stranded(queue, journal, active)
+        resumed = len(active)
         if active:
             logger.info("Queue %s: resuming %d unfinished move(s)", queue, len(active))
             await self._drive_all(queue, journal, active, total=len(active))
@@ -980,27 +1000,86 @@ class Rebalancer:
             ]
             for rec in new_records:
                 await journal.put(rec)
-                self._emit(EventKind.PLANNED, queue, rec)
+                self._emit(RebalanceEventKind.PLANNED, queue, rec)
             moves += await self._drive_all(queue, journal, new_records, total=len(new_records))
         plan = await self._plan(queue)
-        self._emit(EventKind.QUEUE_DONE, queue, epoch=plan.epoch, done=moves, total=moves)
-        return QueueResult(queue, moves, resumed, relabelled, plan.epoch)
+        self._emit(RebalanceEventKind.QUEUE_DONE, queue, epoch=plan.epoch, done=moves, total=moves)
+        return RebalanceResult(queue, moves, resumed, relabelled, plan.epoch)
+
+    async def _stranded(
+        self, queue: str, journal: Journal, active: Sequence[MoveRecord]
+    ) -> list[MoveRecord]:
+        """Old shards of finished moves that received entries after cleanup.
+
+        Only a producer that could not read the plan for longer than the
+        settle window still writes to a removed tag. Such entries are found
+        here (while the journal remembers the move) and the tag is put back
+        into ``draining`` so consumers pick them up.
+        """
+        plan = await self._plan(queue)
+        in_plan = {s.tag for s in plan.all_shards()} | {r.draining for r in active}
+        found: list[MoveRecord] = []
+        for rec in await journal.records():
+            if not rec.finished or rec.draining in in_plan:
+                continue
+            state = await self.drain_state(rec.draining)
+            if state.drained:
+                if state.exists:
+                    # An empty stream recreated by a reader that stopped late.
+                    await self.drain_state(rec.draining, delete=True)
+                continue
+            shard = rec.draining_shard
+
+            def change(current: ShardPlan, shard: Shard = shard) -> ShardPlan | None:
+                if shard.tag in {s.tag for s in current.all_shards()}:
+                    return None
+                return ShardPlan(
+                    queue, current.epoch + 1, current.shards, (*current.draining, shard)
+                )
+
+            stored = await self._mutate(queue, change)
+            again = replace(
+                rec,
+                state=MoveState.SWITCHED,
+                redrain=True,
+                switched_epoch=stored.epoch,
+                switched_at=time.time(),
+            )
+            await journal.put(again)
+            logger.warning(
+                "Queue %s: removed shard %s received %d entries later; draining it again",
+                queue,
+                shard.tag,
+                state.undelivered + state.list_length,
+            )
+            self._emit(
+                RebalanceEventKind.REDRAIN,
+                queue,
+                again,
+                epoch=stored.epoch,
+                undelivered=state.undelivered,
+                pending=state.pending,
+            )
+            in_plan.add(shard.tag)
+            found.append(again)
+        return found
 
     async def _settled_topology(self) -> Topology:
         """The live topology once no slot is migrating (bounded by move_timeout)."""
         deadline = time.monotonic() + self.options.move_timeout
-        while True:
+        for _ in range(int(self.options.move_timeout / self.options.check_interval) + 2):
             topology = await read_topology(self._client)
             if not topology.migrating:
                 return topology
             if time.monotonic() >= deadline:
-                slots = ", ".join(str(m.slot) for m in topology.migrating_slots[:10])
-                raise RebalanceError(
-                    message=f"slot migrations still in progress after "
-                    f"{self.options.move_timeout:.0f}s (slots {slots}); rebalance afterwards"
-                )
+                break
             logger.info("Waiting for slot migrations to finish before re-planning")
             await asyncio.sleep(self.options.check_interval)
+        slots = ", ".join(str(m.slot) for m in topology.migrating_slots[:10])
+        raise RebalanceError(
+            message=f"slot migrations still in progress after "
+            f"{self.options.move_timeout:.0f}s (slots {slots}); rebalance afterwards"
+        )
 
     async def _relabel(self, queue: str, plan: ShardPlan, result: Replan) -> bool:
         """Store the master ids of shards that stay (a failover renamed owners)."""
@@ -1025,7 +1104,7 @@ class Rebalancer:
             stored = await self._mutate(queue, change)
         except _Stale:
             return False
-        self._emit(EventKind.RELABELLED, queue, epoch=stored.epoch)
+        self._emit(RebalanceEventKind.RELABELLED, queue, epoch=stored.epoch)
         return True
 
     async def _mutate(
@@ -1060,6 +1139,8 @@ class Rebalancer:
         move starts (planned ones are forgotten); running ones finish, then
         the abort is raised.
         """
+        if not records:
+            return 0
         semaphore = asyncio.Semaphore(self.options.max_moves_at_once)
         aborts: list[RebalanceAbortedError] = []
         done = 0
@@ -1094,9 +1175,10 @@ class Rebalancer:
     async def _drive(
         self, queue: str, journal: Journal, rec: MoveRecord, *, done_total: tuple[int, int]
     ) -> bool:
-        """Run one record to CLEANED; True if it completed a (non-reverted) move."""
+        """Run one record to CLEANED; True if a move took effect in this run."""
         deadline = time.monotonic() + self.options.move_timeout
         done, total = done_total
+        counted = False
         # Bounded: each pass advances the state or waits inside a bounded
         # step; a re-drain loops back at most a few times before the deadline.
         for _ in range(1000):
@@ -1106,17 +1188,14 @@ class Rebalancer:
             elif rec.state is MoveState.SWITCHED:
                 await self._wait_drained(queue, journal, rec, deadline, done, total)
             elif rec.state is MoveState.DRAINED:
-                await self._finalize(queue, journal, rec)
+                counted = await self._finalize(queue, journal, rec) or counted
             elif rec.state is MoveState.FINALIZED:
                 try:
                     await self._clean(queue, journal, rec, deadline)
                 except _Dropped:
                     return False
             else:
-                counted = rec.kind == "move" and not rec.reverted
-                if counted:
-                    await journal.count_move()
-                self._emit(EventKind.CLEANED, queue, rec, done=done + 1, total=total)
+                self._emit(RebalanceEventKind.CLEANED, queue, rec, done=done + 1, total=total)
                 return counted
         raise RebalanceError(message=f"move of shard {rec.index} of {queue!r} does not progress")
 
@@ -1141,7 +1220,7 @@ class Rebalancer:
                 "Queue %s: move of shard %d no longer fits the plan; skipped", queue, index
             )
             await journal.remove([rec])
-            self._emit(EventKind.SKIPPED, queue, rec)
+            self._emit(RebalanceEventKind.SKIPPED, queue, rec)
             return False
         rec.state = MoveState.SWITCHED
         rec.switched_epoch = plan.epoch
@@ -1155,7 +1234,7 @@ class Rebalancer:
             new.tag,
             plan.epoch,
         )
-        self._emit(EventKind.SWITCHED, queue, rec, epoch=plan.epoch)
+        self._emit(RebalanceEventKind.SWITCHED, queue, rec, epoch=plan.epoch)
         return True
 
     async def _wait_settled(self, since: float | None) -> None:
@@ -1190,7 +1269,7 @@ class Rebalancer:
         for _ in range(limit):
             state = await self.drain_state(rec.draining)
             self._emit(
-                EventKind.WAITING,
+                RebalanceEventKind.WAITING,
                 queue,
                 rec,
                 undelivered=state.undelivered,
@@ -1201,7 +1280,7 @@ class Rebalancer:
             if state.drained:
                 rec.state = MoveState.DRAINED
                 await journal.put(rec)
-                self._emit(EventKind.DRAINED, queue, rec, done=done, total=total)
+                self._emit(RebalanceEventKind.DRAINED, queue, rec, done=done, total=total)
                 return
             if time.monotonic() >= deadline:
                 break
@@ -1270,9 +1349,10 @@ class Rebalancer:
             reason,
             new.tag,
         )
-        self._emit(EventKind.REVERTED, queue, rec, epoch=plan.epoch, message=reason)
+        self._emit(RebalanceEventKind.REVERTED, queue, rec, epoch=plan.epoch, message=reason)
 
-    async def _finalize(self, queue: str, journal: Journal, rec: MoveRecord) -> None:
+    async def _finalize(self, queue: str, journal: Journal, rec: MoveRecord) -> bool:
+        """Take the drained tag out of the plan; True if that completed a move."""
         tag = rec.draining
 
         def change(plan: ShardPlan) -> ShardPlan | None:
@@ -1285,7 +1365,16 @@ class Rebalancer:
         rec.finalized_epoch = plan.epoch
         rec.finalized_at = time.time()
         await journal.put(rec)
-        self._emit(EventKind.FINALIZED, queue, rec, epoch=plan.epoch)
+        forward = rec.kind == "move" and not rec.reverted and not rec.redrain
+        if forward:
+            await journal.count_move()
+        self._emit(
+            RebalanceEventKind.FINALIZED if forward else RebalanceEventKind.RETIRED,
+            queue,
+            rec,
+            epoch=plan.epoch,
+        )
+        return forward
 
     async def _clean(self, queue: str, journal: Journal, rec: MoveRecord, deadline: float) -> None:
         if rec.finalized_at is None:
@@ -1346,7 +1435,7 @@ class Rebalancer:
             state.pending,
         )
         self._emit(
-            EventKind.REDRAIN,
+            RebalanceEventKind.REDRAIN,
             queue,
             rec,
             epoch=plan.epoch,
@@ -1464,15 +1553,15 @@ def _id_key(entry_id: bytes | str) -> tuple[int, int]:
 
 __all__ = [
     "DrainState",
-    "EventKind",
     "Journal",
     "MoveRecord",
     "MoveState",
-    "QueueResult",
     "RebalanceEvent",
+    "RebalanceEventKind",
     "RebalanceLease",
     "RebalanceOptions",
     "RebalancePreview",
+    "RebalanceResult",
     "RebalanceStatus",
     "Rebalancer",
     "reconcile",

@@ -93,33 +93,90 @@ return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 
 @dataclass
 class _AckBatcher:
-    """Merges the acks of one tick into one XACK per shard stream."""
+    """Merges the acks of a short window into one XACK per shard stream.
+
+    taskiq finishes tasks one by one, so acks rarely share an event-loop
+    tick; batching per tick sent one XACK per task. Waiting ``window``
+    seconds (or until ``max_batch`` acks are pending) turns a busy worker's
+    acks into a few XACKs per shard, at the cost of that delay per ack.
+    """
 
     pipeline: AutoPipeline
     group: str
     broker: ClusterStreamBroker
+    window: float = 0.002
+    max_batch: int = 512
     _pending: dict[str, tuple[int, list[tuple[bytes, asyncio.Future[None]]]]] = field(
         default_factory=dict
     )
-    _scheduled: bool = False
+    _count: int = 0
+    _timer: asyncio.TimerHandle | None = None
     _inflight: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def ack(self, stream: str, shard: int, entry_id: bytes) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._pending.setdefault(stream, (shard, []))[1].append((entry_id, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        self._count += 1
+        if self._count >= self.max_batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.window, self._flush)
         await future
 
     def _flush(self) -> None:
-        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._count = 0
         pending, self._pending = self._pending, {}
-        for stream, (shard, items) in pending.items():
-            task = asyncio.ensure_future(self._send(stream, shard, items))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+        if not pending:
+            return
+        task = asyncio.ensure_future(self._send_batch(pending))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _send_batch(
+        self, batch: dict[str, tuple[int, list[tuple[bytes, asyncio.Future[None]]]]]
+    ) -> None:
+        """One XACK per stream, all in one go; a failed one takes the retrying path.
+
+        The first attempt skips the retry policy's machinery, which cost
+        more CPU than the XACK itself; errors are rare, and ``_send`` then
+        retries transient ones and handles NOGROUP as before.
+        """
+        sent = [
+            (
+                stream,
+                shard,
+                items,
+                self.pipeline.submit(stream, "XACK", stream, self.group, *(i for i, _ in items)),
+            )
+            for stream, (shard, items) in batch.items()
+        ]
+        try:
+            await asyncio.wait([future for *_, future in sent])
+        except asyncio.CancelledError as exc:
+            for _, _, items, _ in sent:
+                self._fail(items, exc)
+            raise
+        retries = []
+        for stream, shard, items, future in sent:
+            error = None if future.cancelled() else future.exception()
+            if not future.cancelled() and error is None:
+                self._acked(shard, items)
+                continue
+            if isinstance(error, CommandFailure) and is_transient(error.error):
+                self.broker.events.retried(error_kind(error.error))
+            retries.append(self._send(stream, shard, items))
+        if retries:
+            await asyncio.gather(*retries)
+
+    def _acked(self, shard: int, items: list[tuple[bytes, asyncio.Future[None]]]) -> None:
+        self.broker.events.acked(self.broker.queue_name, shard, len(items))
+        for _, future in items:
+            if not future.done():
+                future.set_result(None)
 
     async def _send(
         self, stream: str, shard: int, items: list[tuple[bytes, asyncio.Future[None]]]
@@ -144,10 +201,7 @@ class _AckBatcher:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        self.broker.events.acked(self.broker.queue_name, shard, len(ids))
-        for _, future in items:
-            if not future.done():
-                future.set_result(None)
+        self._acked(shard, items)
 
     @staticmethod
     def _fail(items: list[tuple[bytes, asyncio.Future[None]]], exc: BaseException) -> None:
@@ -156,8 +210,8 @@ class _AckBatcher:
                 future.set_exception(exc)
 
     async def drain(self, timeout: float = 5.0) -> None:
-        if self._scheduled:
-            await asyncio.sleep(0)
+        if self._pending:
+            self._flush()
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=timeout)
 
@@ -289,6 +343,7 @@ class ClusterStreamBroker(ShardedBroker):
             AutoPipeline(client, max_batch=self.options.max_batch),
             self.options.consumer_group_name,
             self,
+            max_batch=self.options.max_batch,
         )
         self._scripts = {
             "trim": client.register_script(_SAFE_TRIM),

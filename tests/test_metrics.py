@@ -15,9 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -169,9 +167,53 @@ def test_prometheus_events_expose_exactly_the_declared_metrics() -> None:
     assert declared == expected
     assert registry.get_sample_value(METRIC_PREFIX + "published_total", {"queue": "q"}) == 3
     assert registry.get_sample_value(METRIC_PREFIX + "acked_total", {"queue": "q"}) == 2
-    assert registry.get_sample_value(
-        METRIC_PREFIX + "dead_lettered_total", {"queue": "q", "reason": "unknown_task"}
-    ) == 1
+    assert (
+        registry.get_sample_value(
+            METRIC_PREFIX + "dead_lettered_total", {"queue": "q", "reason": "unknown_task"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value(METRIC_PREFIX + "rebalance_in_progress") == 0
+    assert registry.get_sample_value(METRIC_PREFIX + "rebalance_duration_seconds_count") == 1
+
+
+def test_rebalancer_events_and_runs_are_counted() -> None:
+    import dataclasses
+
+    from taskiq_redis_cluster import _rebalance
+    from taskiq_redis_cluster._rebalance import RebalanceEvent
+
+    # The rebalancer's own enum, whatever its name (annotations are strings).
+    kind_field = next(f for f in dataclasses.fields(RebalanceEvent) if f.name == "kind")
+    EventKind = getattr(_rebalance, str(kind_field.type))
+    registry = CollectorRegistry()
+    events = PrometheusEvents(registry=registry)
+    kinds = [
+        EventKind.PLANNED,
+        EventKind.SWITCHED,
+        EventKind.FINALIZED,
+        EventKind.FINALIZED,
+        EventKind.REVERTED,
+        EventKind.QUEUE_DONE,
+    ]
+    for kind in kinds:
+        events.rebalance_event(RebalanceEvent(kind=kind, queue="q"))
+    moves = METRIC_PREFIX + "rebalance_moves_total"
+    assert registry.get_sample_value(moves, {"queue": "q", "result": "done"}) == 2
+    assert registry.get_sample_value(moves, {"queue": "q", "result": "reverted"}) == 1
+    stamp = registry.get_sample_value(
+        METRIC_PREFIX + "last_successful_rebalance_timestamp_seconds", {"queue": "q"}
+    )
+    assert stamp is not None
+    assert abs(stamp - time.time()) < 60
+
+    def failing_run() -> None:
+        with events.track_rebalance():
+            assert registry.get_sample_value(METRIC_PREFIX + "rebalance_in_progress") == 1
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        failing_run()
     assert registry.get_sample_value(METRIC_PREFIX + "rebalance_in_progress") == 0
     assert registry.get_sample_value(METRIC_PREFIX + "rebalance_duration_seconds_count") == 1
 
@@ -209,7 +251,11 @@ def test_nothing_is_created_or_registered_at_import() -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
         check=False,
     )
     assert out.returncode == 0, out.stderr
@@ -231,10 +277,9 @@ def test_metrics_registry_reads_the_multiprocess_dir(
 # scrape-time queue state against the real cluster
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture
-async def loaded_queue(
-    cluster_url: str, cluster_client: RedisCluster, unique_name: str
-) -> AsyncIterator[str]:
+async def loaded_queue(cluster_url: str, cluster_client: RedisCluster, unique_name: str) -> str:
     """A queue with entries, some delivered and unacknowledged, some acked, some new."""
     broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, shards=4, xread_block=200)
     await broker.startup()
@@ -252,7 +297,7 @@ async def loaded_queue(
         await asyncio.gather(*(producer.kick(_message(f"b{i}")) for i in range(12)))
     finally:
         await producer.shutdown()
-    yield unique_name
+    return unique_name
 
 
 @pytest.mark.cluster
@@ -284,7 +329,8 @@ async def test_scrape_reports_what_xlen_and_xpending_show(
     epoch = values(families, METRIC_PREFIX + "plan_epoch", **q)
     assert epoch == {"": plan.epoch}
     masters = [
-        s for s in families[METRIC_PREFIX + "master_shards"].samples
+        s
+        for s in families[METRIC_PREFIX + "master_shards"].samples
         if s.labels["queue"] == loaded_queue and s.labels["state"] == "active"
     ]
     assert sum(s.value for s in masters) == 4
@@ -356,7 +402,10 @@ async def test_oldest_pending_age_grows_until_another_worker_reclaims(
 
     registry = CollectorRegistry()
     rescuer = ClusterStreamBroker(
-        cluster_url, queue_name=unique_name, idle_timeout=1000, xread_block=200,
+        cluster_url,
+        queue_name=unique_name,
+        idle_timeout=1000,
+        xread_block=200,
         events=PrometheusEvents(registry=registry),
     )
     await rescuer.startup()
@@ -437,7 +486,7 @@ async def test_collector_bridges_to_the_loop_and_counts_timeouts(
 # counters across `taskiq worker --workers 2`
 # --------------------------------------------------------------------------
 
-_APP = '''
+_APP = """
 import os
 
 from taskiq_redis_cluster import ClusterStreamBroker
@@ -454,14 +503,14 @@ broker = ClusterStreamBroker(
 @broker.task(task_name="noop")
 async def noop() -> None:
     return None
-'''
+"""
 
 
 @pytest.fixture
-def worker_dir(tmp_path: Path) -> Iterator[Path]:
+def worker_dir(tmp_path: Path) -> Path:
     (tmp_path / "metrics_app.py").write_text(_APP)
     (tmp_path / "prom").mkdir()
-    yield tmp_path
+    return tmp_path
 
 
 def _multiprocess_value(path: Path, name: str, labels: dict[str, str]) -> float | None:
@@ -488,27 +537,37 @@ async def test_counters_are_summed_over_worker_processes(
         "TQRC_TEST_URL": cluster_url,
         "TQRC_TEST_QUEUE": unique_name,
     }
-    log = (worker_dir / "worker.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "taskiq", "worker", "metrics_app:broker", "--workers", "2",
-         "--shutdown-timeout", "5"],
-        cwd=worker_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    log_path = worker_dir / "worker.log"
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "taskiq",
+            "worker",
+            "metrics_app:broker",
+            "--workers",
+            "2",
+            "--shutdown-timeout",
+            "5",
+            cwd=worker_dir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     acked_name = METRIC_PREFIX + "acked_total"
     labels = {"queue": unique_name}
     try:
-        plan = await producer.current_plan()
-        first = plan.shards[0].keys("tqrc").stream
         # Both workers must be reading before the kicks, so both get work.
+        # (Redis 7.0 lists a consumer only after its first delivery, so the
+        # workers' own log line is the signal.)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if len(await cluster_client.xinfo_consumers(first, "taskiq")) >= 2:
-                    break
-            except Exception:  # the group does not exist until a worker reads
-                pass
-            await asyncio.sleep(0.2)
-        assert proc.poll() is None, (worker_dir / "worker.log").read_text()[-3000:]
+        while time.monotonic() < deadline and proc.returncode is None:
+            if log_path.read_text().count("Listening started") >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert proc.returncode is None, log_path.read_text()[-3000:]
+        await asyncio.sleep(0.5)  # let every shard reader reach its XREADGROUP
         await asyncio.gather(*(producer.kick(_message(f"w{i}", "noop")) for i in range(total)))
 
         deadline = time.monotonic() + 60
@@ -520,19 +579,18 @@ async def test_counters_are_summed_over_worker_processes(
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)  # an extra ack would show up now
         acked = _multiprocess_value(prom, acked_name, labels)
-        assert acked == total, (worker_dir / "worker.log").read_text()[-3000:]
+        assert acked == total, log_path.read_text()[-3000:]
         per_process = [
             _multiprocess_value_file(f, acked_name, labels) for f in prom.glob("counter_*.db")
         ]
         contributions = [v for v in per_process if v]
         assert len(contributions) == 2, per_process
-        assert producer_registry.get_sample_value(
-            METRIC_PREFIX + "published_total", labels
-        ) == total
+        assert (
+            producer_registry.get_sample_value(METRIC_PREFIX + "published_total", labels) == total
+        )
     finally:
         await producer.shutdown()
-        _stop(proc)
-        log.close()
+        await _stop(proc)
 
 
 def _multiprocess_value_file(path: Path, name: str, labels: dict[str, str]) -> float | None:
@@ -543,11 +601,11 @@ def _multiprocess_value_file(path: Path, name: str, labels: dict[str, str]) -> f
     return None
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(proc.wait(), 30)
+        except asyncio.TimeoutError:
             os.killpg(proc.pid, signal.SIGKILL)  # our own session: the workers too
-            proc.wait(timeout=10)
+            await asyncio.wait_for(proc.wait(), 10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,11 @@ from taskiq_redis_cluster._keys import (
 )
 from taskiq_redis_cluster._planner import Shard
 from taskiq_redis_cluster._rebalance import (
-    EventKind,
     Journal,
     MoveRecord,
     MoveState,
     RebalanceEvent,
+    RebalanceEventKind,
     RebalanceLease,
     RebalanceOptions,
     Rebalancer,
@@ -142,22 +143,29 @@ def test_reconcile_follows_the_plan_not_the_journal() -> None:
     plan = _plan(2, [n0, a1], [a0])
     active, dropped = reconcile(plan, [_rec(a0, n0, MoveState.PLANNED)])
     assert [(r.index, r.state) for r in active] == [(0, MoveState.SWITCHED)]
-    assert active[0].switched_at is None and not dropped
+    assert active[0].switched_at is None
+    assert not dropped
     # A planned move that never switched is forgotten (re-planned later).
     active, dropped = reconcile(_plan(1, [a0, a1]), [_rec(a0, n0, MoveState.PLANNED)])
-    assert not active and len(dropped) == 1
+    assert not active
+    assert len(dropped) == 1
+    # Switched and already out of the plan: only cleaning is left.
+    active, _ = reconcile(_plan(3, [n0, a1]), [_rec(a0, n0, MoveState.PLANNED)])
+    assert active[0].state is MoveState.FINALIZED
     # Killed after finalizing, before the journal said so.
     active, _ = reconcile(_plan(3, [n0, a1]), [_rec(a0, n0, MoveState.DRAINED)])
     assert active[0].state is MoveState.FINALIZED
     # Killed after a revert: the new tag is the one to drain now.
     active, _ = reconcile(_plan(3, [a0, a1], [n0]), [_rec(a0, n0, MoveState.SWITCHED)])
-    assert active[0].reverted and active[0].draining == n0.tag
+    assert active[0].reverted
+    assert active[0].draining == n0.tag
     assert active[0].target_shard == a0
     # The draining tag became active again (someone else changed the plan):
     # the record is dropped, so the active shard is never deleted.
     rec = _rec(a1, n1, MoveState.FINALIZED)
     active, dropped = reconcile(_plan(4, [a0, a1]), [rec])
-    assert not active and dropped == [rec]
+    assert not active
+    assert dropped == [rec]
     # A draining shard without a journal entry becomes a drain-only record.
     active, _ = reconcile(_plan(5, [n0, a1], [a0]), [])
     assert [(r.kind, r.draining, r.new) for r in active] == [("drain", a0.tag, n0)]
@@ -289,7 +297,7 @@ class Load:
 def _max_gap(times: Iterable[float], start: float, end: float) -> float:
     window = sorted(t for t in times if start <= t <= end)
     points = [start, *window, end]
-    return max(b - a for a, b in zip(points, points[1:], strict=False))
+    return max(b - a for a, b in itertools.pairwise(points))
 
 
 @contextlib.asynccontextmanager
@@ -310,6 +318,29 @@ async def _weighted_plan(client: RedisCluster, queue: str, shards: int = 6) -> S
     plan = await PlanStore(client).get_or_create(topology, spec)
     assert balance(plan, topology).spread >= 2
     return plan
+
+
+async def _purge(client: RedisCluster, queue: str) -> None:
+    """Remove a test queue's plan, journal and every shard key it used."""
+    store = PlanStore(client)
+    plan = await store.load(queue)
+    tags = {s.tag for s in plan.all_shards()} if plan is not None else set()
+    for rec in await Journal(client, DEFAULT_PREFIX, queue).records():
+        tags |= {rec.old.tag, rec.new.tag}
+    for tag in tags:
+        keys = ShardKeys(DEFAULT_PREFIX, tag)
+        await client.delete(keys.stream, keys.dead, keys.list)
+    await client.delete(rebalance_journal_key(DEFAULT_PREFIX, queue))
+    await store.delete(queue)
+
+
+@pytest.fixture
+async def queue(cluster_client: RedisCluster, unique_name: str) -> AsyncIterator[str]:
+    """A unique queue name whose plan and keys are removed after the test."""
+    try:
+        yield unique_name
+    finally:
+        await _purge(cluster_client, unique_name)
 
 
 async def _journal_states(client: RedisCluster, queue: str) -> list[str]:
@@ -350,28 +381,32 @@ async def _old_keys_gone(client: RedisCluster, tags: Iterable[str]) -> bool:
 
 @pytest.mark.cluster
 async def test_plan_and_verify_commands_report_imbalance(
-    cluster_client: RedisCluster, cluster_url: str, unique_name: str
+    cluster_client: RedisCluster, cluster_url: str, queue: str
 ) -> None:
-    await _weighted_plan(cluster_client, unique_name)
-    code, out, _ = await _run_cli(*_cli_args(cluster_url, unique_name, "plan"), "--json")
+    await _weighted_plan(cluster_client, queue)
+    code, out, _ = await _run_cli(*_cli_args(cluster_url, queue, "plan"), "--json")
     assert code == 1, out
     doc = json.loads(out)["queues"][0]
-    assert doc["needed"] and len(doc["moves"]) == 2
+    assert doc["needed"]
+    assert len(doc["moves"]) == 2
     assert sorted(doc["before"].values()) == [1, 1, 4]
     assert sorted(doc["after"].values()) == [2, 2, 2]
-    code, out, _ = await _run_cli(*_cli_args(cluster_url, unique_name, "plan"))
-    assert code == 1 and "2 move(s)" in out and "before" in out
-    code, out, _ = await _run_cli(*_cli_args(cluster_url, unique_name, "verify"))
-    assert code == 1 and "NOT OK" in out
+    code, out, _ = await _run_cli(*_cli_args(cluster_url, queue, "plan"))
+    assert code == 1
+    assert "2 move(s)" in out
+    assert "before" in out
+    code, out, _ = await _run_cli(*_cli_args(cluster_url, queue, "verify"))
+    assert code == 1
+    assert "NOT OK" in out
     code, _, err = await _run_cli(*_cli_args(cluster_url, "no-such-queue", "verify"))
-    assert code == 2 and "no-such-queue" in err
+    assert code == 2
+    assert "no-such-queue" in err
 
 
 @pytest.mark.cluster
 async def test_kill_9_mid_move_then_rerun_completes_without_loss(
-    cluster_client: RedisCluster, cluster_url: str, unique_name: str
+    cluster_client: RedisCluster, cluster_url: str, queue: str
 ) -> None:
-    queue = unique_name
     await _weighted_plan(cluster_client, queue)
     async with _load(cluster_url, queue) as load:
         await asyncio.sleep(1.0)
@@ -391,7 +426,8 @@ async def test_kill_9_mid_move_then_rerun_completes_without_loss(
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
         plan = await PlanStore(cluster_client).load(queue)
-        assert plan is not None and plan.draining, "a move must be half done"
+        assert plan is not None
+        assert plan.draining, "a move must be half done"
         # The dead rebalancer's lease blocks for its TTL; --lock-wait rides it out.
         code, out, err = await _run_cli(
             *_cli_args(cluster_url, queue, "apply"), *_tuning(), "--lock-wait", "10"
@@ -407,23 +443,24 @@ async def test_kill_9_mid_move_then_rerun_completes_without_loss(
     )
     assert not lost
     final = await PlanStore(cluster_client).load(queue)
-    assert final is not None and not final.draining
-    old_tags = {t for t in plan.tags() + tuple(s.tag for s in plan.draining)} - set(final.tags())
+    assert final is not None
+    assert not final.draining
+    old_tags = set(plan.tags() + tuple(s.tag for s in plan.draining)) - set(final.tags())
     assert await _old_keys_gone(cluster_client, old_tags)
 
 
 @pytest.mark.cluster
 async def test_two_rebalancers_at_once_one_exits_with_3(
-    cluster_client: RedisCluster, cluster_url: str, unique_name: str
+    cluster_client: RedisCluster, cluster_url: str, queue: str
 ) -> None:
-    queue = unique_name
     await _weighted_plan(cluster_client, queue)
     async with _load(cluster_url, queue, rate=20.0) as load:
         args = [*_cli_args(cluster_url, queue, "apply"), *_tuning()]
         (c1, o1, e1), (c2, o2, e2) = await asyncio.gather(_run_cli(*args), _run_cli(*args))
         assert sorted([c1, c2]) == [0, 3], (o1, e1, o2, e2)
         loser_err = e1 if c1 == 3 else e2
-        assert "holds the lease" in loser_err and "only one may run at a time" in loser_err
+        assert "holds the lease" in loser_err
+        assert "only one may run at a time" in loser_err
         await load.stop_producing()
         assert not await load.wait_all_executed()
     ok, counts = await _status_ok(cluster_client, queue)
@@ -446,9 +483,8 @@ async def test_lease_is_exclusive_and_released(cluster_client: RedisCluster) -> 
 
 @pytest.mark.cluster
 async def test_timeout_reverts_the_move_and_a_later_run_finishes(
-    cluster_client: RedisCluster, cluster_url: str, unique_name: str
+    cluster_client: RedisCluster, cluster_url: str, queue: str
 ) -> None:
-    queue = unique_name
     plan = await _weighted_plan(cluster_client, queue)
     # Tasks wait in every shard, but no consumer runs: nothing can drain.
     producer = ClusterStreamBroker(cluster_url, queue_name=queue, plan_poll_interval=POLL)
@@ -477,14 +513,26 @@ async def test_timeout_reverts_the_move_and_a_later_run_finishes(
     # The old plan is in force again; the new tag is draining.
     assert reverted.tags() == plan.tags()
     assert len(reverted.draining) == 1
-    assert [e.kind for e in events].count(EventKind.REVERTED) == 1
+    assert [e.kind for e in events].count(RebalanceEventKind.REVERTED) == 1
     states = await _journal_states(cluster_client, queue)
     assert states == ["switched"]
     # With consumers running, a rerun drains the new tag and then moves.
+    from prometheus_client import CollectorRegistry
+
+    from taskiq_redis_cluster._metrics import PrometheusEvents
+
+    registry = CollectorRegistry()
+    metrics = PrometheusEvents(registry)
     async with _load(cluster_url, queue, consumers=1) as load:
         await load.stop_producing()
-        results = await Rebalancer(cluster_client, options=_opts()).apply([queue])
-        assert results[0].resumed == 1 and results[0].moves == 2
+        results = await Rebalancer(
+            cluster_client,
+            options=_opts(),
+            on_event=metrics.rebalance_event,
+            run_hook=metrics.track_rebalance,
+        ).apply([queue])
+        assert results[0].resumed == 1
+        assert results[0].moves == 2
         executed = load.executed
         deadline = time.monotonic() + 20
         while set(kicked) - set(executed) and time.monotonic() < deadline:
@@ -492,6 +540,9 @@ async def test_timeout_reverts_the_move_and_a_later_run_finishes(
         assert not set(kicked) - set(executed)
     ok, counts = await _status_ok(cluster_client, queue)
     assert ok, counts
+    moves = "taskiq_redis_cluster_rebalance_moves_total"
+    assert registry.get_sample_value(moves, {"queue": queue, "result": "done"}) == 2
+    assert registry.get_sample_value("taskiq_redis_cluster_rebalance_in_progress") == 0
 
 
 # --------------------------------------------------------------------------
@@ -518,6 +569,16 @@ async def record(task_id: str) -> None:
 """
 
 
+def _spawn(
+    args: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a process in its own session, output to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 def _record_message(task_id: str) -> BrokerMessage:
     msg = TaskiqMessage(
         task_id=task_id, task_name="rbw:record", labels={}, args=[task_id], kwargs={}
@@ -540,9 +601,8 @@ def _read_records(path: Path) -> list[tuple[str, float]]:
 
 @pytest.mark.cluster
 async def test_real_worker_keeps_running_through_moves_stall_is_short(
-    cluster_client: RedisCluster, cluster_url: str, unique_name: str, tmp_path: Path
+    cluster_client: RedisCluster, cluster_url: str, queue: str, tmp_path: Path
 ) -> None:
-    queue = unique_name
     await _weighted_plan(cluster_client, queue)
     (tmp_path / "rbw_tasks.py").write_text(_WORKER_MODULE)
     out = tmp_path / "executed.txt"
@@ -553,8 +613,7 @@ async def test_real_worker_keeps_running_through_moves_stall_is_short(
         "RBW_OUT": str(out),
         "PYTHONPATH": str(tmp_path),
     }
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed in finally
-    worker = subprocess.Popen(
+    worker = _spawn(
         [
             sys.executable,
             "-m",
@@ -566,11 +625,9 @@ async def test_real_worker_keeps_running_through_moves_stall_is_short(
             "--shutdown-timeout",
             "5",
         ],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        tmp_path,
+        tmp_path / "worker.log",
+        env,
     )
     producer = ClusterStreamBroker(cluster_url, queue_name=queue, plan_poll_interval=POLL)
     await producer.startup()
@@ -599,7 +656,7 @@ async def test_real_worker_keeps_running_through_moves_stall_is_short(
         moves: list[float] = []
 
         def on_event(event: RebalanceEvent) -> None:
-            if event.kind in (EventKind.SWITCHED, EventKind.CLEANED):
+            if event.kind in (RebalanceEventKind.SWITCHED, RebalanceEventKind.CLEANED):
                 moves.append(time.time())
 
         started = time.time()
@@ -638,7 +695,6 @@ async def test_real_worker_keeps_running_through_moves_stall_is_short(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(worker.pid, signal.SIGKILL)
             await asyncio.to_thread(worker.wait, 5)
-        log.close()
 
 
 # --------------------------------------------------------------------------
@@ -677,7 +733,7 @@ async def _reshard(port: int, source: str, target: str, count: int) -> None:
 
 
 def _plan_on(
-    topology: Topology, queue: str, epoch: int, wanted: list[tuple[str, frozenset[int] | None]]
+    topology: Topology, queue: str, epoch: int, wanted: Sequence[tuple[str, frozenset[int] | None]]
 ) -> ShardPlan:
     """Shard i on master wanted[i][0], in the slot set wanted[i][1] if given."""
     owners = topology.slot_owners
@@ -699,9 +755,8 @@ async def test_reshard_a_third_then_apply_restores_balance_without_loss(
     healthy_cluster: DevCluster,
     cluster_client: RedisCluster,
     cluster_url: str,
-    unique_name: str,
+    queue: str,
 ) -> None:
-    queue = unique_name
     topology = await read_topology(cluster_client)
     a = topology.owner_of(0)
     assert a is not None
@@ -730,7 +785,8 @@ async def test_reshard_a_third_then_apply_restores_balance_without_loss(
             ended = time.time()
             assert code == 0, out + err
             ok, counts = await _status_ok(cluster_client, queue)
-            assert ok and max(counts.values()) - min(counts.values()) <= 1, counts
+            assert ok, counts
+            assert max(counts.values()) - min(counts.values()) <= 1, counts
             await load.stop_producing()
             lost = await load.wait_all_executed()
             print(
@@ -794,14 +850,11 @@ async def test_fourth_master_gets_its_share_of_shards(tmp_path: Path, unique_nam
                 _plan_on(topology, queue, 2, wanted), expected_epoch=1
             )
             async with _load(cluster.url, queue, consumers=1, rate=25.0) as load:
-                with open(node_dir / "redis.log", "wb") as log:
-                    extra = subprocess.Popen(
-                        ["redis-server", str(node_dir / "redis.conf")],
-                        cwd=node_dir,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
+                extra = _spawn(
+                    ["redis-server", str(node_dir / "redis.conf")],
+                    node_dir,
+                    node_dir / "redis.log",
+                )
                 for _ in range(100):
                     try:
                         await _redis_cli("-p", str(extra_port), "ping", timeout=5)
@@ -874,3 +927,95 @@ async def test_journal_lives_next_to_the_plan(cluster_client: RedisCluster) -> N
     assert key_slot(rebalance_journal_key("p", "q").encode()) == key_slot(
         plan_key("p", "q").encode()
     )
+
+
+@pytest.mark.cluster
+async def test_watch_once_rebalances_and_moves_dead_letters(
+    cluster_client: RedisCluster, cluster_url: str, queue: str
+) -> None:
+    await _weighted_plan(cluster_client, queue)
+    preview = await Rebalancer(cluster_client).preview(queue)
+    move = preview.moves[0]
+    old_dead = ShardKeys(DEFAULT_PREFIX, move.old.tag).dead
+    for i in range(3):
+        await cluster_client.xadd(old_dead, {b"reason": b"test", b"field:data": f"d{i}".encode()})
+    async with _load(cluster_url, queue, consumers=1, rate=10.0) as load:
+        code, out, err = await _run_cli(
+            *_cli_args(cluster_url, queue, "watch"),
+            *_tuning(),
+            "--poll-interval",
+            "0.2",
+            "--settle-polls",
+            "2",
+            "--once",
+            "--json",
+        )
+        assert code == 0, out + err
+        assert json.loads(out) == {"rebalances": 1}
+        ok, counts = await _status_ok(cluster_client, queue)
+        assert ok, counts
+        # The old shard's dead letters now sit in the dead stream of the shard
+        # that holds the index, marked with where they came from.
+        plan = await PlanStore(cluster_client).load(queue)
+        assert plan is not None
+        new_dead = ShardKeys(DEFAULT_PREFIX, plan.shards[move.index].tag).dead
+        entries: list[Any] = await cluster_client.xrange(new_dead) or []
+        assert [f[b"field:data"] for _, f in entries] == [b"d0", b"d1", b"d2"]
+        assert all(f[b"moved_from"] == old_dead.encode() for _, f in entries)
+        assert not await cluster_client.exists(old_dead)
+        # A producer with a very stale plan writes to the removed shard: the
+        # next run puts it back into draining, so the task still runs.
+        old_stream = ShardKeys(DEFAULT_PREFIX, move.old.tag).stream
+        await cluster_client.xadd(old_stream, {b"data": _message("stranded-1").message})
+        code, out, err = await _run_cli(*_cli_args(cluster_url, queue, "apply"), *_tuning())
+        assert code == 0, out + err
+        assert "0 move(s), resumed 1" in out
+        assert load.executed["stranded-1"] == 1
+        assert not await cluster_client.exists(old_stream)
+        await load.stop_producing()
+        assert not await load.wait_all_executed()
+    ok, counts = await _status_ok(cluster_client, queue)
+    assert ok, counts
+
+
+class _FakeTTY:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_line_on_a_terminal() -> None:
+    from taskiq_redis_cluster._cmd_rebalance import _Progress
+
+    out = _FakeTTY()
+    progress = _Progress(out)  # type: ignore[arg-type]
+    progress(
+        RebalanceEvent(RebalanceEventKind.SWITCHED, "q", 3, "q/3~0", "q/3~4", epoch=7, total=2)
+    )
+    progress(
+        RebalanceEvent(
+            RebalanceEventKind.WAITING,
+            "q",
+            3,
+            "q/3~0",
+            "q/3~4",
+            "q/3~0",
+            undelivered=5,
+            pending=2,
+            done=1,
+            total=2,
+        )
+    )
+    progress.close()
+    assert "switched to q/3~4 (epoch 7)" in out.text
+    assert "\r\x1b[K[##########..........] 1/2 queue q shard 3: draining q/3~0" in out.text
+    assert out.text.endswith("\r\x1b[K")
