@@ -52,6 +52,15 @@ from ._options import ListOptions, QueueOptions, StreamOptions
 from ._planner import QueueSpec, Shard, ShardPlan, balance, plan_queue, replan
 from ._planstore import PlanStore
 from ._pubsub import ClusterPubSubBroker
+from ._rebalance import (
+    RebalanceEvent,
+    RebalanceEventKind,
+    RebalanceOptions,
+    RebalancePreview,
+    Rebalancer,
+    RebalanceResult,
+    RebalanceStatus,
+)
 from ._result_backend import ClusterResultBackend
 from ._retry import RetryPolicy
 from ._schedule_source import ClusterListScheduleSource
@@ -98,7 +107,14 @@ __all__ = [
     "QueueStateReader",
     "RebalanceAbortedError",
     "RebalanceError",
+    "RebalanceEvent",
+    "RebalanceEventKind",
     "RebalanceLockedError",
+    "RebalanceOptions",
+    "RebalancePreview",
+    "RebalanceResult",
+    "RebalanceStatus",
+    "Rebalancer",
     "RedisServerMissingError",
     "ReplicationTimeoutError",
     "ResultError",

@@ -218,6 +218,7 @@ def broker_from_env() -> Any:
             idle_timeout=idle_ms,
             xread_block=block_ms,
             trim_interval=trim,
+            xread_count=int(os.environ.get("XC", "100")),
         )
     if kind == "ours-list":
         from ._list import ClusterListQueueBroker

@@ -264,6 +264,12 @@ class ShardedBroker(AsyncBroker):
         getter: asyncio.Future[AckableMessage | bytes] | None = None
         try:
             while True:
+                if not buffer.empty() and not supervisor.done():
+                    # Fast path: a message is ready; no future and no wait().
+                    item = buffer.get_nowait()
+                    self._handed_out(item)
+                    yield item
+                    continue
                 getter = asyncio.ensure_future(buffer.get())
                 done, _ = await asyncio.wait(
                     {getter, supervisor}, return_when=asyncio.FIRST_COMPLETED

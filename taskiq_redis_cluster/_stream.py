@@ -104,7 +104,7 @@ class _AckBatcher:
     pipeline: AutoPipeline
     group: str
     broker: ClusterStreamBroker
-    window: float = 0.002
+    window: float = 0.005
     max_batch: int = 512
     _pending: dict[str, tuple[int, list[tuple[bytes, asyncio.Future[None]]]]] = field(
         default_factory=dict
