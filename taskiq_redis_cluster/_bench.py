@@ -58,6 +58,7 @@ from redis.asyncio.cluster import ClusterNode
 
 from ._connection import connect, redact_url
 from ._errors import DevClusterError
+from ._keys import DEFAULT_PREFIX, ShardKeys
 from ._planner import QueueSpec, plan_queue
 from ._planstore import PlanStore
 from ._topology import Topology
@@ -173,7 +174,7 @@ class BenchConfig:
             quick=quick,
             rounds=3 if quick else 5,
             kick_total=3_000 if quick else 20_000,
-            latency_seconds=2.0 if quick else 5.0,
+            latency_seconds=1.5 if quick else 5.0,
             recovery_rounds=1 if quick else 3,
             recovery_wait=10.0 if quick else 15.0,
         )
@@ -218,7 +219,6 @@ def broker_from_env() -> Any:
             idle_timeout=idle_ms,
             xread_block=block_ms,
             trim_interval=trim,
-            xread_count=int(os.environ.get("XC", "100")),
         )
     if kind == "ours-list":
         from ._list import ClusterListQueueBroker
@@ -684,31 +684,33 @@ async def _info(client: RedisCluster, node: ClusterNode, section: str) -> dict[s
     return _as_info(reply)
 
 
-async def memory(client: RedisCluster) -> tuple[int, int]:
-    """``(used_memory, used_memory_dataset)``, each summed over the masters."""
-    used = dataset = 0
+async def memory(client: RedisCluster) -> int:
+    """``used_memory`` summed over the masters."""
+    used = 0
     for node in client.get_primaries():
         info = await _info(client, node, "memory")
         used += int(info["used_memory"])
-        dataset += int(info.get("used_memory_dataset", 0))
         logger.debug(
-            "memory of %s: %s",
+            "memory of %s: used %s, clients %s, backlog %s, overhead %s",
             node.name,
-            {
-                k: info.get(k)
-                for k in (
-                    "used_memory",
-                    "used_memory_dataset",
-                    "mem_clients_normal",
-                    "mem_replication_backlog",
-                    "mem_clients_slaves",
-                    "mem_aof_buffer",
-                    "used_memory_overhead",
-                    "lazyfree_pending_objects",
-                )
-            },
+            info.get("used_memory"),
+            info.get("mem_clients_normal"),
+            info.get("mem_replication_backlog"),
+            info.get("used_memory_overhead"),
         )
-    return used, dataset
+    return used
+
+
+async def key_memory(client: RedisCluster, keys: Sequence[str]) -> int:
+    """``MEMORY USAGE key SAMPLES 0`` summed over ``keys`` (missing keys count 0).
+
+    Exact for the queue's own data, and blind to client buffers and other
+    keys, unlike a ``used_memory`` delta.
+    """
+    total = 0
+    for key in keys:
+        total += int(await client.memory_usage(key, samples=0) or 0)
+    return total
 
 
 async def prime_replication_backlogs(client: RedisCluster, run_id: str) -> None:
@@ -908,6 +910,9 @@ class _Bench:
         self.app_dir.mkdir(parents=True, exist_ok=True)
         (self.app_dir / f"{APP_MODULE}.py").write_text(APP_SOURCE)
         self.queues: list[str] = []
+        # Seconds to let memory settle before it is read: Redis shrinks the
+        # query buffers of clients idle for 2 s. Quick runs read sooner.
+        self._settle = 1.0 if cfg.quick else 2.2
 
     def _env(
         self, kind: str, queue: str, stats: Path, slow_flag: Path | None = None
@@ -978,11 +983,19 @@ class _Bench:
         producer = await self._producer(f"{kind}-producer", env)
         workers: list[_Child] = []
         try:
+            # Same settling time before the baseline as before each reading.
+            await asyncio.sleep(self._settle)
             memory_before = await memory(self.client)
-            result.update(await self._kick_phase(kind, producer))
+            result.update(await self._kick_phase(kind, queue, producer, memory_before))
             result.update(
                 await self._drain_phase(
-                    kind, env, stats_dir, workers, memory_before, int(result["memory_tasks"])
+                    kind,
+                    env,
+                    stats_dir,
+                    workers,
+                    memory_before,
+                    int(result["memory_tasks"]),
+                    queue,
                 )
             )
             n = self.cfg.count(self.cfg.kick_total, minimum=self.cfg.concurrency)
@@ -1018,12 +1031,25 @@ class _Bench:
             await self.procs.stop(producer.child, grace=10.0)
         return result
 
-    async def _kick_phase(self, kind: str, producer: _Producer) -> dict[str, Any]:
+    async def _queue_keys(self, kind: str, queue: str) -> list[str]:
+        """The Redis keys that hold ``queue``'s tasks for broker ``kind``."""
+        if kind.startswith("theirs-"):
+            return [queue]
+        plan = await PlanStore(self.client).load(queue)
+        if plan is None:
+            return []
+        keys = [ShardKeys(DEFAULT_PREFIX, shard.tag) for shard in plan.all_shards()]
+        if kind == "ours-list":
+            return [k.list for k in keys]
+        return [name for k in keys for name in (k.stream, k.dead)]
+
+    async def _kick_phase(
+        self, kind: str, queue: str, producer: _Producer, before: int
+    ) -> dict[str, Any]:
         """Kick rounds into an idle queue: throughput, load spread, queued memory."""
         cfg = self.cfg
         n = cfg.count(cfg.kick_total, minimum=cfg.concurrency)
         logger.info("%s: kick throughput, %d rounds of %d kicks", kind, cfg.rounds, n)
-        before = await memory(self.client)
         kicks: list[float] = []
         kick_cpu: list[float] = []
         spreads: list[float] = []
@@ -1046,11 +1072,9 @@ class _Bench:
                     "%s: %d kicks failed, first: %s", kind, reply["errors"], reply["first_error"]
                 )
         backlog = n * cfg.rounds - errors
-        # Let idle client query buffers shrink (Redis does so after 2 s idle).
-        await asyncio.sleep(2.2)
-        after = await memory(self.client)
-        queued = after[0] - before[0]
-        dataset = after[1] - before[1]
+        await asyncio.sleep(self._settle)
+        queued = await memory(self.client) - before
+        keys = await key_memory(self.client, await self._queue_keys(kind, queue))
         median_spread = _median(spreads) or 0.0
         closest = min(range(len(spreads)), key=lambda i: abs(spreads[i] - median_spread))
         return {
@@ -1064,7 +1088,7 @@ class _Bench:
             "memory_tasks": backlog,
             "memory_queued_bytes": max(0, queued),
             "memory_queued_per_100k_bytes": _per_100k(queued, backlog),
-            "dataset_queued_per_100k_bytes": _per_100k(dataset, backlog),
+            "keys_queued_per_100k_bytes": _per_100k(keys, backlog),
         }
 
     async def _drain_phase(
@@ -1073,8 +1097,9 @@ class _Bench:
         env: dict[str, str],
         stats_dir: Path,
         workers: list[_Child],
-        memory_before: tuple[int, int],
+        memory_before: int,
         backlog: int,
+        queue: str,
     ) -> dict[str, Any]:
         """One worker drains the kick-phase backlog; memory once all is done."""
         logger.info("%s: one worker drains %d queued tasks", kind, backlog)
@@ -1090,17 +1115,17 @@ class _Bench:
         cpu = stats.total_float("cpu_last") - stats.total_float("cpu_first")
         # Our stream broker trims acknowledged entries every trim_interval,
         # when its blocked read returns: wait for two such passes.
-        settle = 2.2
+        settle = self._settle
         if kind == "ours-stream":
             settle = max(settle, 2 * self.cfg.trim_interval + self.cfg.xread_block_ms / 1000)
         await asyncio.sleep(settle)
-        after = await memory(self.client)
-        done = max(0, after[0] - memory_before[0])
+        done = max(0, await memory(self.client) - memory_before)
+        keys = await key_memory(self.client, await self._queue_keys(kind, queue))
         return {
             "drain_1w_tps": backlog / (last - first) if first and last and last > first else None,
             "drain_worker_cpu_us_per_task": round(cpu / backlog * 1e6, 1) if backlog else None,
             "memory_done_bytes": done,
-            "dataset_done_bytes": max(0, after[1] - memory_before[1]),
+            "keys_done_bytes": keys,
         }
 
     async def _latency_phase(
@@ -1307,6 +1332,8 @@ RATIO_METRICS = (
     ("spread_max_mean", "lower"),
     ("memory_queued_per_100k_bytes", "lower"),
     ("memory_done_bytes", "lower"),
+    ("keys_queued_per_100k_bytes", "lower"),
+    ("keys_done_bytes", "lower"),
 )
 
 
@@ -1367,6 +1394,12 @@ def targets(report: dict[str, Any], cfg: BenchConfig) -> list[dict[str, Any]]:
     return out
 
 
+def _drop_node_data(work: Path) -> None:
+    """Keep a failed run's logs, not its nodes' data files."""
+    for data in work.glob("cluster/*/appendonlydir"):
+        shutil.rmtree(data, ignore_errors=True)
+
+
 async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the whole benchmark and return the report (JSON-able dict).
 
@@ -1410,9 +1443,14 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 client, url, bench.run_id, cfg.scrape_queues, cfg.scrape_shards, cfg.rounds
             )
             bench.queues.extend(scrape.pop("queue_names"))
-            if cfg.url is not None:
-                await bench.cleanup()
         finally:
+            await procs.stop_all()
+            if cfg.url is not None:
+                # Someone else's cluster: leave no keys behind, even on Ctrl-C.
+                try:
+                    await asyncio.wait_for(bench.cleanup(), 60.0)
+                except Exception as exc:
+                    logger.warning("Could not delete every bench key: %r", exc)
             await client.aclose()
         report: dict[str, Any] = {
             "meta": {
@@ -1449,6 +1487,7 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         if ok:
             shutil.rmtree(work, ignore_errors=True)
         else:
+            _drop_node_data(work)
             logger.warning("Bench failed or was interrupted; logs kept in %s", work)
 
 
@@ -1481,6 +1520,8 @@ _ROWS = (
     ("load spread max/mean", "spread_max_mean", "f"),
     ("memory per 100k queued (MB) *", "memory_queued_per_100k_bytes", "mb"),
     ("memory after done (MB) *", "memory_done_bytes", "mb"),
+    ("queue keys per 100k queued (MB) *", "keys_queued_per_100k_bytes", "mb"),
+    ("queue keys after done (MB) *", "keys_done_bytes", "mb"),
     ("recovery after SIGKILL (s)", "recovery_s", "f"),
 )
 

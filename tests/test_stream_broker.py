@@ -1,7 +1,9 @@
 """ClusterStreamBroker against the real 3+3 cluster (in-process parts).
 
-Worker-process scenarios (SIGKILL, failover under load, ...) are in
-tests/test_stream_faults.py.
+Worker-process scenarios are in tests/test_stream_faults.py (SIGKILL with
+tasks in flight, slot MIGRATE under load, XADD spread) and in the CI subset
+of tests/test_chaos.py (stream DEL, CLUSTER FAILOVER and master SIGKILL under
+load, with lost = 0).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -53,9 +53,8 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Dev
         yield started
 
 
-async def _poll(check: object, timeout: float, what: str) -> None:
+async def _poll(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     """Await ``check()`` every 0.25 s until it is true (bounded)."""
-    assert callable(check)
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / 0.25) + 2):
         if await check():
@@ -105,7 +104,9 @@ async def test_worker_sigkill_with_50_slow_tasks_in_flight(
     await cluster.heal()
     # The first worker's tasks sleep far longer than the test; the
     # replacement's do not, so every run in the ledger is a redelivery.
-    config = ChaosConfig(tasks=50, workers=1, idle_timeout=2000, xread_block=500, task_sleep=120.0)
+    # idle_timeout leaves room: a worker also reclaims its own entries once
+    # they idle that long, and max_deliveries would then dead-letter them.
+    config = ChaosConfig(tasks=50, workers=1, idle_timeout=4000, xread_block=500, task_sleep=120.0)
     queue = f"inflight-{uuid.uuid4().hex[:6]}"
     pool = WorkerPool(tmp_path, worker_env(cluster.url, queue, tmp_path, config))
     producer = producer_broker(cluster.url, queue, config)
@@ -133,7 +134,7 @@ async def test_worker_sigkill_with_50_slow_tasks_in_flight(
 
         await _poll(all_ran, 90, "every kicked task executed")
         runs = read_executions(tmp_path)
-        first = {}
+        first: dict[str, float] = {}
         for e in runs:
             first.setdefault(e.task_id, e.at)
         took = max(first[i] for i in ids) - killed_at

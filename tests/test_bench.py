@@ -1,0 +1,244 @@
+"""scripts/bench.py keeps working: a tiny quick run, plus the pure helpers.
+
+No speed is asserted anywhere: the numbers depend on the machine. The run
+test only checks that the script completes, writes the documented JSON keys
+and reports sane, non-negative figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taskiq_redis_cluster._bench import (
+    BROKERS,
+    BenchConfig,
+    _as_info,
+    bench_planner,
+    format_report,
+    percentile,
+    ratios,
+    spread,
+    targets,
+)
+from taskiq_redis_cluster._cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "bench.py"
+
+#: Per-broker figures every report has (value may be None where noted).
+BROKER_KEYS = (
+    "kick_tps",
+    "kick_cpu_us_per_kick",
+    "e2e_1w_tps",
+    "e2e_2w_tps",
+    "drain_1w_tps",
+    "drain_worker_cpu_us_per_task",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "spread_max_mean",
+    "ops_per_master",
+    "memory_queued_per_100k_bytes",
+    "memory_done_bytes",
+    "keys_queued_per_100k_bytes",
+    "keys_done_bytes",
+    "recovery_s",
+    "recovery_note",
+)
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, int | float) and value >= 0
+
+
+# --------------------------------------------------------------------------
+# The script itself, on the session cluster (a tiny scale keeps it short)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+async def test_quick_run_writes_the_report(cluster_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--scale",
+        "0.2",
+        "--rounds",
+        "2",
+        "--url",
+        cluster_url,
+        "--json",
+        str(out),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=170)
+    except asyncio.TimeoutError:
+        # SIGINT, not SIGKILL: the bench then ends its worker processes.
+        proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=30)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+        raise
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    table = stdout.decode()
+    assert "kick throughput" in table
+    assert "targets:" in table
+
+    report = json.loads(out.read_text())
+    assert set(report) >= {"meta", "brokers", "ratios", "targets", "planner", "scrape"}
+    assert report["meta"]["mode"] == "quick"
+    assert report["meta"]["machine"]["nproc"] >= 1
+    assert set(report["brokers"]) == set(BROKERS)
+    for kind, figures in report["brokers"].items():
+        for key in BROKER_KEYS:
+            assert key in figures, (kind, key)
+        for key in ("kick_tps", "e2e_1w_tps", "e2e_2w_tps"):
+            assert _non_negative(figures[key]), (kind, key, figures[key])
+            assert figures[key] > 0, (kind, key, figures[key])
+        for key in (
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "memory_queued_per_100k_bytes",
+            "memory_done_bytes",
+            "keys_queued_per_100k_bytes",
+            "keys_done_bytes",
+        ):
+            assert _non_negative(figures[key]), (kind, key, figures[key])
+        assert figures["latency_p99_ms"] >= figures["latency_p50_ms"]
+        # Every kick lands on some master, so the busiest is at least the mean.
+        assert figures["spread_max_mean"] >= 1.0
+        assert all(_non_negative(v) for v in figures["ops_per_master"].values())
+        assert figures["kick_errors"] == 0
+        recovery = figures["recovery_s"]
+        assert recovery is None or _non_negative(recovery)
+    assert report["brokers"]["ours-list"]["recovery_s"] is None
+    assert set(report["ratios"]) == {"stream", "list"}
+    for family in report["ratios"].values():
+        assert all(v is None or _non_negative(v) for v in family.values())
+    assert _non_negative(report["planner"]["ms"])
+    assert report["planner"]["shards"] == 1024
+    assert _non_negative(report["scrape"]["ms"])
+    assert report["scrape"]["streams"] == 36
+    assert all(t["met"] in (True, False, None) for t in report["targets"])
+
+
+# --------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------
+
+
+def test_config_modes_and_validation() -> None:
+    full = BenchConfig.make()
+    quick = BenchConfig.make(quick=True)
+    assert (full.rounds, quick.rounds) == (5, 3)
+    assert full.kick_total * full.rounds == 100_000  # the memory backlog of a full run
+    assert quick.kick_total < full.kick_total
+    tiny = BenchConfig.make(quick=True, scale=0.1, rounds=1, brokers=["ours-list"])
+    assert tiny.brokers == ("ours-list",)
+    assert tiny.rounds == 1
+    assert tiny.count(tiny.kick_total, minimum=64) == 300
+    assert tiny.count(10, minimum=64) == 64
+    with pytest.raises(ValueError, match="unknown broker"):
+        BenchConfig.make(brokers=["nope"])
+    with pytest.raises(ValueError, match="scale"):
+        BenchConfig.make(scale=0)
+
+
+def test_percentile_spread_and_info_parsing() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([], 50) == 0.0
+    ratio, deltas = spread({"a": 10, "b": 10, "c": 10}, {"a": 40, "b": 10, "c": 10})
+    assert deltas == {"a": 30, "b": 0, "c": 0}
+    assert ratio == pytest.approx(3.0)
+    assert spread({"a": 0}, {"a": 0})[0] == 0.0
+    text = b"# Memory\r\nused_memory:123\r\nused_memory_human:123B\r\n"
+    assert _as_info(text)["used_memory"] == "123"
+    assert _as_info({"127.0.0.1:7000": {"used_memory": 5}}) == {"used_memory": 5}
+
+
+def test_planner_bench_is_pure() -> None:
+    result = bench_planner(shards=64, masters=8, rounds=2)
+    assert result["shards"] == 64
+    assert len(result["rounds_ms"]) == 2
+    assert _non_negative(result["ms"])
+
+
+def _fake_report() -> dict[str, Any]:
+    def side(kick: float, e2e: float, spread_: float, recovery: float | None) -> dict[str, Any]:
+        return {
+            "label": "x",
+            "kick_tps": kick,
+            "e2e_1w_tps": e2e,
+            "e2e_2w_tps": e2e,
+            "spread_max_mean": spread_,
+            "recovery_s": recovery,
+            "recovery_note": "never (...)" if recovery is None else "all ran again",
+            "memory_done_bytes": 0,
+        }
+
+    brokers = {
+        "ours-stream": side(30_000, 3_000, 1.0, 6.0),
+        "theirs-stream": side(10_000, 2_000, 3.0, None),
+        "ours-list": side(20_000, 4_000, 1.02, None),
+        "theirs-list": side(10_000, 2_000, 3.0, None),
+    }
+    report: dict[str, Any] = {
+        "meta": {
+            "date": "today",
+            "mode": "quick",
+            "config": {"rounds": 3},
+            "cluster": "test",
+            "machine": {"nproc": 2, "cpu": "cpu", "mem_total_mb": 1},
+            "loadavg_start": None,
+            "loadavg_end": None,
+            "duration_s": 1.0,
+        },
+        "brokers": brokers,
+        "planner": {"shards": 1024, "masters": 64, "ms": 1.0},
+        "scrape": {"queues": 3, "shards_per_queue": 12, "ms": 1.0, "source": "test"},
+    }
+    report["ratios"] = ratios(brokers)
+    report["targets"] = targets(report, BenchConfig.make(quick=True))
+    return report
+
+
+def test_ratios_targets_and_table() -> None:
+    report = _fake_report()
+    assert report["ratios"]["stream"]["kick_tps"] == 3.0
+    assert report["ratios"]["stream"]["e2e_1w_tps"] == 1.5
+    assert report["ratios"]["stream"]["memory_done_bytes"] is None  # theirs is 0
+    met = {t["name"]: t["met"] for t in report["targets"]}
+    assert all(met.values()), met
+    report["brokers"]["ours-list"]["spread_max_mean"] = 1.5
+    report["targets"] = targets(report, BenchConfig.make(quick=True))
+    assert {t["name"]: t["met"] for t in report["targets"]}[
+        "load spread max/mean (ours-list)"
+    ] is False
+    table = format_report(report)
+    assert "never" in table
+    assert "3.00x" in table
+    assert "MISSED" in table
+
+
+def test_cli_registers_bench() -> None:
+    args = build_parser().parse_args(["bench", "--quick", "--scale", "0.5", "--rounds", "2"])
+    assert args.quick is True
+    assert args.scale == 0.5
+    assert args.rounds == 2
+    assert callable(args.handler)
