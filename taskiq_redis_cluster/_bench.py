@@ -19,13 +19,17 @@ How it measures (docs/performance.md has the long version):
   every 50 ms, so measuring costs no Redis commands.
 * Per broker, in order: kick rounds into an idle queue (kick throughput,
   load spread from ``INFO commandstats`` deltas per master, and Redis memory
-  of the resulting backlog); one worker drains the backlog (memory after
-  done, after a trim interval); end-to-end rounds with one, then two worker
-  processes already running (first kick to last completion); latency rounds
-  at a fixed rate; for the stream brokers, crash recovery (SIGKILL of a
-  worker process holding tasks, time until they run again).
-* Every throughput/latency/spread figure is the median over ``rounds``.
-* Planner time and exporter-scrape time are measured once per round too.
+  of the resulting backlog, both as a ``used_memory`` delta and as
+  ``MEMORY USAGE`` of the queue's keys); one worker drains the backlog
+  (memory after done, after a trim interval); end-to-end rounds with one,
+  then two worker processes already running (first kick to last
+  completion); latency rounds at a fixed rate; for the stream brokers, crash
+  recovery (SIGKILL of a worker process holding tasks, time until they run
+  again).
+* Every throughput/latency/spread figure is the median over ``rounds``;
+  memory and the backlog drain are one measurement over the whole backlog.
+* Planner time and exporter-scrape time are medians over ``rounds`` too;
+  :func:`bench_scrape` is the one place to change when the exporter does.
 
 Nothing here prints: :func:`run_bench` returns a JSON-able report and
 :func:`format_report` renders the table.
