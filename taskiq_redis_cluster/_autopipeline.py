@@ -21,7 +21,9 @@ from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode, PipelineCommand
-from redis.exceptions import AskError, MovedError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger("taskiq_redis_cluster")
 
@@ -164,6 +166,8 @@ class AutoPipeline:
         try:
             await node.execute_pipeline(commands)
         except BaseException as exc:
+            if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+                self._node_failed(node)
             # As in _run: a failure of the whole pipeline leaves the outcome
             # unknown unless write_outcome can tell from the error itself.
             for item in items:
@@ -185,6 +189,9 @@ class AutoPipeline:
                 # Not applied: the slot moved or is moving. Safe to resend.
                 redirected.append(item)
             elif isinstance(result, BaseException):
+                if isinstance(result, (ClusterDownError, RedisConnectionError,
+                                       RedisTimeoutError)):
+                    self._node_failed(node)
                 item.future.set_exception(CommandFailure(result, sent=True))
             else:
                 item.future.set_result(Reply(result, replicas))
@@ -192,6 +199,14 @@ class AutoPipeline:
         # yet), so with wait_replicas they report 0 replicas: enqueued, but
         # not confirmed, which is what a ReplicationTimeoutError says.
         return redirected
+
+    def _node_failed(self, node: ClusterNode) -> None:
+        # redis-py does this itself on its normal path: a node that failed
+        # makes the client reload the slot map before the next command. The
+        # fast path must do the same, or a producer-only process would keep
+        # writing to a dead master after its replica took over.
+        self.client.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+        self.client._initialize = True
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until every submitted command has been answered."""

@@ -351,3 +351,46 @@ async def test_closing_listen_releases_unprocessed_entries_at_once(
     finally:
         await first.shutdown()
         await second.shutdown()
+
+
+async def test_producer_only_process_follows_a_master_failover(
+    healthy_cluster: DevCluster, cluster_url: str, unique_name: str
+) -> None:
+    # No reader runs here, and the shard is chosen off the plan key's master,
+    # so nothing but the kick path itself can notice that the shard's master
+    # died and reload the slot map.
+    from taskiq_redis_cluster._keys import plan_key, slot_of
+
+    broker = ClusterStreamBroker(cluster_url, queue_name=unique_name)
+    await broker.startup()
+    try:
+        plan = await broker.current_plan()
+        plan_master = await healthy_cluster.master_of_key(plan_key("tqrc", unique_name))
+        index = 0
+        for shard in plan.shards:
+            stream = ShardKeys(broker.options.prefix, shard.tag).stream
+            if (await healthy_cluster.master_of_key(stream)).port != plan_master.port:
+                index = shard.index
+                break
+        stream = ShardKeys(broker.options.prefix, plan.shards[index].tag).stream
+        key = next(
+            f"k{i}" for i in range(10_000) if slot_of(f"k{i}") % len(plan.shards) == index
+        )
+        await broker.kick(_message("before", partition_key=key))
+        master = await healthy_cluster.master_of_key(stream)
+        await healthy_cluster.kill_node(master)
+        succeeded = False
+        deadline = time.monotonic() + 60
+        n = 0
+        while not succeeded and time.monotonic() < deadline:
+            n += 1
+            try:
+                await broker.kick(_message(f"after-{n}", partition_key=key))
+                succeeded = True
+            except Exception:  # failover in progress; the kick failed cleanly
+                await asyncio.sleep(0.5)
+        assert succeeded, "kicks never reached the promoted replica"
+        assert (await healthy_cluster.master_of_key(stream)).port != master.port
+    finally:
+        await broker.shutdown()
+        await healthy_cluster.heal()
