@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import fields
 from typing import Any
 
 from taskiq import BrokerMessage
 
 from ._autopipeline import AutoPipeline, Reply
 from ._broker import ShardedBroker, Sink
-from ._connection import ConnectionOptions
-from ._errors import ConfigurationError
 from ._events import BrokerEvents
 from ._keys import ShardKeys
-from ._options import ListOptions
+from ._options import ListOptions, resolve_options
 from ._planner import Shard
 from ._retry import RetryPolicy, error_kind, is_transient
 
@@ -57,18 +54,10 @@ class ClusterListQueueBroker(ShardedBroker):
         Other :class:`ListOptions` fields may be passed as keywords; any
         remaining keyword goes to redis-py.
         """
-        if options is None:
-            option_names = {f.name for f in fields(ListOptions)}
-            extra = {k: kwargs.pop(k) for k in list(kwargs) if k in option_names}
-            connection = ConnectionOptions(
-                max_connections=max_connection_pool_size or ConnectionOptions.max_connections,
-                extra=dict(kwargs),
-            )
-            options = ListOptions(queue_name=queue_name, connection=connection, **extra)
-        elif kwargs:
-            raise ConfigurationError(
-                message=f"options= excludes other keyword arguments: {sorted(kwargs)}"
-            )
+        options = resolve_options(
+            ListOptions, options, kwargs,
+            max_connection_pool_size=max_connection_pool_size, queue_name=queue_name,
+        )
         super().__init__(url, options, events=events, retry=retry)
 
     def _blocking_seconds(self) -> float:

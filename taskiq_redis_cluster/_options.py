@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from ._connection import ConnectionOptions
 from ._errors import ConfigurationError
@@ -20,6 +21,38 @@ from ._keys import DEFAULT_PREFIX, validate_name
 def default_consumer_name() -> str:
     """Unique, readable consumer name: ``host-pid-random``."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+OptionsT = TypeVar("OptionsT", bound="QueueOptions")
+
+
+def resolve_options(
+    cls: type[OptionsT],
+    options: OptionsT | None,
+    kwargs: dict[str, Any],
+    *,
+    max_connection_pool_size: int | None,
+    **values: Any,
+) -> OptionsT:
+    """Build a broker's options from its keyword arguments, or check ``options``.
+
+    Keywords that name a field of ``cls`` become options; the rest go to
+    redis-py through ``ConnectionOptions.extra``. With ``options=`` given, no
+    other keyword is accepted, so nothing is silently ignored.
+    """
+    if options is not None:
+        if kwargs:
+            raise ConfigurationError(
+                message=f"options= excludes other keyword arguments: {sorted(kwargs)}"
+            )
+        return options
+    names = {f.name for f in fields(cls)}
+    extra = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    connection = ConnectionOptions(
+        max_connections=max_connection_pool_size or ConnectionOptions.max_connections,
+        extra=dict(kwargs),
+    )
+    return cls(**{**values, **extra, "connection": connection})
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -33,11 +33,10 @@ from taskiq import AckableMessage, BrokerMessage
 
 from ._autopipeline import AutoPipeline, CommandFailure, Reply
 from ._broker import ShardedBroker, Sink
-from ._connection import ConnectionOptions
 from ._errors import ConfigurationError, ReplicationTimeoutError
 from ._events import BrokerEvents
 from ._keys import ShardKeys
-from ._options import StreamOptions
+from ._options import StreamOptions, resolve_options
 from ._planner import Shard
 from ._retry import RetryPolicy, error_kind, is_transient
 
@@ -292,32 +291,22 @@ class ClusterStreamBroker(ShardedBroker):
         if consumer_id not in (None, "0", "$"):
             raise ConfigurationError(message="consumer_id must be '0' or '$' (groups start at 0)")
         del mkstream, unacknowledged_lock_timeout  # see docstring
-        if options is None:
-            option_names = {f.name for f in fields(StreamOptions)}
-            extra = {k: kwargs.pop(k) for k in list(kwargs) if k in option_names}
-            connection = ConnectionOptions(
-                max_connections=max_connection_pool_size or ConnectionOptions.max_connections,
-                extra=dict(kwargs),
-            )
-            values: dict[str, Any] = {
-                "queue_name": queue_name,
-                "consumer_group_name": consumer_group_name,
-                "idle_timeout": idle_timeout,
-                "xread_block": xread_block,
-                "xread_count": xread_count,
-                "unacknowledged_batch_size": unacknowledged_batch_size,
-                "maxlen": maxlen,
-                "approximate": approximate,
-                "connection": connection,
-                **extra,
-            }
-            if consumer_name is not None:
-                values["consumer_name"] = consumer_name
-            options = StreamOptions(**values)
-        elif kwargs:
-            raise ConfigurationError(
-                message=f"options= excludes other keyword arguments: {sorted(kwargs)}"
-            )
+        values: dict[str, Any] = {
+            "queue_name": queue_name,
+            "consumer_group_name": consumer_group_name,
+            "idle_timeout": idle_timeout,
+            "xread_block": xread_block,
+            "xread_count": xread_count,
+            "unacknowledged_batch_size": unacknowledged_batch_size,
+            "maxlen": maxlen,
+            "approximate": approximate,
+        }
+        if consumer_name is not None:
+            values["consumer_name"] = consumer_name
+        options = resolve_options(
+            StreamOptions, options, kwargs,
+            max_connection_pool_size=max_connection_pool_size, **values,
+        )
         super().__init__(url, options, events=events, retry=retry)
         self._acks: _AckBatcher | None = None
         self._scripts: dict[str, Any] = {}

@@ -25,6 +25,7 @@ from taskiq_redis_cluster import (
     KickFailedError,
     LifecycleError,
     NotAClusterError,
+    StreamOptions,
 )
 from taskiq_redis_cluster._keys import ShardKeys
 from taskiq_redis_cluster.devcluster import DevCluster
@@ -310,6 +311,16 @@ async def test_bad_input_gives_typed_errors() -> None:
         ClusterStreamBroker("redis://127.0.0.1:7000", queue_name="a{b}")
     with pytest.raises(ConfigurationError):
         ClusterStreamBroker("redis://127.0.0.1:7000", additional_streams={"x": ">"})
+    with pytest.raises(ConfigurationError, match="excludes other keyword"):
+        ClusterStreamBroker("redis://127.0.0.1:7000", options=StreamOptions(), ssl_ca_certs="ca")
+    # Option names become options; anything else goes to redis-py.
+    configured = ClusterStreamBroker(
+        "redis://127.0.0.1:7000", wait_replicas=1, max_connection_pool_size=8,
+        ssl_ca_certs="ca.pem",
+    )
+    assert configured.options.wait_replicas == 1
+    assert configured.options.connection.max_connections == 8
+    assert configured.options.connection.extra == {"ssl_ca_certs": "ca.pem"}
     broker = ClusterStreamBroker("redis://127.0.0.1:6379", queue_name="q")
     with pytest.raises(NotAClusterError):
         await broker.startup()
