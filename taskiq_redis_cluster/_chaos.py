@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -49,7 +48,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -58,9 +57,9 @@ from redis.asyncio import RedisCluster
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqMessage, TaskiqState
 
 from ._connection import connect
-from ._errors import ConfigurationError, KickFailedError, PortBusyError
+from ._errors import ConfigurationError, KickFailedError
 from ._keys import ShardKeys, slot_of
-from .devcluster import DevCluster, NodeStatus, find_free_base_port, kill_from_pid_files
+from .devcluster import DevCluster, NodeStatus, throwaway_cluster
 
 logger = logging.getLogger("taskiq_redis_cluster.chaos")
 
@@ -1285,42 +1284,9 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-@contextlib.asynccontextmanager
-async def chaos_cluster(
-    directory: Path, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1500
-) -> AsyncIterator[DevCluster]:
-    """A fresh DevCluster on free ports, always stopped afterwards.
-
-    An ``atexit`` hook kills the nodes from their pid files should the
-    process exit without running the ``finally`` block.
-    """
-    fallback = functools.partial(kill_from_pid_files, directory)
-    atexit.register(fallback)
-    cluster: DevCluster | None = None
-    try:
-        for attempt in range(3):
-            cluster = DevCluster(
-                masters=masters,
-                replicas=replicas,
-                node_timeout_ms=node_timeout_ms,
-                base_port=find_free_base_port(masters * (1 + replicas)),
-                directory=directory,
-            )
-            try:
-                await cluster.start()
-                break
-            except PortBusyError:
-                if attempt == 2:
-                    raise
-        assert cluster is not None
-        yield cluster
-    finally:
-        try:
-            if cluster is not None:
-                await cluster.stop()
-        finally:
-            kill_from_pid_files(directory)
-            atexit.unregister(fallback)
+def chaos_cluster(directory: Path) -> contextlib.AbstractAsyncContextManager[DevCluster]:
+    """A fresh 3-master, 3-replica DevCluster on free ports, always stopped."""
+    return throwaway_cluster(directory, masters=3, replicas=1, node_timeout_ms=1500)
 
 
 async def run_suite(

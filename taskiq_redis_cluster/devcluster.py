@@ -33,7 +33,9 @@ fixture to be reused.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -44,7 +46,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -1307,3 +1309,55 @@ def _write_private(path: Path, text: str) -> None:
 def format_slots(slots: Sequence[tuple[int, int]]) -> str:
     """``0-5460,6000`` style text for slot ranges."""
     return ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in slots) or "-"
+
+
+@contextlib.asynccontextmanager
+async def throwaway_cluster(
+    directory: Path | str,
+    *,
+    masters: int = 3,
+    replicas: int = 1,
+    node_timeout_ms: int = 1500,
+    base_port: int | None = None,
+    attempts: int = 3,
+) -> AsyncIterator[DevCluster]:
+    """A started :class:`DevCluster` that is always stopped afterwards.
+
+    Without ``base_port`` it picks free ports, and picks again when another
+    process takes them between the check and the start (a given port is
+    final). An ``atexit`` hook kills the nodes from their pid files should
+    the process exit without running the ``finally`` block.
+    """
+    directory = Path(directory)
+    fallback = functools.partial(kill_from_pid_files, directory)
+    atexit.register(fallback)
+    cluster: DevCluster | None = None
+    tries = 1 if base_port is not None else attempts
+    try:
+        for attempt in range(tries):
+            cluster = DevCluster(
+                masters=masters,
+                replicas=replicas,
+                node_timeout_ms=node_timeout_ms,
+                base_port=(
+                    base_port
+                    if base_port is not None
+                    else find_free_base_port(masters * (1 + replicas))
+                ),
+                directory=directory,
+            )
+            try:
+                await cluster.start()
+                break
+            except PortBusyError:
+                if attempt == tries - 1:
+                    raise
+        assert cluster is not None
+        yield cluster
+    finally:
+        try:
+            if cluster is not None:
+                await cluster.stop()
+        finally:
+            kill_from_pid_files(directory)
+            atexit.unregister(fallback)

@@ -30,8 +30,6 @@ skip).
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
 import re
 import uuid
@@ -41,8 +39,7 @@ import pytest
 from redis.asyncio import RedisCluster
 
 from ._connection import connect
-from ._errors import PortBusyError
-from .devcluster import DevCluster, find_free_base_port, kill_from_pid_files
+from .devcluster import DevCluster, throwaway_cluster
 
 try:
     import pytest_asyncio
@@ -77,38 +74,15 @@ if pytest_asyncio is not None:
     ) -> AsyncIterator[DevCluster]:
         """A 3-master, 3-replica Redis Cluster for the whole session."""
         pinned = os.environ.get(BASE_PORT_ENV)
-        directory = tmp_path_factory.mktemp("redis-cluster")
-        fallback = functools.partial(kill_from_pid_files, directory)
-        # Runs even if the session teardown never happens (hard exit paths).
-        atexit.register(fallback)
-        cluster: DevCluster | None = None
-        try:
-            # A random free range can be taken by another session between the
-            # check and the start; pick again then (a pinned port is final).
-            for attempt in range(1 if pinned else _START_ATTEMPTS):
-                base = int(pinned) if pinned else find_free_base_port(_MASTERS * 2)
-                cluster = DevCluster(
-                    masters=_MASTERS,
-                    replicas=_REPLICAS,
-                    base_port=base,
-                    node_timeout_ms=_NODE_TIMEOUT_MS,
-                    directory=directory,
-                )
-                try:
-                    await cluster.start()
-                    break
-                except PortBusyError:
-                    if pinned or attempt == _START_ATTEMPTS - 1:
-                        raise
-            assert cluster is not None
+        async with throwaway_cluster(
+            tmp_path_factory.mktemp("redis-cluster"),
+            masters=_MASTERS,
+            replicas=_REPLICAS,
+            node_timeout_ms=_NODE_TIMEOUT_MS,
+            base_port=int(pinned) if pinned else None,
+            attempts=_START_ATTEMPTS,
+        ) as cluster:
             yield cluster
-        finally:
-            try:
-                if cluster is not None:
-                    await cluster.stop()
-            finally:
-                kill_from_pid_files(directory)
-                atexit.unregister(fallback)
 
     @pytest_asyncio.fixture(scope="session", loop_scope="session")
     async def cluster_url(redis_cluster: DevCluster) -> str:
