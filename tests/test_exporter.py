@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import make_message
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import RedisCluster
-from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
+from taskiq import AckableMessage, InMemoryBroker
 
 from taskiq_redis_cluster import ClusterStreamBroker, PlanStore
 from taskiq_redis_cluster._exporter import MetricsServer, run_exporter, start_metrics_server
@@ -38,13 +39,6 @@ from taskiq_redis_cluster._metrics import METRIC_PREFIX, METRICS, MULTIPROC_ENV,
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"
 _FORMATTER = InMemoryBroker().formatter
-
-
-def _message(task_id: str) -> BrokerMessage:
-    msg = TaskiqMessage(task_id=task_id, task_name="tests:noop", labels={}, args=[], kwargs={})
-    return BrokerMessage(
-        task_id=task_id, task_name="tests:noop", message=_FORMATTER.dumps(msg).message, labels={}
-    )
 
 
 def _get(url: str, timeout: float = 10.0) -> str:
@@ -75,7 +69,7 @@ async def queue_with_work(cluster_url: str, unique_name: str) -> str:
     broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, shards=3, xread_block=200)
     await broker.startup()
     try:
-        await asyncio.gather(*(broker.kick(_message(f"e{i}")) for i in range(30)))
+        await asyncio.gather(*(broker.kick(make_message(f"e{i}")) for i in range(30)))
         gen = broker.listen()
         taken = 0
         async for msg in gen:

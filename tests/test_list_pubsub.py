@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import make_message, task_id_of
 from redis.asyncio import Redis
-from taskiq import BrokerMessage, InMemoryBroker, TaskiqMessage
+from taskiq import BrokerMessage
 
 from taskiq_redis_cluster import (
     ClusterListQueueBroker,
@@ -30,14 +31,10 @@ from taskiq_redis_cluster.devcluster import DevCluster
 
 pytestmark = pytest.mark.cluster
 
-_FORMATTER = InMemoryBroker().formatter
 
 
 def _message(task_id: str, **labels: Any) -> BrokerMessage:
-    msg = TaskiqMessage(task_id=task_id, task_name="app:record", labels=labels, args=[task_id],
-                        kwargs={})
-    return BrokerMessage(task_id=task_id, task_name="app:record",
-                         message=_FORMATTER.dumps(msg).message, labels=labels)
+    return make_message(task_id, "app:record", args=[task_id], **labels)
 
 
 @pytest.fixture
@@ -78,7 +75,7 @@ async def test_list_broker_round_trip_is_fair(list_broker: ClusterListQueueBroke
     async def consume() -> None:
         async for data in gen:
             assert isinstance(data, bytes)
-            got.append(str(_FORMATTER.loads(data).task_id))
+            got.append(str(task_id_of(data)))
             if len(got) == len(ids):
                 return
 

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import make_message, take
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import RedisCluster
-from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
 
 from taskiq_redis_cluster import ClusterStreamBroker, PlanStore, ShardPlan
 from taskiq_redis_cluster._exporter import scrape_once
@@ -42,19 +42,11 @@ from taskiq_redis_cluster._metrics import (
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "metrics.md"
-_FORMATTER = InMemoryBroker().formatter
 
 
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-
-def _message(task_id: str, task_name: str = "tests:noop") -> BrokerMessage:
-    msg = TaskiqMessage(task_id=task_id, task_name=task_name, labels={}, args=[], kwargs={})
-    return BrokerMessage(
-        task_id=task_id, task_name=task_name, message=_FORMATTER.dumps(msg).message, labels={}
-    )
 
 
 def parse(text: str) -> dict[str, Metric]:
@@ -89,26 +81,6 @@ async def _shard_streams(client: RedisCluster, queue: str) -> ShardPlan:
     plan = await PlanStore(client).load(queue)
     assert plan is not None
     return plan
-
-
-async def _take(broker: ClusterStreamBroker, want: int, *, ack: bool) -> list[AckableMessage]:
-    got: list[AckableMessage] = []
-    gen = broker.listen()
-
-    async def run() -> None:
-        async for msg in gen:
-            assert isinstance(msg, AckableMessage)
-            got.append(msg)
-            if ack:
-                await msg.ack()  # type: ignore[misc]
-            if len(got) >= want:
-                return
-
-    try:
-        await asyncio.wait_for(run(), 20.0)
-    finally:
-        await gen.aclose()
-    return got
 
 
 # --------------------------------------------------------------------------
@@ -284,8 +256,8 @@ async def loaded_queue(cluster_url: str, cluster_client: RedisCluster, unique_na
     broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, shards=4, xread_block=200)
     await broker.startup()
     try:
-        await asyncio.gather(*(broker.kick(_message(f"a{i}")) for i in range(40)))
-        got = await _take(broker, 8, ack=False)
+        await asyncio.gather(*(broker.kick(make_message(f"a{i}")) for i in range(40)))
+        got = await take(broker, 8, ack=False)
         for msg in got[:3]:
             await msg.ack()  # type: ignore[misc]
     finally:
@@ -294,7 +266,7 @@ async def loaded_queue(cluster_url: str, cluster_client: RedisCluster, unique_na
     producer = ClusterStreamBroker(cluster_url, queue_name=unique_name)
     await producer.startup()
     try:
-        await asyncio.gather(*(producer.kick(_message(f"b{i}")) for i in range(12)))
+        await asyncio.gather(*(producer.kick(make_message(f"b{i}")) for i in range(12)))
     finally:
         await producer.shutdown()
     return unique_name
@@ -378,8 +350,8 @@ async def test_oldest_pending_age_grows_until_another_worker_reclaims(
     )
     await crashed.startup()
     try:
-        await asyncio.gather(*(crashed.kick(_message(f"c{i}")) for i in range(6)))
-        await _take(crashed, 6, ack=False)
+        await asyncio.gather(*(crashed.kick(make_message(f"c{i}")) for i in range(6)))
+        await take(crashed, 6, ack=False)
     finally:
         await crashed.shutdown()
     reader = QueueStateReader(cluster_client, queues=[unique_name])
@@ -410,7 +382,7 @@ async def test_oldest_pending_age_grows_until_another_worker_reclaims(
     )
     await rescuer.startup()
     try:
-        got = await _take(rescuer, 6, ack=True)
+        got = await take(rescuer, 6, ack=True)
         assert len(got) == 6
         deadline = time.monotonic() + 15
         while True:
@@ -432,10 +404,10 @@ async def test_trimmed_undelivered_entries_are_flagged(
     broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, shards=1, xread_block=200)
     await broker.startup()
     try:
-        await broker.kick(_message("t0"))
-        await _take(broker, 1, ack=True)
+        await broker.kick(make_message("t0"))
+        await take(broker, 1, ack=True)
         for i in range(5):
-            await broker.kick(_message(f"t{i + 1}"))
+            await broker.kick(make_message(f"t{i + 1}"))
     finally:
         await broker.shutdown()
     plan = await _shard_streams(cluster_client, unique_name)
@@ -491,6 +463,7 @@ import os
 
 from taskiq_redis_cluster import ClusterStreamBroker
 from taskiq_redis_cluster._metrics import PrometheusEvents
+
 
 broker = ClusterStreamBroker(
     os.environ["TQRC_TEST_URL"],
@@ -568,7 +541,7 @@ async def test_counters_are_summed_over_worker_processes(
             await asyncio.sleep(0.1)
         assert proc.returncode is None, log_path.read_text()[-3000:]
         await asyncio.sleep(0.5)  # let every shard reader reach its XREADGROUP
-        await asyncio.gather(*(producer.kick(_message(f"w{i}", "noop")) for i in range(total)))
+        await asyncio.gather(*(producer.kick(make_message(f"w{i}", "noop")) for i in range(total)))
 
         deadline = time.monotonic() + 60
         acked = None

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import make_message, task_id_of
 from redis.asyncio import RedisCluster
-from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
+from taskiq import AckableMessage, BrokerMessage
 
 from taskiq_redis_cluster import (
     ClusterStreamBroker,
@@ -64,7 +65,6 @@ from taskiq_redis_cluster.devcluster import DevCluster, find_free_base_port
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "rebalance.py"
 POLL = 0.5
-_FORMATTER = InMemoryBroker().formatter
 
 
 def _opts(**kw: Any) -> RebalanceOptions:
@@ -186,13 +186,6 @@ def test_options_are_validated() -> None:
 # --------------------------------------------------------------------------
 
 
-def _message(task_id: str) -> BrokerMessage:
-    msg = TaskiqMessage(task_id=task_id, task_name="tests:noop", labels={}, args=[], kwargs={})
-    return BrokerMessage(
-        task_id=task_id, task_name="tests:noop", message=_FORMATTER.dumps(msg).message, labels={}
-    )
-
-
 class Load:
     """A steady producer and in-process consumers recording every execution."""
 
@@ -251,7 +244,7 @@ class Load:
                 return
             task_id = f"{self.queue}-{i}"
             try:
-                await broker.kick(_message(task_id))
+                await broker.kick(make_message(task_id))
                 self.kicked.add(task_id)
             except KickOutcomeUnknownError:
                 self.unknown.add(task_id)
@@ -262,7 +255,7 @@ class Load:
     async def _consume(self, broker: ClusterStreamBroker) -> None:
         async for msg in broker.listen():
             assert isinstance(msg, AckableMessage)
-            self.executed[str(_FORMATTER.loads(msg.data).task_id)] += 1
+            self.executed[task_id_of(msg.data)] += 1
             self.completions.append(time.time())
             await msg.ack()  # type: ignore[misc]
 
@@ -492,7 +485,7 @@ async def test_timeout_reverts_the_move_and_a_later_run_finishes(
     kicked = [f"{queue}-{i}" for i in range(60)]
     try:
         for task_id in kicked:
-            await producer.kick(_message(task_id))
+            await producer.kick(make_message(task_id))
     finally:
         await producer.shutdown()
     # The group must exist on the old shards, as with real consumers.
@@ -555,6 +548,7 @@ import time
 
 from taskiq_redis_cluster import ClusterStreamBroker
 
+
 broker = ClusterStreamBroker(
     os.environ["RBW_URL"], queue_name=os.environ["RBW_QUEUE"], plan_poll_interval=0.5,
     idle_timeout=2000, xread_block=200,
@@ -580,12 +574,7 @@ def _spawn(
 
 
 def _record_message(task_id: str) -> BrokerMessage:
-    msg = TaskiqMessage(
-        task_id=task_id, task_name="rbw:record", labels={}, args=[task_id], kwargs={}
-    )
-    return BrokerMessage(
-        task_id=task_id, task_name="rbw:record", message=_FORMATTER.dumps(msg).message, labels={}
-    )
+    return make_message(task_id, "rbw:record", args=[task_id])
 
 
 def _read_records(path: Path) -> list[tuple[str, float]]:
@@ -966,7 +955,7 @@ async def test_watch_once_rebalances_and_moves_dead_letters(
         # A producer with a very stale plan writes to the removed shard: the
         # next run puts it back into draining, so the task still runs.
         old_stream = ShardKeys(DEFAULT_PREFIX, move.old.tag).stream
-        await cluster_client.xadd(old_stream, {b"data": _message("stranded-1").message})
+        await cluster_client.xadd(old_stream, {b"data": make_message("stranded-1").message})
         code, out, err = await _run_cli(*_cli_args(cluster_url, queue, "apply"), *_tuning())
         assert code == 0, out + err
         assert "0 move(s), resumed 1" in out

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from helpers import make_message, take, task_id_of
 from redis.asyncio import RedisCluster
-from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
+from taskiq import AckableMessage
 
 from taskiq_redis_cluster import (
     ClusterStreamBroker,
@@ -32,21 +33,6 @@ from taskiq_redis_cluster.devcluster import DevCluster
 
 pytestmark = pytest.mark.cluster
 
-_FORMATTER = InMemoryBroker().formatter
-
-
-def _message(task_id: str, **labels: Any) -> BrokerMessage:
-    """A real taskiq message (the broker dead-letters anything else)."""
-    msg = TaskiqMessage(task_id=task_id, task_name="tests:noop", labels=labels, args=[],
-                        kwargs={})
-    return BrokerMessage(
-        task_id=task_id, task_name="tests:noop", message=_FORMATTER.dumps(msg).message,
-        labels=labels,
-    )
-
-
-def _task_id(data: bytes) -> str:
-    return str(_FORMATTER.loads(data).task_id)
 
 
 @pytest.fixture
@@ -62,28 +48,6 @@ async def broker(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterStr
         await b.shutdown()
 
 
-async def _collect(
-    broker: ClusterStreamBroker, want: int, timeout: float = 20.0, ack: bool = True
-) -> list[AckableMessage]:
-    got: list[AckableMessage] = []
-    gen = broker.listen()
-
-    async def run() -> None:
-        async for msg in gen:
-            assert isinstance(msg, AckableMessage)
-            got.append(msg)
-            if ack:
-                await msg.ack()  # type: ignore[misc]
-            if len(got) >= want:
-                return
-
-    try:
-        await asyncio.wait_for(run(), timeout)
-    finally:
-        await gen.aclose()
-    return got
-
-
 async def test_kicks_immediately_after_startup_do_not_race(
     cluster_url: str, unique_name: str
 ) -> None:
@@ -92,7 +56,7 @@ async def test_kicks_immediately_after_startup_do_not_race(
     broker = ClusterStreamBroker(cluster_url, queue_name=unique_name)
     await broker.startup()
     try:
-        await asyncio.gather(*(broker.kick(_message(f"t{i}")) for i in range(64)))
+        await asyncio.gather(*(broker.kick(make_message(f"t{i}")) for i in range(64)))
         plan = await broker.current_plan()
         total = 0
         for shard in plan.shards:
@@ -117,9 +81,9 @@ async def test_default_plan_spreads_shards_over_every_master(
 
 async def test_round_trip_and_fairness(broker: ClusterStreamBroker) -> None:
     ids = [f"id-{i}" for i in range(120)]
-    await asyncio.gather(*(broker.kick(_message(i)) for i in ids))
-    got = await _collect(broker, len(ids))
-    assert sorted(_task_id(m.data) for m in got) == sorted(ids)
+    await asyncio.gather(*(broker.kick(make_message(i)) for i in ids))
+    got = await take(broker, len(ids))
+    assert sorted(task_id_of(m.data) for m in got) == sorted(ids)
     # Everything was acked, so nothing stays pending on any shard.
     plan = await broker.current_plan()
     await asyncio.sleep(0.1)
@@ -133,7 +97,7 @@ async def test_partition_key_pins_tasks_to_one_shard_in_order(
     broker: ClusterStreamBroker,
 ) -> None:
     for i in range(30):
-        await broker.kick(_message(f"p{i}", partition_key="customer-42"))
+        await broker.kick(make_message(f"p{i}", partition_key="customer-42"))
     plan = await broker.current_plan()
     lengths = {
         s.tag: await broker.client.xlen(ShardKeys(broker.options.prefix, s.tag).stream)
@@ -143,7 +107,7 @@ async def test_partition_key_pins_tasks_to_one_shard_in_order(
     assert sum(lengths.values()) == 30
     tag = max(lengths, key=lambda t: lengths[t])
     entries = await broker.client.xrange(ShardKeys(broker.options.prefix, tag).stream)
-    assert [_task_id(e[1][b"data"]) for e in entries] == [f"p{i}" for i in range(30)]
+    assert [task_id_of(e[1][b"data"]) for e in entries] == [f"p{i}" for i in range(30)]
 
 
 async def test_garbage_entry_goes_to_dead_letter_and_worker_continues(
@@ -153,9 +117,9 @@ async def test_garbage_entry_goes_to_dead_letter_and_worker_continues(
     keys = ShardKeys(broker.options.prefix, plan.shards[0].tag)
     await broker.client.xadd(keys.stream, {b"junk": b"not a task"})
     await broker.client.xadd(keys.stream, {b"data": b"\xff\xfe not json"})
-    await broker.kick(_message("after-garbage", partition_key="x"))
-    got = await _collect(broker, 1)
-    assert _task_id(got[0].data) == "after-garbage"
+    await broker.kick(make_message("after-garbage", partition_key="x"))
+    got = await take(broker, 1)
+    assert task_id_of(got[0].data) == "after-garbage"
     dead = await broker.client.xrange(keys.dead)
     reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
     assert reasons[0].startswith("missing 'data' field")
@@ -177,7 +141,7 @@ async def test_deleted_stream_recreates_group_at_zero(
     async def consume() -> None:
         async for msg in gen:
             assert isinstance(msg, AckableMessage)
-            received.append(_task_id(msg.data))
+            received.append(task_id_of(msg.data))
             await msg.ack()  # type: ignore[misc]
 
     task = asyncio.create_task(consume())
@@ -186,7 +150,7 @@ async def test_deleted_stream_recreates_group_at_zero(
         await broker.client.delete(keys.stream)
         # Tasks written after the DEL must not be skipped (no "$" group).
         for i in range(10):
-            await broker.client.xadd(keys.stream, {b"data": _message(f"d{i}").message})
+            await broker.client.xadd(keys.stream, {b"data": make_message(f"d{i}").message})
         deadline = time.monotonic() + 20
         while len(received) < 10 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -212,11 +176,11 @@ async def test_unacked_entries_are_reclaimed_after_idle_timeout(
     await survivor.startup()
     try:
         for i in range(5):
-            await crashed.kick(_message(f"r{i}"))
-        taken = await _collect(crashed, 5, ack=False)  # taken, never acked
+            await crashed.kick(make_message(f"r{i}"))
+        taken = await take(crashed, 5, ack=False)  # taken, never acked
         assert len(taken) == 5
         started = time.monotonic()
-        again = await _collect(survivor, 5)
+        again = await take(survivor, 5)
         waited = time.monotonic() - started
         assert sorted(m.data for m in again) == sorted(m.data for m in taken)
         print(f"redelivery after {waited:.2f}s (idle_timeout 0.5s)")
@@ -234,9 +198,9 @@ async def test_poison_entry_is_dead_lettered_after_max_deliveries(
     )
     await broker.startup()
     try:
-        await broker.kick(_message("poison", partition_key="p"))
+        await broker.kick(make_message("poison", partition_key="p"))
         # Receive it repeatedly without acking, as a crashing task would.
-        await _collect(broker, 2, ack=False, timeout=20)
+        await take(broker, 2, ack=False, timeout=20)
         plan = await broker.current_plan()
         deadline = time.monotonic() + 20
         dead: list[Any] = []
@@ -257,7 +221,7 @@ async def test_poison_entry_is_dead_lettered_after_max_deliveries(
         fields = dead[0][1]
         assert fields[b"reason"].startswith(b"max deliveries exceeded")
         assert int(fields[b"deliveries"]) > 2
-        assert _task_id(fields[b"field:data"]) == "poison"
+        assert task_id_of(fields[b"field:data"]) == "poison"
     finally:
         await broker.shutdown()
 
@@ -276,17 +240,17 @@ async def test_trim_removes_only_acknowledged_entries(
     await broker.startup()
     try:
         for i in range(50):
-            await broker.kick(_message(f"a{i}"))
-        got = await _collect(broker, 50)
+            await broker.kick(make_message(f"a{i}"))
+        got = await take(broker, 50)
         assert len(got) == 50
         for i in range(20):
-            await broker.kick(_message(f"b{i}"))  # never read: must survive trims
+            await broker.kick(make_message(f"b{i}"))  # never read: must survive trims
         plan = await broker.current_plan()
         stream = ShardKeys(broker.options.prefix, plan.shards[0].tag).stream
         script = broker._scripts["trim"]
         await script(keys=[stream])
         remaining = await broker.client.xrange(stream)
-        datas = {_task_id(fields[b"data"]) for _, fields in remaining}
+        datas = {task_id_of(fields[b"data"]) for _, fields in remaining}
         assert {f"b{i}" for i in range(20)} <= datas
         assert len(remaining) < 70  # acknowledged entries went away (MINID ~)
     finally:
@@ -296,14 +260,14 @@ async def test_trim_removes_only_acknowledged_entries(
 async def test_lifecycle_guards(cluster_url: str, unique_name: str) -> None:
     broker = ClusterStreamBroker(cluster_url, queue_name=unique_name)
     with pytest.raises(LifecycleError, match="before startup"):
-        await broker.kick(_message("x"))
+        await broker.kick(make_message("x"))
     await broker.startup()
     with pytest.raises(LifecycleError, match="twice"):
         await broker.startup()
     await broker.shutdown()
     await broker.shutdown()  # idempotent
     with pytest.raises(LifecycleError, match="after shutdown"):
-        await broker.kick(_message("x"))
+        await broker.kick(make_message("x"))
 
 
 async def test_bad_input_gives_typed_errors() -> None:
@@ -351,12 +315,12 @@ async def test_closing_listen_releases_unprocessed_entries_at_once(
     await second.startup()
     try:
         for i in range(20):
-            await first.kick(_message(f"rel{i}"))
-        got = await _collect(first, 1)  # the rest sit in first's buffer
+            await first.kick(make_message(f"rel{i}"))
+        got = await take(first, 1)  # the rest sit in first's buffer
         assert len(got) == 1
         # Without the release this would wait for idle_timeout (60 s) and fail.
-        rest = await _collect(second, 19, timeout=20)
-        assert sorted(_task_id(m.data) for m in rest + got) == sorted(
+        rest = await take(second, 19, timeout=20)
+        assert sorted(task_id_of(m.data) for m in rest + got) == sorted(
             f"rel{i}" for i in range(20)
         )
     finally:
@@ -387,7 +351,7 @@ async def test_producer_only_process_follows_a_master_failover(
         key = next(
             f"k{i}" for i in range(10_000) if slot_of(f"k{i}") % len(plan.shards) == index
         )
-        await broker.kick(_message("before", partition_key=key))
+        await broker.kick(make_message("before", partition_key=key))
         master = await healthy_cluster.master_of_key(stream)
         await healthy_cluster.kill_node(master)
         succeeded = False
@@ -396,7 +360,7 @@ async def test_producer_only_process_follows_a_master_failover(
         while not succeeded and time.monotonic() < deadline:
             n += 1
             try:
-                await broker.kick(_message(f"after-{n}", partition_key=key))
+                await broker.kick(make_message(f"after-{n}", partition_key=key))
                 succeeded = True
             except Exception:  # failover in progress; the kick failed cleanly
                 await asyncio.sleep(0.5)

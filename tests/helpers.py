@@ -1,0 +1,55 @@
+"""Helpers shared by the test modules (fixtures live in the pytest plugin)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
+
+from taskiq_redis_cluster import ClusterStreamBroker
+
+#: taskiq's default formatter; brokers dead-letter anything it cannot parse.
+FORMATTER = InMemoryBroker().formatter
+
+
+def make_message(
+    task_id: str, task_name: str = "tests:noop", args: Sequence[Any] = (), **labels: Any
+) -> BrokerMessage:
+    """A real taskiq message, as ``kiq()`` would send it."""
+    msg = TaskiqMessage(
+        task_id=task_id, task_name=task_name, labels=labels, args=list(args), kwargs={}
+    )
+    return BrokerMessage(
+        task_id=task_id, task_name=task_name, message=FORMATTER.dumps(msg).message,
+        labels=labels,
+    )
+
+
+def task_id_of(data: bytes) -> str:
+    """The task id inside a message's bytes."""
+    return str(FORMATTER.loads(data).task_id)
+
+
+async def take(
+    broker: ClusterStreamBroker, want: int, *, ack: bool = True, timeout: float = 20.0
+) -> list[AckableMessage]:
+    """Listen until ``want`` messages arrived (acking them unless told not to)."""
+    got: list[AckableMessage] = []
+    gen = broker.listen()
+
+    async def run() -> None:
+        async for msg in gen:
+            assert isinstance(msg, AckableMessage)
+            got.append(msg)
+            if ack:
+                await msg.ack()  # type: ignore[misc]
+            if len(got) >= want:
+                return
+
+    try:
+        await asyncio.wait_for(run(), timeout)
+    finally:
+        await gen.aclose()
+    return got
