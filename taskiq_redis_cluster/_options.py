@@ -118,6 +118,10 @@ class StreamOptions(QueueOptions):
         it from ``idle_timeout``.
     :param dead_letter_maxlen: approximate cap of each dead-letter stream.
     :param max_batch: most commands one auto-pipelined flush sends.
+    :param stale_consumer_idle: ms after which a consumer with nothing
+        pending is removed from the group (every worker restart leaves one
+        behind). A live consumer is idle for at most ``xread_block``, and a
+        removed one is recreated by its next read, so this is always safe.
     """
 
     consumer_group_name: str = "taskiq"
@@ -135,6 +139,7 @@ class StreamOptions(QueueOptions):
     reclaim_interval: float | None = None
     dead_letter_maxlen: int = 100_000
     max_batch: int = 512
+    stale_consumer_idle: int = 3_600_000
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,7 +147,7 @@ class StreamOptions(QueueOptions):
         validate_name(self.consumer_name, "consumer")
         for name in ("idle_timeout", "xread_block", "xread_count", "unacknowledged_batch_size",
                      "max_deliveries", "wait_timeout", "trim_interval", "dead_letter_maxlen",
-                     "max_batch"):
+                     "max_batch", "stale_consumer_idle"):
             _positive(name, getattr(self, name))
         _positive("wait_replicas", self.wait_replicas, allow_zero=True)
         if self.maxlen is not None:

@@ -90,6 +90,29 @@ return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
+# Remove consumers that have nothing pending and were idle for long: every
+# restarted worker leaves its old (unique) consumer name behind. Atomic, so a
+# consumer cannot receive an entry between the check and the delete.
+_REMOVE_STALE_CONSUMERS = """
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return 0 end
+local removed = 0
+for _, c in ipairs(consumers) do
+  local name, pending, idle
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1] end
+    if c[i] == 'pending' then pending = c[i + 1] end
+    if c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if pending == 0 and idle > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
 @dataclass
 class _AckBatcher:
     """Merges the acks of a short window into one XACK per shard stream.
@@ -336,6 +359,7 @@ class ClusterStreamBroker(ShardedBroker):
         )
         self._scripts = {
             "trim": client.register_script(_SAFE_TRIM),
+            "stale": client.register_script(_REMOVE_STALE_CONSUMERS),
             "dead": client.register_script(_DEAD_LETTER),
         }
 
@@ -415,9 +439,9 @@ class ClusterStreamBroker(ShardedBroker):
                 if now >= next_reclaim:
                     next_reclaim = now + opts.effective_reclaim_interval
                     await self._reclaim(keys, shard, sink)
-                if now >= next_trim and opts.maxlen is None:
+                if now >= next_trim:
                     next_trim = now + opts.trim_interval
-                    await self._trim(keys)
+                    await self._housekeep(keys)
                 response = await self.client.xreadgroup(
                     opts.consumer_group_name,
                     opts.consumer_name,
@@ -602,12 +626,22 @@ class ClusterStreamBroker(ShardedBroker):
         )
         return {row["message_id"]: int(row["times_delivered"]) for row in rows}
 
-    async def _trim(self, keys: ShardKeys) -> None:
-        script = self._scripts["trim"]
+    async def _housekeep(self, keys: ShardKeys) -> None:
+        """Trim acknowledged entries and remove stale consumers of one shard."""
+        trim, stale = self._scripts["trim"], self._scripts["stale"]
+        opts = self.options
         try:
-            await self._idempotent(lambda: script(keys=[keys.stream]))
-        except Exception as exc:  # trimming is housekeeping; the next pass retries
-            logger.debug("Trim of %s failed: %r", keys.stream, exc)
+            if opts.maxlen is None:  # with maxlen, XADD already trims
+                await self._idempotent(lambda: trim(keys=[keys.stream]))
+            removed = await self._idempotent(
+                lambda: stale(keys=[keys.stream],
+                              args=[opts.consumer_group_name, opts.stale_consumer_idle])
+            )
+        except Exception as exc:  # housekeeping; the next pass retries
+            logger.debug("Housekeeping of %s failed: %r", keys.stream, exc)
+            return
+        if removed:
+            logger.info("Removed %d stale consumers from %s", removed, keys.stream)
 
 
 def _stream_entries(response: Any) -> list[tuple[Any, list[tuple[bytes, Any]]]]:

@@ -369,3 +369,32 @@ async def test_producer_only_process_follows_a_master_failover(
     finally:
         await broker.shutdown()
         await healthy_cluster.heal()
+
+
+async def test_housekeeping_removes_stale_consumers_but_not_busy_ones(
+    cluster_url: str, unique_name: str
+) -> None:
+    broker = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name, shards=1, xread_block=100,
+        stale_consumer_idle=300, trim_interval=0.2,
+    )
+    await broker.startup()
+    try:
+        plan = await broker.current_plan()
+        stream = ShardKeys(broker.options.prefix, plan.shards[0].tag).stream
+        group = broker.options.consumer_group_name
+        await broker.client.xgroup_create(stream, group, id="0", mkstream=True)
+        for i in range(2):
+            await broker.kick(make_message(f"s{i}"))
+        # A worker that finished its work and went away, and one that died
+        # holding an entry: only the first may be forgotten.
+        done = await broker.client.xreadgroup(group, "gone-idle", {stream: ">"}, count=1)
+        await broker.client.xack(stream, group, done[0][1][0][0])
+        await broker.client.xreadgroup(group, "gone-busy", {stream: ">"}, count=1)
+        await asyncio.sleep(0.5)
+        await broker._housekeep(ShardKeys(broker.options.prefix, plan.shards[0].tag))
+        names = {c["name"] for c in await broker.client.xinfo_consumers(stream, group)}
+        assert b"gone-idle" not in names
+        assert b"gone-busy" in names
+    finally:
+        await broker.shutdown()
