@@ -267,20 +267,18 @@ class ShardedBroker(AsyncBroker):
                 if not buffer.empty() and not supervisor.done():
                     # Fast path: a message is ready; no future and no wait().
                     item = buffer.get_nowait()
-                    self._handed_out(item)
-                    yield item
-                    continue
-                getter = asyncio.ensure_future(buffer.get())
-                done, _ = await asyncio.wait(
-                    {getter, supervisor}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter in done:
+                else:
+                    getter = asyncio.ensure_future(buffer.get())
+                    done, _ = await asyncio.wait(
+                        {getter, supervisor}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if getter not in done:
+                        # The supervisor only ends by raising: surface its error.
+                        supervisor.result()
+                        continue
                     item, getter = getter.result(), None
-                    self._handed_out(item)
-                    yield item
-                    continue
-                # The supervisor only ends by raising: surface its error.
-                supervisor.result()
+                self._handed_out(item)
+                yield item
         finally:
             supervisor.cancel()
             for reader in readers.values():
