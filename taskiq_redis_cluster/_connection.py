@@ -24,7 +24,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from ._errors import ConnectError, InvalidURLError, NotAClusterError
+from ._errors import ConfigurationError, ConnectError, InvalidURLError, NotAClusterError
 
 logger = logging.getLogger("taskiq_redis_cluster")
 
@@ -75,6 +75,14 @@ class ConnectionOptions:
     socket_connect_timeout: float = 5.0
     retries: int = 3
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.extra.get("decode_responses"):
+            # Stream entries, ids and stored records are read as bytes
+            # everywhere; decoded replies would dead-letter every message.
+            raise ConfigurationError(
+                message="decode_responses=True is not supported: the clients must read bytes"
+            )
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``RedisCluster.from_url``."""

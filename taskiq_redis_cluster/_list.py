@@ -11,9 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
-from taskiq import BrokerMessage
-
-from ._autopipeline import AutoPipeline, Reply
+from ._autopipeline import AutoPipeline, Unroutable
 from ._broker import ShardedBroker, Sink
 from ._events import BrokerEvents
 from ._keys import ShardKeys
@@ -66,9 +64,17 @@ class ClusterListQueueBroker(ShardedBroker):
     def _make_pipeline(self, client: Any) -> AutoPipeline:
         return AutoPipeline(client, max_batch=self.options.max_batch)
 
-    async def _publish(self, keys: ShardKeys, message: BrokerMessage) -> Reply:
+    def _write_command(self, keys: ShardKeys) -> tuple[str, tuple[Any, ...]]:
+        return keys.list, ("LPUSH", keys.list)
+
+    async def _pop(self, key: str) -> Any:
+        """BRPOP one message, straight to the shard's node (redis-py's path on redirects)."""
         assert self._pipeline is not None
-        return await self._pipeline.execute(keys.list, "LPUSH", keys.list, message.message)
+        timeout = self.options.brpop_timeout
+        try:
+            return await self._pipeline.call(key, "BRPOP", key, timeout)
+        except Unroutable:
+            return await self.client.brpop([key], timeout=timeout)
 
     async def _read_shard(
         self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: asyncio.Event
@@ -77,7 +83,7 @@ class ClusterListQueueBroker(ShardedBroker):
         failures = 0
         while not stop.is_set():
             try:
-                popped = await self.client.brpop([key], timeout=self.options.brpop_timeout)
+                popped = await self._pop(key)
                 failures = 0
             except asyncio.CancelledError:
                 raise

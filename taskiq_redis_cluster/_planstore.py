@@ -292,6 +292,16 @@ class PlanFollower:
         """The cached plan without any I/O."""
         return self._plan
 
+    def fresh(self) -> ShardPlan | None:
+        """The cached plan if it was validated within ``poll_interval``, else None.
+
+        Lets a hot path skip a coroutine call; on None, await :meth:`current`.
+        """
+        plan = self._plan
+        if plan is not None and self._time() - self._checked_at < self._interval:
+            return plan
+        return None
+
     async def current(self) -> ShardPlan:
         """The current plan, re-validated at most once per ``poll_interval``.
 

@@ -1,4 +1,5 @@
-"""Turning stored records (results, progress, schedules) into bytes and back.
+"""Turning stored records (results, progress, schedules) and task messages
+into bytes and back.
 
 JSON is the default everywhere: a record read from Redis is data, and
 unpickling data that anyone with write access to the cluster can change
@@ -11,7 +12,9 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from taskiq import BrokerMessage, TaskiqMessage
 from taskiq.abc.serializer import TaskiqSerializer
+from taskiq.formatters.proxy_formatter import ProxyFormatter
 from taskiq.serializers import JSONSerializer
 
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -23,6 +26,32 @@ _MAX_REASON = 300
 def default_serializer() -> TaskiqSerializer:
     """The serializer used when the user passes none: plain JSON."""
     return JSONSerializer()
+
+
+class MessageFormatter(ProxyFormatter):
+    """taskiq's default formatter, with a faster encoder for the default serializer.
+
+    With taskiq's stock ``JSONSerializer`` (no ``default`` hook), messages
+    are encoded by pydantic's own JSON encoder instead of ``json.dumps`` of
+    a JSON-mode dump: the same JSON value (pydantic's JSON mode already maps
+    what JSON cannot hold, such as NaN, to null), a third of the CPU, which
+    is a tenth of a kick. Only the bytes' spelling differs: no spaces after
+    separators, and non-ASCII text as UTF-8 instead of ``\\u`` escapes.
+    Any other serializer is used exactly as taskiq would; decoding is
+    taskiq's own.
+    """
+
+    def dumps(self, message: TaskiqMessage) -> BrokerMessage:
+        """Encode ``message`` for the broker."""
+        serializer = self.broker.serializer
+        if type(serializer) is not JSONSerializer or serializer.default is not None:
+            return super().dumps(message)
+        return BrokerMessage(
+            task_id=message.task_id,
+            task_name=message.task_name,
+            message=message.model_dump_json().encode(),
+            labels=message.labels,
+        )
 
 
 def dump_model(model: BaseModel, serializer: TaskiqSerializer) -> bytes:

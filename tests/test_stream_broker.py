@@ -277,6 +277,8 @@ async def test_bad_input_gives_typed_errors() -> None:
         ClusterStreamBroker("redis://127.0.0.1:7000", additional_streams={"x": ">"})
     with pytest.raises(ConfigurationError, match="excludes other keyword"):
         ClusterStreamBroker("redis://127.0.0.1:7000", options=StreamOptions(), ssl_ca_certs="ca")
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        ClusterStreamBroker("redis://127.0.0.1:7000", decode_responses=True)
     # Option names become options; anything else goes to redis-py.
     configured = ClusterStreamBroker(
         "redis://127.0.0.1:7000", wait_replicas=1, max_connection_pool_size=8,
