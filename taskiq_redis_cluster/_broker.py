@@ -70,8 +70,13 @@ class _Reader:
         self._stop = stop
 
     def stop(self) -> None:
+        """Ask the reader to return after its current read.
+
+        Not a cancel: a blocking read cancelled after the server answered
+        would leave the entries it delivered pending, unseen, for a whole
+        ``idle_timeout``. A read ends within its block time.
+        """
         self._stop.set()
-        self.task.cancel()
 
     def failure(self) -> BaseException | None:
         if not self.task.done() or self.task.cancelled():
@@ -325,9 +330,9 @@ class ShardedBroker(AsyncBroker):
             supervisor.cancel()
             for reader in readers.values():
                 reader.stop()
-            # redis-py can swallow a cancellation that races a finished read;
-            # such a reader then blocks handing over what it read. Draining the
-            # buffer lets it finish and see its stop flag.
+            # Readers finish their current read (at most its block time) and
+            # return; one blocked handing over a message is freed by draining
+            # the buffer. Only a reader stuck beyond that is cancelled.
             pending: set[asyncio.Task[None]] = {supervisor, *(r.task for r in readers.values())}
             deadline = time.monotonic() + self._blocking_seconds() + 5.0
             while pending and time.monotonic() < deadline:
@@ -335,22 +340,29 @@ class ShardedBroker(AsyncBroker):
                     unsent.append(buffer.get_nowait())
                 _, pending = await asyncio.wait(pending, timeout=0.1)
             if pending:
-                logger.warning("%d readers of %s did not stop in time", len(pending),
-                               self.queue_name)
+                logger.warning("%d readers of %s did not stop in time; cancelling them",
+                               len(pending), self.queue_name)
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=1.0)
             if getter is not None:
                 if getter.done() and not getter.cancelled():
                     unsent.append(getter.result())
                 getter.cancel()
             while not buffer.empty():
                 unsent.append(buffer.get_nowait())
-            if unsent:
-                await self._release(unsent)
+            # Always called: readers may hold read entries of their own.
+            await self._release(unsent)
 
     def _handed_out(self, message: AckableMessage | bytes) -> None:
         """Hook: ``message`` is being given to taskiq."""
 
     async def _release(self, messages: list[AckableMessage | bytes]) -> None:
-        """Hook: hand back messages that were read but never given to taskiq."""
+        """Hook: hand back what was read but never given to taskiq.
+
+        ``messages`` were in the listen buffer (maybe none); a broker may
+        also hold entries its readers read but had not passed on yet.
+        """
 
     def _prefetch(self) -> int:
         return 100

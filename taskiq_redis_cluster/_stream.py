@@ -118,9 +118,12 @@ class _AckBatcher:
     """Merges the acks of a short window into one XACK per shard stream.
 
     taskiq finishes tasks one by one, so acks rarely share an event-loop
-    tick; batching per tick sent one XACK per task. Waiting ``window``
-    seconds (or until ``max_batch`` acks are pending) turns a busy worker's
-    acks into a few XACKs per shard, at the cost of that delay per ack.
+    tick; batching per tick sent one XACK per task. Acks wait ``window``
+    seconds (or until ``max_batch`` are pending) and go as a few XACKs per
+    shard. :meth:`add` only queues: waiting for the XACK's reply cost each
+    task a future and a wake-up, and told taskiq nothing it acts on. An
+    XACK that still fails after retries is logged; its entries stay pending
+    and are redelivered after ``idle_timeout`` (at least once, never lost).
     """
 
     pipeline: AutoPipeline
@@ -128,23 +131,22 @@ class _AckBatcher:
     broker: ClusterStreamBroker
     window: float = 0.005
     max_batch: int = 512
-    _pending: dict[str, tuple[int, list[tuple[bytes, asyncio.Future[None]]]]] = field(
-        default_factory=dict
-    )
+    _pending: dict[str, tuple[int, list[bytes]]] = field(default_factory=dict)
     _count: int = 0
     _timer: asyncio.TimerHandle | None = None
     _inflight: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def ack(self, stream: str, shard: int, entry_id: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._pending.setdefault(stream, (shard, []))[1].append((entry_id, future))
+    def add(self, stream: str, shard: int, entry_id: bytes) -> None:
+        """Queue the ack of ``entry_id``; it is sent within ``window`` seconds."""
+        batch = self._pending.get(stream)
+        if batch is None:
+            batch = self._pending[stream] = (shard, [])
+        batch[1].append(entry_id)
         self._count += 1
         if self._count >= self.max_batch:
             self._flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.window, self._flush)
-        await future
+            self._timer = asyncio.get_running_loop().call_later(self.window, self._flush)
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -158,9 +160,7 @@ class _AckBatcher:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _send_batch(
-        self, batch: dict[str, tuple[int, list[tuple[bytes, asyncio.Future[None]]]]]
-    ) -> None:
+    async def _send_batch(self, batch: dict[str, tuple[int, list[bytes]]]) -> None:
         """One XACK per stream, all in one go; a failed one takes the retrying path.
 
         The first attempt skips the retry policy's machinery, which cost
@@ -168,42 +168,23 @@ class _AckBatcher:
         retries transient ones and handles NOGROUP as before.
         """
         sent = [
-            (
-                stream,
-                shard,
-                items,
-                self.pipeline.submit(stream, "XACK", stream, self.group, *(i for i, _ in items)),
-            )
-            for stream, (shard, items) in batch.items()
+            (stream, shard, ids, self.pipeline.submit(stream, "XACK", stream, self.group, *ids))
+            for stream, (shard, ids) in batch.items()
         ]
-        try:
-            await asyncio.wait([future for *_, future in sent])
-        except asyncio.CancelledError as exc:
-            for _, _, items, _ in sent:
-                self._fail(items, exc)
-            raise
+        await asyncio.wait([future for *_, future in sent])
         retries = []
-        for stream, shard, items, future in sent:
+        for stream, shard, ids, future in sent:
             error = None if future.cancelled() else future.exception()
             if not future.cancelled() and error is None:
-                self._acked(shard, items)
+                self.broker.events.acked(self.broker.queue_name, shard, len(ids))
                 continue
             if isinstance(error, CommandFailure) and is_transient(error.error):
                 self.broker.events.retried(error_kind(error.error))
-            retries.append(self._send(stream, shard, items))
+            retries.append(self._send(stream, shard, ids))
         if retries:
             await asyncio.gather(*retries)
 
-    def _acked(self, shard: int, items: list[tuple[bytes, asyncio.Future[None]]]) -> None:
-        self.broker.events.acked(self.broker.queue_name, shard, len(items))
-        for _, future in items:
-            if not future.done():
-                future.set_result(None)
-
-    async def _send(
-        self, stream: str, shard: int, items: list[tuple[bytes, asyncio.Future[None]]]
-    ) -> None:
-        ids = [entry_id for entry_id, _ in items]
+    async def _send(self, stream: str, shard: int, ids: list[bytes]) -> None:
         try:
             await self.broker._idempotent(
                 lambda: _unwrap(self.pipeline.execute(stream, "XACK", stream, self.group, *ids))
@@ -216,20 +197,19 @@ class _AckBatcher:
                 logger.warning("XACK on %s found no group (%s); entries will be redelivered",
                                stream, exc)
             else:
-                self._fail(items, exc)
-                return
-        except BaseException as exc:
-            self._fail(items, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+                self._failed(stream, ids, exc)
             return
-        self._acked(shard, items)
+        except Exception as exc:
+            self._failed(stream, ids, exc)
+            return
+        self.broker.events.acked(self.broker.queue_name, shard, len(ids))
 
     @staticmethod
-    def _fail(items: list[tuple[bytes, asyncio.Future[None]]], exc: BaseException) -> None:
-        for _, future in items:
-            if not future.done():
-                future.set_exception(exc)
+    def _failed(stream: str, ids: list[bytes], exc: BaseException) -> None:
+        logger.warning(
+            "Could not acknowledge %d entries of %s (%r); they stay pending and are "
+            "redelivered after idle_timeout", len(ids), stream, exc,
+        )
 
     async def drain(self, timeout: float = 5.0) -> None:
         if self._pending:
@@ -336,6 +316,8 @@ class ClusterStreamBroker(ShardedBroker):
         # Entries delivered to the listen buffer, by id() of their message, so
         # that the ones taskiq never received can be released at shutdown.
         self._unhanded: dict[int, tuple[str, bytes]] = {}
+        # Entries a cancelled reader had read but not yet passed on.
+        self._unread: list[tuple[str, bytes]] = []
 
     # ------------------------------------------------------------ lifecycle
     def _blocking_seconds(self) -> float:
@@ -375,10 +357,15 @@ class ClusterStreamBroker(ShardedBroker):
         to ``xread_count`` tasks by ``idle_timeout``).
         """
         by_stream: dict[str, list[bytes]] = {}
+        unread, self._unread = self._unread, []
         for message in messages:
             meta = self._unhanded.pop(id(message), None)
             if meta is not None:
-                by_stream.setdefault(meta[0], []).append(meta[1])
+                unread.append(meta)
+        for stream, entry_id in unread:
+            ids = by_stream.setdefault(stream, [])
+            if entry_id not in ids:
+                ids.append(entry_id)
         idle = self.options.idle_timeout + 1
         for stream, ids in by_stream.items():
             try:
@@ -460,8 +447,17 @@ class ClusterStreamBroker(ShardedBroker):
                 failures += 1
                 await self._backoff(keys, exc, failures)
                 continue
-            for entry_id, entry in entries:
-                await self._deliver(keys, shard, entry_id, entry, sink)
+            for index, (entry_id, entry) in enumerate(entries):
+                if stop.is_set():
+                    # The listen is closing: the rest of this read is released
+                    # with the buffer's entries, for other workers to take now.
+                    self._unread += [(keys.stream, e) for e, _ in entries[index:]]
+                    return
+                try:
+                    await self._deliver(keys, shard, entry_id, entry, sink)
+                except asyncio.CancelledError:
+                    self._unread += [(keys.stream, e) for e, _ in entries[index:]]
+                    raise
 
     async def _read_new(
         self, stream: str, args: tuple[Any, ...], count: int
@@ -541,11 +537,14 @@ class ClusterStreamBroker(ShardedBroker):
         stream = keys.stream
         index = shard.index
 
-        async def ack() -> None:
-            assert self._acks is not None
-            await self._acks.ack(stream, index, entry_id)
+        acks = self._acks
+        assert acks is not None
 
-        message = AckableMessage(data=entry[_DATA], ack=ack)
+        async def ack() -> None:
+            acks.add(stream, index, entry_id)
+
+        # Built without validation: both fields are ours and of the right type.
+        message = AckableMessage.model_construct(data=entry[_DATA], ack=ack)
         self._unhanded[id(message)] = (stream, entry_id)
         await sink(message)
 

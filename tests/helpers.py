@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
@@ -53,3 +54,19 @@ async def take(
     finally:
         await gen.aclose()
     return got
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
+) -> None:
+    """Await ``check()`` every 0.05 s until it is true; fail after ``timeout``.
+
+    For effects that are asynchronous by design, such as batched acks (sent
+    within a few milliseconds) or a dead letter written by another shard's
+    reader.
+    """
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout:.0f}s")
+        await asyncio.sleep(0.05)
