@@ -106,7 +106,6 @@ class AutoPipeline:
     _scheduled: bool = False
     _inflight: set[asyncio.Task[None]] = field(default_factory=set)
     _slots: dict[str, int] = field(default_factory=dict)
-    _queued: dict[str, list[_Item]] = field(default_factory=dict)
 
     async def execute(self, key: str, *args: Any) -> Reply:
         """Send ``args`` (a full command) in the next pipeline for ``key``'s node.
@@ -183,33 +182,18 @@ class AutoPipeline:
             if group is None:
                 group = groups[name] = (node, [])
             group[1].append(item)
-        for name, (node, group_items) in groups.items():
-            queued = self._queued.get(name) if name else None
-            if queued is not None:
-                queued += group_items  # a batch to this node is in flight; go next
-            else:
-                self._send(name, node, group_items)
-
-    def _send(self, name: str, node: ClusterNode | None, items: list[_Item]) -> None:
-        if name:
-            # While this batch is in flight, later commands for the node
-            # queue up and go together once it is answered: fewer, larger
-            # batches under load (a third of the producer's CPU per kick),
-            # no added wait when idle, and one node's commands stay in order.
-            self._queued[name] = []
-        task: asyncio.Task[None] | None = None
-        for start in range(0, len(items), self.max_batch):
-            task = asyncio.ensure_future(self._run(node, items[start : start + self.max_batch]))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-        if name and task is not None:
-            task.add_done_callback(lambda _: self._answered(name))
-
-    def _answered(self, name: str) -> None:
-        queued = self._queued.pop(name, None)
-        if queued:
-            # Routed again: the slot map may have changed meanwhile.
-            self._dispatch(queued)
+        # Every group goes at once, even with a batch to the same node still
+        # in flight. Holding later commands until the previous batch was
+        # answered made batches larger and kicks cheaper, but gave the
+        # benchmark's kick-to-start latency a p99 of 20-250 ms in about half
+        # of the rounds (2-4 ms without); see docs/performance.md.
+        for node, group_items in groups.values():
+            for start in range(0, len(group_items), self.max_batch):
+                task = asyncio.ensure_future(
+                    self._run(node, group_items[start : start + self.max_batch])
+                )
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
 
     async def _run(self, node: ClusterNode | None, items: Sequence[_Item]) -> None:
         # The fast path writes straight to the node that owns the keys. It
@@ -335,7 +319,7 @@ class AutoPipeline:
             remaining = deadline - loop.time()
             if not self._inflight or remaining <= 0:
                 return
-            # Answered batches send what queued behind them; wait for those too.
+            # Redirected commands are resent from a batch task; wait for those too.
             await asyncio.wait(set(self._inflight), timeout=remaining)
 
 
