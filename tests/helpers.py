@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
@@ -70,3 +71,24 @@ async def eventually(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} not reached within {timeout:.0f}s")
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def consuming(broker: ClusterStreamBroker) -> AsyncIterator[list[str]]:
+    """Listen and ack in the background; yields the task ids received so far."""
+    got: list[str] = []
+    listen = broker.listen()
+
+    async def consume() -> None:
+        async for msg in listen:
+            assert isinstance(msg, AckableMessage)
+            got.append(task_id_of(msg.data))
+            await msg.ack()  # type: ignore[misc]
+
+    task = asyncio.create_task(consume())
+    try:
+        yield got
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await listen.aclose()

@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import eventually, make_message, take, task_id_of
+from helpers import consuming, eventually, make_message, take, task_id_of
 from redis.asyncio import RedisCluster
-from taskiq import AckableMessage
 
 from taskiq_redis_cluster import (
     ClusterStreamBroker,
@@ -124,27 +123,14 @@ async def test_garbage_entry_goes_to_dead_letter_and_worker_continues(
     await broker.client.xadd(keys.stream, {b"junk": b"not a task"})
     await broker.client.xadd(keys.stream, {b"data": b"\xff\xfe not json"})
     await broker.kick(make_message("after-garbage", partition_key="x"))
-    got: list[str] = []
-    listen = broker.listen()
-
-    async def consume() -> None:
-        async for msg in listen:
-            assert isinstance(msg, AckableMessage)
-            got.append(task_id_of(msg.data))
-            await msg.ack()  # type: ignore[misc]
-
-    async def task_ran_and_both_dead() -> bool:
-        return got == ["after-garbage"] and int(await broker.client.xlen(keys.dead)) == 2
-
     # Keep listening until shard 0's reader has handled both garbage entries:
     # the task may sit on another shard and arrive first.
-    consumer = asyncio.create_task(consume())
-    try:
+    async with consuming(broker) as got:
+
+        async def task_ran_and_both_dead() -> bool:
+            return got == ["after-garbage"] and int(await broker.client.xlen(keys.dead)) == 2
+
         await eventually(task_ran_and_both_dead, "the task ran and two dead letters")
-    finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
-        await listen.aclose()
     dead = await broker.client.xrange(keys.dead)
     reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
     assert reasons[0].startswith("missing 'data' field")
@@ -164,17 +150,7 @@ async def test_deleted_stream_recreates_group_at_zero(
 ) -> None:
     plan = await broker.current_plan()
     keys = ShardKeys(broker.options.prefix, plan.shards[0].tag)
-    received: list[bytes] = []
-    gen = broker.listen()
-
-    async def consume() -> None:
-        async for msg in gen:
-            assert isinstance(msg, AckableMessage)
-            received.append(task_id_of(msg.data))
-            await msg.ack()  # type: ignore[misc]
-
-    task = asyncio.create_task(consume())
-    try:
+    async with consuming(broker) as received:
         await asyncio.sleep(0.5)  # readers are blocked in XREADGROUP now
         await broker.client.delete(keys.stream)
         # Tasks written after the DEL must not be skipped (no "$" group).
@@ -183,10 +159,6 @@ async def test_deleted_stream_recreates_group_at_zero(
         deadline = time.monotonic() + 20
         while len(received) < 10 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await gen.aclose()
     assert sorted(received) == sorted(f"d{i}" for i in range(10))
 
 
