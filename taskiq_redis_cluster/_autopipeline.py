@@ -171,11 +171,8 @@ class AutoPipeline:
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        self._dispatch(pending)
-
-    def _dispatch(self, items: list[_Item]) -> None:
         groups: dict[str, tuple[ClusterNode | None, list[_Item]]] = {}
-        for item in items:
+        for item in pending:
             node = self._node_of(item.key)
             name = node.name if node is not None else ""
             group = groups.get(name)
@@ -185,8 +182,8 @@ class AutoPipeline:
         # Every group goes at once, even with a batch to the same node still
         # in flight. Holding later commands until the previous batch was
         # answered made batches larger and kicks cheaper, but gave the
-        # benchmark's kick-to-start latency a p99 of 20-250 ms in about half
-        # of the rounds (2-4 ms without); see docs/performance.md.
+        # benchmark's kick-to-start latency a p99 of 20-250 ms in 13 of 30
+        # rounds (2-5 ms in all 20 without); see docs/performance.md.
         for node, group_items in groups.values():
             for start in range(0, len(group_items), self.max_batch):
                 task = asyncio.ensure_future(
@@ -319,7 +316,7 @@ class AutoPipeline:
             remaining = deadline - loop.time()
             if not self._inflight or remaining <= 0:
                 return
-            # Redirected commands are resent from a batch task; wait for those too.
+            # Answers can make callers submit more (an ack retry, say); wait for those too.
             await asyncio.wait(set(self._inflight), timeout=remaining)
 
 
