@@ -18,7 +18,8 @@ and result failures ``ResultBackendError``, as taskiq expects::
         ├── PlanError
         │   ├── PlanVersionError         plan record written by a newer release
         │   ├── CorruptPlanError         plan record that cannot be parsed
-        │   └── PlanNotFoundError        no plan record for the queue
+        │   ├── PlanNotFoundError        no plan record for the queue
+        │   └── PlanNotReplicatedError   a plan change no replica has confirmed
         ├── CrossSlotError               keys of one operation span two slots
         ├── LifecycleError               startup twice, kick after shutdown, ...
         ├── KickError                    (also taskiq's SendTaskError)
@@ -149,6 +150,24 @@ class PlanNotFoundError(PlanError):
     __template__ = "No plan is stored for queue {queue!r} (key {key!r})"
     queue: str
     key: str
+
+
+class PlanNotReplicatedError(PlanError):
+    """A plan change was written on its master but no replica confirmed it.
+
+    The change is in force on the master and may be lost on a failover, so
+    it must not be treated as done. ``replicas`` is how many replicas the
+    master had: 0 means none (see ``PlanStore(require_replica=False)``).
+    """
+
+    __template__ = (
+        "Plan record {key!r} was written at epoch {epoch} on its master, but not "
+        "confirmed by a replica: {reason}"
+    )
+    key: str
+    epoch: int
+    replicas: int
+    reason: str
 
 
 class CrossSlotError(ClusterError):
