@@ -6,6 +6,10 @@ every key of one shard lands in the shard's single slot)::
     P:{T}:stream        the shard's stream; its consumer group lives inside it
     P:{T}:dead          the shard's dead-letter stream
     P:{T}:list          the shard's list (list broker)
+    P:{T}:processing:C  list broker, reliable mode: consumer C's popped messages
+    P:{T}:heartbeat:C   list broker, reliable mode: C is alive while this exists
+    P:{T}:consumers     list broker, reliable mode: set of C with a processing list
+    P:{T}:handback:K    list broker: marker that makes hand-back K run once
     P:{plan:Q}          plan record of queue Q, in a slot of its own
     P:{plans}           set of queue names that have a plan
     P:{rebalance}:lease the rebalancer's lease lock
@@ -104,6 +108,19 @@ class ShardKeys:
     @property
     def list(self) -> str:
         return f"{self.prefix}:{{{self.tag}}}:list"
+
+    @property
+    def consumers(self) -> str:
+        return f"{self.prefix}:{{{self.tag}}}:consumers"
+
+    def processing(self, consumer: str) -> str:
+        return f"{self.prefix}:{{{self.tag}}}:processing:{consumer}"
+
+    def heartbeat(self, consumer: str) -> str:
+        return f"{self.prefix}:{{{self.tag}}}:heartbeat:{consumer}"
+
+    def handback(self, token: str) -> str:
+        return f"{self.prefix}:{{{self.tag}}}:handback:{token}"
 
     @property
     def slot(self) -> int:

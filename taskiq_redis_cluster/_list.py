@@ -1,17 +1,38 @@
-"""``ClusterListQueueBroker``: sharded Redis lists (at most once).
+"""``ClusterListQueueBroker``: sharded Redis lists.
 
 Shard planning, kick retries and the fair per-shard readers come from
-``_broker``; this module only says how a message is pushed to and popped
-from one shard's list.
+``_broker``; this module says how a message is pushed to and popped from one
+shard's list, and how popped messages go back.
+
+Two delivery modes:
+
+- default, **at most once**: BRPOP. A graceful stop hands every message that
+  was popped but never given to taskiq back to the consuming end of its
+  list, in popped order; only a crash loses them (at most ``prefetch`` plus
+  one per shard, plus the tasks taskiq was running or holding).
+- ``reliable=True``, **at least once**: BLMOVE into this consumer's
+  processing list, in the shard's slot; taskiq's ack removes the message
+  (LREM). A heartbeat key per consumer and shard, refreshed by a background
+  task, says the consumer is alive; when it expires, any reader of the shard
+  moves the dead consumer's processing list back to the shard (one Lua
+  script, all keys one hash tag). This is Sidekiq's "super_fetch" pattern.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
+import random
+import time
+import uuid
 from typing import Any
 
-from ._autopipeline import AutoPipeline, Unroutable
+from redis.asyncio import RedisCluster
+from taskiq import AckableMessage
+
+from ._autopipeline import AutoPipeline, CommandFailure, Unroutable
 from ._broker import ShardedBroker, Sink
 from ._events import BrokerEvents
 from ._keys import ShardKeys
@@ -21,13 +42,66 @@ from ._retry import RetryPolicy, error_kind, is_transient
 
 logger = logging.getLogger("taskiq_redis_cluster")
 
+# Hand-back of the default mode: RPUSH to the consuming end, once. The marker
+# makes a retry after an unknown outcome (connection lost after sending)
+# harmless; without it a retried RPUSH could queue a task twice.
+# KEYS: list, marker. ARGV: marker ttl (s), then the messages, last popped first.
+_HAND_BACK = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+    return -1
+end
+return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
+"""
+
+# Hand-back of the reliable mode: each message leaves the processing list and
+# goes to the consuming end of the shard list, atomically; a retry finds it
+# already gone from the processing list and pushes nothing.
+# KEYS: list, processing. ARGV: the messages, last popped first.
+_RELIABLE_HAND_BACK = """
+local moved = 0
+for i = 1, #ARGV do
+    if redis.call('LREM', KEYS[2], 1, ARGV[i]) == 1 then
+        redis.call('RPUSH', KEYS[1], ARGV[i])
+        moved = moved + 1
+    end
+end
+return moved
+"""
+
+# Moves a consumer's processing list back to the consuming end of the shard
+# list and forgets the consumer. The processing list holds the newest pop on
+# the left (BLMOVE ... LEFT), so moving from the left to the list's right end
+# leaves the oldest pop at the right end: popped first again, as before.
+# With ARGV[2] == '1' (recovery) nothing happens while the heartbeat lives.
+# KEYS: list, processing, heartbeat, consumers. ARGV: consumer, check.
+_RETIRE = """
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
+    return -1
+end
+local moved = 0
+while redis.call('LMOVE', KEYS[2], KEYS[1], 'LEFT', 'RIGHT') do
+    moved = moved + 1
+end
+redis.call('DEL', KEYS[3])
+redis.call('SREM', KEYS[4], ARGV[1])
+return moved
+"""
+
+#: Most messages one hand-back script call pushes (Lua's unpack() limit is ~8000).
+_HAND_BACK_CHUNK = 1000
+#: Seconds a hand-back marker lives: longer than any retry sequence.
+_MARKER_TTL = 300
+
 
 class ClusterListQueueBroker(ShardedBroker):
     """Sharded list broker for Redis Cluster.
 
-    Delivery is **at most once**, as with taskiq-redis's ``ListQueueBroker``:
-    a task popped by a worker that then crashes is gone. Use
-    :class:`ClusterStreamBroker` when tasks must survive worker crashes.
+    By default delivery is **at most once**, as with taskiq-redis's
+    ``ListQueueBroker``: a task popped by a worker that then crashes is gone.
+    A graceful stop (SIGTERM to ``taskiq worker``) loses nothing: messages
+    popped but not started go back to the front of their shard, in order.
+    ``reliable=True`` makes it **at least once** (see the module docstring);
+    :class:`ClusterStreamBroker` adds dead-lettering and delivery counts.
 
     Shards (default: 4 per master) are spread evenly over the masters; kicks
     go round-robin, or by the ``partition_key`` label, and every worker pops
@@ -57,6 +131,18 @@ class ClusterListQueueBroker(ShardedBroker):
             max_connection_pool_size=max_connection_pool_size, queue_name=queue_name,
         )
         super().__init__(url, options, events=events, retry=retry)
+        # Popped but not yet handed to taskiq, by id() of what went to the
+        # listen buffer (the entry keeps the object, so the id stays unique):
+        # the shard's keys, the shard index and the pop's sequence number.
+        self._unhanded: dict[int, tuple[ShardKeys, int, int, AckableMessage | bytes]] = {}
+        # Popped by a reader after its listen began closing, never buffered.
+        self._unread: list[AckableMessage | bytes] = []
+        self._pops = itertools.count()
+        self._scripts: dict[str, Any] = {}
+        # Reliable mode: shards where this consumer has a processing list, and
+        # the task that keeps its heartbeats alive until shutdown.
+        self._registered: dict[str, tuple[ShardKeys, int]] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def _blocking_seconds(self) -> float:
         return self.options.brpop_timeout
@@ -64,26 +150,63 @@ class ClusterListQueueBroker(ShardedBroker):
     def _make_pipeline(self, client: Any) -> AutoPipeline:
         return AutoPipeline(client, max_batch=self.options.max_batch)
 
+    def _prefetch(self) -> int:
+        return self.options.prefetch
+
+    async def _after_startup(self, client: RedisCluster) -> None:
+        self._scripts = {
+            "hand_back": client.register_script(_HAND_BACK),
+            "reliable_hand_back": client.register_script(_RELIABLE_HAND_BACK),
+            "retire": client.register_script(_RETIRE),
+        }
+
     def _write_command(self, keys: ShardKeys) -> tuple[str, tuple[Any, ...]]:
         return keys.list, ("LPUSH", keys.list)
 
-    async def _pop(self, key: str) -> Any:
-        """BRPOP one message, straight to the shard's node (redis-py's path on redirects)."""
+    # ------------------------------------------------------------------- pop
+    async def _pop(self, keys: ShardKeys) -> bytes | None:
+        """Pop one message, straight to the shard's node (redis-py's path on redirects).
+
+        Default mode: BRPOP. Reliable mode: BLMOVE into this consumer's
+        processing list, so the message is never only in this process.
+        """
         assert self._pipeline is not None
         timeout = self.options.brpop_timeout
+        if self.options.reliable:
+            processing = keys.processing(self.options.consumer_name)
+            try:
+                reply = await self._pipeline.call(
+                    keys.list, "BLMOVE", keys.list, processing, "RIGHT", "LEFT", timeout
+                )
+            except Unroutable:
+                reply = await self.client.execute_command(
+                    "BLMOVE", keys.list, processing, "RIGHT", "LEFT", timeout
+                )
+            return _as_bytes(reply) if reply is not None else None
         try:
-            return await self._pipeline.call(key, "BRPOP", key, timeout)
+            popped = await self._pipeline.call(keys.list, "BRPOP", keys.list, timeout)
         except Unroutable:
-            return await self.client.brpop([key], timeout=timeout)
+            popped = await self.client.brpop([keys.list], timeout=timeout)
+        return _as_bytes(popped[1]) if popped else None
 
     async def _read_shard(
         self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: asyncio.Event
     ) -> None:
-        key = ShardKeys(self.options.prefix, shard.tag).list
+        keys = ShardKeys(self.options.prefix, shard.tag)
+        reliable = self.options.reliable
+        next_recovery = 0.0
+        if reliable:
+            await self._register(keys, shard.index)
+            # Readers of all workers start at different moments; the jitter
+            # keeps their recovery passes from lining up anyway.
+            next_recovery = time.monotonic() + random.uniform(0, self.options.recovery_interval)
         failures = 0
         while not stop.is_set():
             try:
-                popped = await self._pop(key)
+                if reliable and time.monotonic() >= next_recovery:
+                    next_recovery = time.monotonic() + self.options.recovery_interval
+                    await self._recover(keys, shard.index)
+                data = await self._pop(keys)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -95,9 +218,216 @@ class ClusterListQueueBroker(ShardedBroker):
                 failures += 1
                 self.events.retried(error_kind(exc))
                 delay = self.retry.delay(failures)
-                logger.warning("Popping %s failed (%s); retry in %.2fs", key, exc, delay)
+                logger.warning("Popping %s failed (%s); retry in %.2fs", keys.list, exc, delay)
                 await self.retry.sleep(delay)
                 continue
-            if popped:
-                data = popped[1]
-                await sink(data.encode() if isinstance(data, str) else data)
+            if data is None:
+                continue
+            item: AckableMessage | bytes = data
+            if reliable:
+                item = AckableMessage(
+                    data=data, ack=functools.partial(self._ack, keys, shard.index, data)
+                )
+            # Registered before the first await, so that whatever becomes of
+            # the sink call, the message is either handed out or handed back.
+            self._unhanded[id(item)] = (keys, shard.index, next(self._pops), item)
+            if getattr(stop, "closing", False):
+                # The listen is closing (the base's StopSignal): nobody will
+                # take this message from the buffer, so it goes straight back.
+                self._unread.append(item)
+                return
+            await sink(item)
+
+    # ---------------------------------------------------------- hand back
+    def _handed_out(self, message: AckableMessage | bytes) -> None:
+        self._unhanded.pop(id(message), None)
+
+    async def _release(self, messages: list[AckableMessage | bytes]) -> None:
+        """Put messages popped but not given to taskiq back, as if never popped.
+
+        Per shard, one script pushes them to the consuming (right) end, last
+        popped first, so the next pop returns the first popped again and the
+        shard's order is as before. Retried on transient errors; a failure
+        after the retries loses the messages in the default mode (logged with
+        the count) and leaves them to heartbeat recovery in reliable mode.
+        """
+        unread, self._unread = self._unread, []
+        per_shard: dict[str, tuple[ShardKeys, int, list[tuple[int, bytes]]]] = {}
+        for message in [*messages, *unread]:
+            meta = self._unhanded.pop(id(message), None)
+            if meta is None:
+                continue  # already handed back (a message is in both lists at most once)
+            keys, index, seq, item = meta
+            group = per_shard.setdefault(keys.tag, (keys, index, []))
+            group[2].append((seq, _payload(item)))
+        for keys, _index, popped in per_shard.values():
+            # Last popped first: RPUSH appends left to right, and the right
+            # end is popped first, so the first popped must be pushed last.
+            payloads = [data for _, data in sorted(popped, reverse=True)]
+            try:
+                moved = await self._hand_back(keys, payloads)
+            except Exception as exc:
+                if self.options.reliable:
+                    logger.warning(
+                        "Could not hand back %d unstarted messages of %s (%r); they return "
+                        "when this consumer's heartbeat expires", len(payloads), keys.list, exc,
+                    )
+                else:
+                    logger.error("Could not hand back %d unstarted messages of %s (%r); "
+                                 "they are lost", len(payloads), keys.list, exc)
+                continue
+            logger.info("Handed back %d unstarted messages to %s", moved, keys.list)
+
+    async def _hand_back(self, keys: ShardKeys, payloads: list[bytes]) -> int:
+        moved = 0
+        for start in range(0, len(payloads), _HAND_BACK_CHUNK):
+            chunk = payloads[start : start + _HAND_BACK_CHUNK]
+            if self.options.reliable:
+                script = self._scripts["reliable_hand_back"]
+                call_keys = [keys.list, keys.processing(self.options.consumer_name)]
+                args: list[Any] = list(chunk)
+            else:
+                script = self._scripts["hand_back"]
+                # One token per chunk, made once: every retry carries it.
+                call_keys = [keys.list, keys.handback(uuid.uuid4().hex)]
+                args = [_MARKER_TTL, *chunk]
+            reply = int(await self._idempotent(
+                functools.partial(script, keys=call_keys, args=args)
+            ))
+            # Reliable: how many were still in the processing list. Default:
+            # the list's length, or -1 when an earlier attempt whose reply
+            # was lost had pushed the chunk already; pushed either way.
+            moved += max(0, reply) if self.options.reliable else len(chunk)
+        return moved
+
+    # ------------------------------------------------------- reliable mode
+    async def _ack(self, keys: ShardKeys, index: int, data: bytes) -> None:
+        """taskiq's ack: the message leaves this consumer's processing list.
+
+        A failure after retries is logged, not raised: the message stays in
+        the processing list and runs again once this consumer is gone (at
+        least once).
+        """
+        processing = keys.processing(self.options.consumer_name)
+        try:
+            await self._idempotent(functools.partial(self._command, processing,
+                                                     "LREM", processing, 1, data))
+        except Exception as exc:
+            logger.warning("Could not ack a message of %s (%r); it runs again after this "
+                           "consumer stops", processing, exc)
+            return
+        self.events.acked(self.queue_name, index)
+
+    async def _command(self, key: str, *args: Any) -> Any:
+        assert self._pipeline is not None
+        try:
+            return (await self._pipeline.execute(key, *args)).value
+        except CommandFailure as failure:
+            raise failure.error from None  # the retry policy classifies redis-py's error
+
+    async def _register(self, keys: ShardKeys, index: int) -> None:
+        """Announce this consumer on the shard before its first BLMOVE there.
+
+        The heartbeat comes first: a consumer in the set without one would
+        look dead to others' recovery, which is harmless for an empty
+        processing list but not for a full one.
+        """
+        consumer = self.options.consumer_name
+        ttl_ms = int(self.options.heartbeat_ttl * 1000)
+        await self._idempotent(functools.partial(
+            self._command, keys.heartbeat(consumer), "SET", keys.heartbeat(consumer), 1,
+            "PX", ttl_ms,
+        ))
+        await self._idempotent(functools.partial(
+            self._command, keys.consumers, "SADD", keys.consumers, consumer,
+        ))
+        self._registered[keys.tag] = (keys, index)
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._beat(), name="tqrc-list-heartbeat")
+
+    async def _beat(self) -> None:
+        """Refresh this consumer's heartbeats until shutdown, not until listen closes.
+
+        taskiq finishes the tasks it holds after the listen closed; their
+        messages must not look abandoned meanwhile.
+        """
+        consumer = self.options.consumer_name
+        ttl_ms = int(self.options.heartbeat_ttl * 1000)
+        while True:
+            await asyncio.sleep(self.options.heartbeat_ttl / 3)
+            for keys, _ in list(self._registered.values()):
+                # SADD again too: if this consumer was presumed dead (its loop
+                # stalled past the TTL) and recovered, it must be findable
+                # again should it really die later.
+                try:
+                    await asyncio.gather(
+                        self._command(keys.heartbeat(consumer), "SET",
+                                      keys.heartbeat(consumer), 1, "PX", ttl_ms),
+                        self._command(keys.consumers, "SADD", keys.consumers, consumer),
+                    )
+                except Exception as exc:
+                    logger.warning("Could not refresh heartbeat %s: %r",
+                                   keys.heartbeat(consumer), exc)
+
+    async def _recover(self, keys: ShardKeys, index: int) -> None:
+        """Move back the processing lists of this shard's dead consumers."""
+        client = self.client
+        try:
+            members = await client.smembers(keys.consumers)
+            for raw in members:
+                consumer = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if consumer == self.options.consumer_name:
+                    continue
+                if await client.exists(keys.heartbeat(consumer)):
+                    continue
+                moved = int(await self._scripts["retire"](
+                    keys=[keys.list, keys.processing(consumer), keys.heartbeat(consumer),
+                          keys.consumers],
+                    args=[consumer, 1],
+                ))
+                if moved > 0:
+                    logger.warning("Recovered %d messages of dead consumer %s on %s",
+                                   moved, consumer, keys.list)
+                    self.events.reclaimed(self.queue_name, index, moved)
+        except Exception as exc:  # the next pass tries again
+            logger.warning("Recovery pass on %s failed: %r", keys.list, exc)
+
+    async def _before_close(self) -> None:
+        """Reliable mode: stop the heartbeat and give back what was never acked.
+
+        By now taskiq has finished (or abandoned) every task it took, so what
+        is left in this consumer's processing lists will never be acked here:
+        tasks cut off by ``--wait-tasks-timeout``, or messages whose ack
+        failed. They go back to their shards now instead of after the
+        heartbeat expires.
+        """
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
+        consumer = self.options.consumer_name
+        registered, self._registered = self._registered, {}
+        for keys, index in registered.values():
+            try:
+                moved = int(await self._idempotent(functools.partial(
+                    self._scripts["retire"],
+                    keys=[keys.list, keys.processing(consumer), keys.heartbeat(consumer),
+                          keys.consumers],
+                    args=[consumer, 0],
+                )))
+            except Exception as exc:
+                logger.warning("Could not retire consumer %s on %s (%r); its messages return "
+                               "when its heartbeat expires", consumer, keys.list, exc)
+                continue
+            if moved:
+                logger.warning("Gave back %d unacknowledged messages of %s to %s",
+                               moved, consumer, keys.list)
+                self.events.reclaimed(self.queue_name, index, moved)
+
+
+def _as_bytes(data: Any) -> bytes:
+    return data.encode() if isinstance(data, str) else bytes(data)
+
+
+def _payload(item: AckableMessage | bytes) -> bytes:
+    return item.data if isinstance(item, AckableMessage) else item

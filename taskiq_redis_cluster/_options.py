@@ -168,12 +168,36 @@ class ListOptions(QueueOptions):
     """Options of :class:`ClusterListQueueBroker`.
 
     :param brpop_timeout: seconds one blocking pop waits per shard.
+    :param max_batch: most commands one auto-pipelined flush sends.
+    :param prefetch: most popped messages a worker holds that taskiq has not
+        taken yet (besides one per shard reader). A graceful stop hands them
+        back; a crash loses them, so it is kept small: taskiq's own
+        ``--max-async-tasks``/``--max-prefetch`` already decide how many a
+        worker runs.
+    :param reliable: opt-in at-least-once delivery. A pop moves the message
+        into this consumer's processing list (BLMOVE) and taskiq's ack
+        removes it; the processing list of a consumer whose heartbeat expired
+        is moved back to its shard by any other worker.
+    :param consumer_name: this process's consumer name (reliable mode;
+        default: unique per broker).
+    :param heartbeat_ttl: seconds a consumer's heartbeat lives without being
+        refreshed (reliable mode). A worker whose event loop is blocked longer
+        than this has its messages handed to others and run twice.
+    :param recovery_interval: seconds between checks, per shard, for
+        processing lists of dead consumers (reliable mode).
     """
 
     brpop_timeout: float = 1.0
     max_batch: int = 512
+    prefetch: int = 10
+    reliable: bool = False
+    consumer_name: str = field(default_factory=default_consumer_name)
+    heartbeat_ttl: float = 30.0
+    recovery_interval: float = 10.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("brpop_timeout", self.brpop_timeout)
-        _positive("max_batch", self.max_batch)
+        validate_name(self.consumer_name, "consumer")
+        for name in ("brpop_timeout", "max_batch", "prefetch", "heartbeat_ttl",
+                     "recovery_interval"):
+            _positive(name, getattr(self, name))
