@@ -10,25 +10,30 @@ import asyncio
 import io
 import json
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
-from redis.asyncio import RedisCluster
+from helpers import eventually
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisError
 
 from taskiq_redis_cluster._cmd_plan import run_create, run_list, run_show
 from taskiq_redis_cluster._connection import connect
 from taskiq_redis_cluster._errors import (
     CorruptPlanError,
     PlanNotFoundError,
+    PlanNotReplicatedError,
     PlanVersionError,
 )
 from taskiq_redis_cluster._keys import ShardKeys, plan_key
 from taskiq_redis_cluster._planner import QueueSpec, ShardPlan, plan_queue, replan
-from taskiq_redis_cluster._planstore import PlanFollower, PlanStore
+from taskiq_redis_cluster._planstore import PlanFollower, PlanStore, PlanVersion, StoredPlan
 from taskiq_redis_cluster._topology import Topology, read_topology
-from taskiq_redis_cluster.devcluster import DevCluster
+from taskiq_redis_cluster.devcluster import DevCluster, Node
 
 pytestmark = pytest.mark.cluster
 
@@ -137,8 +142,12 @@ async def test_compare_and_swap(store: PlanStore, topology: Topology, queue: str
     assert await store.compare_and_swap(new, expected_epoch=1)
     assert await store.epoch(queue) == 2
     assert await store.load(queue) == new
-    # The loser of a race (still expecting epoch 1) fails.
-    assert not await store.compare_and_swap(new, expected_epoch=1)
+    # The loser of a race (still expecting epoch 1, with another plan) fails.
+    assert not await store.compare_and_swap(ShardPlan(queue, 2, plan.shards), expected_epoch=1)
+    assert await store.load(queue) == new
+    # A repeat of the applied swap (its reply lost, or not yet confirmed)
+    # succeeds: the stored plan is exactly the one asked for.
+    assert await store.compare_and_swap(new, expected_epoch=1)
     with pytest.raises(ValueError, match="greater"):
         await store.compare_and_swap(new, expected_epoch=2)
     missing = ShardPlan(queue + "-none", 2, ())
@@ -214,13 +223,13 @@ class CountingStore(PlanStore):
         self.epoch_reads = 0
         self.loads = 0
 
-    async def epoch(self, queue: str) -> int | None:
+    async def version(self, queue: str) -> PlanVersion | None:
         self.epoch_reads += 1
-        return await super().epoch(queue)
+        return await super().version(queue)
 
-    async def load(self, queue: str) -> ShardPlan | None:
+    async def load_record(self, queue: str) -> StoredPlan | None:
         self.loads += 1
-        return await super().load(queue)
+        return await super().load_record(queue)
 
 
 async def test_follower_polls_only_the_epoch(
@@ -268,6 +277,234 @@ async def test_follower_refresh_and_initial(
     assert (await follower.refresh()).epoch == 7
     cold = PlanFollower(store, queue, poll_interval=3600)
     assert (await cold.refresh()).epoch == 7
+    assert follower.generation == (await store.load_record(queue)).generation  # type: ignore[union-attr]
+
+
+async def _node_call(node: Node, *args: Any) -> Any:
+    # A plain connection of its own: it never wrote, and it may read a replica.
+    async with Redis(host=node.host, port=node.port, socket_timeout=5) as r:
+        return await r.execute_command(*args)
+
+
+async def _replica_hget(node: Node, key: str, field: str) -> Any:
+    async with Redis(host=node.host, port=node.port, socket_timeout=5) as r:
+        await r.execute_command("READONLY")
+        return await r.execute_command("HGET", key, field)
+
+
+def _at_epoch(plan: ShardPlan, epoch: int) -> ShardPlan:
+    return ShardPlan(plan.queue, epoch, plan.shards, plan.draining)
+
+
+async def test_follower_never_goes_back_within_a_generation(
+    store: PlanStore, topology: Topology, queue: str, cluster_client: RedisCluster
+) -> None:
+    plan = await store.get_or_create(topology, QueueSpec(queue, 3))
+    assert await store.compare_and_swap(_at_epoch(plan, 2), expected_epoch=1)
+    assert await store.compare_and_swap(_at_epoch(plan, 3), expected_epoch=2)
+    now = [0.0]
+    follower = PlanFollower(store, queue, poll_interval=1.0, time_func=lambda: now[0])
+    assert (await follower.current()).epoch == 3
+    # What a failover that lost epoch 3 leaves behind: epoch 2, same record
+    # (the generation field is untouched).
+    await cluster_client.execute_command(
+        "HSET", store.key(queue), "epoch", "2", "plan", _at_epoch(plan, 2).to_json()
+    )
+    for _ in range(3):
+        now[0] += 1.5
+        assert (await follower.current()).epoch == 3
+    assert (await follower.refresh()).epoch == 3
+    assert follower.rollbacks_refused == 1  # one distinct older version, polled 4 times
+    # Moving forward again from the stored epoch is followed as usual.
+    assert await store.compare_and_swap(_at_epoch(plan, 4), expected_epoch=2)
+    now[0] += 1.5
+    assert (await follower.current()).epoch == 4
+
+
+async def test_recreated_plan_is_picked_up_at_any_epoch(
+    store: PlanStore, topology: Topology, queue: str
+) -> None:
+    old = await store.get_or_create(topology, QueueSpec(queue, 4))
+    old_record = await store.load_record(queue)
+    assert old_record is not None
+    assert old_record.generation
+    now = [0.0]
+    follower = PlanFollower(store, queue, poll_interval=1.0, time_func=lambda: now[0])
+    assert await follower.current() == old
+    assert follower.generation == old_record.generation
+
+    assert await store.delete(queue)
+    new = await store.get_or_create(topology, QueueSpec(queue, 2))
+    assert new.epoch == old.epoch == 1
+    record = await store.load_record(queue)
+    assert record is not None
+    assert record.generation != old_record.generation
+    now[0] += 1.5
+    assert await follower.current() == new
+    assert follower.generation == record.generation
+    assert follower.rollbacks_refused == 0
+    # A writer that read the old record cannot swap the new one.
+    later = _at_epoch(new, 2)
+    assert not await store.compare_and_swap(
+        later, expected_epoch=1, expected_generation=old_record.generation
+    )
+    assert await store.compare_and_swap(
+        later, expected_epoch=1, expected_generation=record.generation
+    )
+    # The swap kept the generation.
+    assert await store.version(queue) == PlanVersion(2, record.generation)
+
+
+async def test_record_without_generation_still_works(
+    store: PlanStore, topology: Topology, queue: str, cluster_client: RedisCluster
+) -> None:
+    # A record as the previous release wrote it: no generation field.
+    key = store.key(queue)
+    plan = plan_queue(topology, QueueSpec(queue, 2))
+    await cluster_client.execute_command(
+        "HSET", key, "format", "1", "epoch", "1", "plan", plan.to_json()
+    )
+    assert await store.load_record(queue) == StoredPlan(plan, "")
+    now = [0.0]
+    follower = PlanFollower(store, queue, poll_interval=1.0, time_func=lambda: now[0])
+    assert await follower.current() == plan
+    assert follower.generation == ""
+    assert await store.compare_and_swap(_at_epoch(plan, 2), expected_epoch=1)
+    # A swap never adds a generation: a rollback to the bare record would
+    # otherwise look like a new generation and be accepted.
+    assert await cluster_client.execute_command("HEXISTS", key, "generation") == 0
+    now[0] += 1.5
+    assert (await follower.current()).epoch == 2
+    await cluster_client.execute_command(
+        "HSET", key, "epoch", "1", "plan", plan.to_json()
+    )
+    now[0] += 1.5
+    assert (await follower.current()).epoch == 2
+    assert follower.rollbacks_refused == 1
+    # Recreated: a generation of its own, taken at epoch 1.
+    await store.delete(queue)
+    fresh = await store.get_or_create(topology, QueueSpec(queue, 3))
+    now[0] += 1.5
+    assert await follower.current() == fresh
+    assert follower.generation not in (None, "")
+
+
+async def test_swap_counts_only_once_a_replica_has_it(
+    healthy_cluster: DevCluster, cluster_client: RedisCluster, topology: Topology, queue: str
+) -> None:
+    store = PlanStore(cluster_client, replica_timeout=0.3)
+    plan = await store.get_or_create(topology, QueueSpec(queue, 2))
+    key = store.key(queue)
+    master = await healthy_cluster.master_of_key(key)
+    replica = await healthy_cluster.replica_of(master)
+    probe = next(
+        k
+        for k in (f"{queue}:probe{i}" for i in range(5000))
+        if cluster_client.get_node_from_key(k).port == master.port  # type: ignore[union-attr]
+    )
+    new = _at_epoch(plan, 2)
+    other = Redis(host=master.host, port=master.port, single_connection_client=True)
+    writer = Redis(host=master.host, port=master.port, single_connection_client=True)
+    await other.ping()
+    await writer.execute_command("SET", probe, "a")
+    assert await writer.execute_command("WAIT", 1, 5000) == 1
+    # SIGSTOP: the replica stays attached to its master but receives nothing.
+    await healthy_cluster.pause_node(replica)
+    try:
+        # The premise of the design: WAIT counts up to the last write of its
+        # own connection. On the writing connection it times out; on an older
+        # connection that has not written since (a pooled one, say) it
+        # confirms at once, although the replica has not seen the write.
+        await writer.execute_command("SET", probe, "b")
+        assert await writer.execute_command("WAIT", 1, 200) == 0
+        assert await other.execute_command("WAIT", 1, 200) == 1
+
+        with pytest.raises(PlanNotReplicatedError) as info:
+            await store.compare_and_swap(new, expected_epoch=1)
+        assert (info.value.epoch, info.value.replicas) == (2, 1)
+        assert "call compare_and_swap again" in str(info.value)
+        # It is written on the master (in force there), just not confirmed.
+        assert await store.epoch(queue) == 2
+    finally:
+        await healthy_cluster.resume_node(replica)
+        await other.aclose()
+        await writer.aclose()
+        await cluster_client.execute_command("DEL", probe)
+    # Repeating the same swap confirms it once the replica caught up.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert await store.compare_and_swap(new, expected_epoch=1)
+            break
+        except PlanNotReplicatedError:
+            assert time.monotonic() < deadline, "the resumed replica never confirmed"
+            await asyncio.sleep(0.2)
+    assert await _replica_hget(replica, key, "epoch") == b"2"
+
+
+async def test_swap_on_a_master_without_replica(
+    healthy_cluster: DevCluster, cluster_client: RedisCluster, topology: Topology, queue: str
+) -> None:
+    store = PlanStore(cluster_client, replica_timeout=0.2)
+    plan = await store.get_or_create(topology, QueueSpec(queue, 2))
+    master = await healthy_cluster.master_of_key(store.key(queue))
+    replica = await healthy_cluster.replica_of(master)
+    await healthy_cluster.kill_node(replica)
+    try:
+        await eventually(
+            lambda: _attached_replicas_are(master, 0), "the master dropping its replica"
+        )
+        with pytest.raises(PlanNotReplicatedError) as info:
+            await store.compare_and_swap(_at_epoch(plan, 2), expected_epoch=1)
+        assert info.value.replicas == 0
+        assert "require_replica=False" in str(info.value)
+        # The explicit opt-out for clusters without replicas.
+        relaxed = PlanStore(cluster_client, require_replica=False)
+        assert await relaxed.compare_and_swap(_at_epoch(plan, 3), expected_epoch=2)
+        assert await store.epoch(queue) == 3
+    finally:
+        await healthy_cluster.heal()
+
+
+async def _attached_replicas_are(master: Node, count: int) -> bool:
+    role = await _node_call(master, "ROLE")
+    return len(role[2]) == count
+
+
+async def test_confirmed_swap_survives_a_failover(
+    healthy_cluster: DevCluster, cluster_client: RedisCluster, topology: Topology, queue: str
+) -> None:
+    store = PlanStore(cluster_client)
+    plan = await store.get_or_create(topology, QueueSpec(queue, 3))
+    key = store.key(queue)
+    master = await healthy_cluster.master_of_key(key)
+    replica = await healthy_cluster.replica_of(master)
+    follower = PlanFollower(store, queue, poll_interval=0)
+    assert (await follower.current()).epoch == 1
+    assert await store.compare_and_swap(_at_epoch(plan, 2), expected_epoch=1)
+    assert (await follower.current()).epoch == 2
+    # Right after the switch was confirmed, the master dies.
+    await healthy_cluster.kill_node(master)
+    try:
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while (await healthy_cluster.master_of_key(key)).port != replica.port:
+            assert time.monotonic() < deadline, "no failover within 60 s"
+            seen.append((await follower.current()).epoch)
+            await asyncio.sleep(0.1)
+        stored = None
+        while stored is None:
+            try:
+                stored = await store.load(queue)
+            except (RedisError, OSError):
+                assert time.monotonic() < deadline, "the promoted replica never answered"
+                await asyncio.sleep(0.2)
+        assert stored == _at_epoch(plan, 2)
+        assert (await follower.refresh()).epoch == 2
+        assert set(seen) <= {2}
+        assert follower.rollbacks_refused == 0
+    finally:
+        await healthy_cluster.heal()
 
 
 async def test_cli_create_list_and_show_balanced(
