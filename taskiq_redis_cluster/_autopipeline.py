@@ -8,18 +8,25 @@ process reach several times the kick rate of one round trip per kick.
 
 The batch travels on one of redis-py's pooled connections to that node
 (redis-py connects, authenticates, negotiates the protocol and does TLS),
-but is packed and its replies parsed by ``_resp``, in one timeout, instead of
-through redis-py's per-command encoder, awaited parser calls and timeout
-contexts, which cost more CPU than the commands themselves. Replies are raw
-protocol values, without redis-py's response callbacks. Redirected commands
+but is packed by ``hiredis.pack_command`` and its replies parsed by a
+``hiredis.Reader``, under one progress timeout, instead of through
+redis-py's per-command encoder, awaited parser calls and timeout contexts,
+which cost more CPU than the commands themselves. hiredis parses in C and in
+time linear in the reply size, so a message of tens of megabytes is read as
+fast as the socket delivers it. Replies are raw protocol values (bytes, int,
+float, bool, None, lists, dicts), without redis-py's response callbacks. Redirected commands
 (MOVED/ASK/TRYAGAIN, never applied) and everything sent while the client
 must reload its slot map go through redis-py's ``ClusterPipeline``, which
 follows redirects. :meth:`AutoPipeline.call` sends one command the same way
 without batching, for blocking reads.
 
-A failed command raises :class:`CommandFailure` to its own caller only; it
-records whether the command may have reached the server, which decides
-whether a write can be retried safely.
+Each command gets its own outcome. A failed command raises
+:class:`CommandFailure` to its own caller only; it records whether the
+command may have reached the server, which decides whether a write can be
+retried safely. When a batch breaks off (timeout, dropped connection), the
+commands whose replies were already parsed still get those replies: they
+were applied, and reporting them as unknown would make a caller that
+retries run them twice.
 """
 
 from __future__ import annotations
@@ -31,23 +38,40 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import hiredis
 from redis._parsers.base import BaseParser
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.exceptions import AskError, ClusterDownError, DataError, MovedError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    DataError,
+    MovedError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._resp import ErrorReply, ProtocolError, ReplyReader, pack_commands
-
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
-else:  # redis-py depends on async-timeout below 3.11.3
+
+    def _push_back(scope: Any, when: float) -> None:
+        scope.reschedule(when)
+
+else:  # redis-py depends on async-timeout (4.0.3 or later) below 3.11.3
     from async_timeout import timeout as _timeout  # type: ignore[import-not-found]
+
+    def _push_back(scope: Any, when: float) -> None:
+        scope.update(when)
+
 
 logger = logging.getLogger("taskiq_redis_cluster")
 
 _READ_SIZE = 65536
+# A payload above this is written in pieces of this size, so the timeout can
+# be pushed back after each piece the server took (see _exchange).
+_WRITE_PIECE = 1 << 20
 # Keys are shard keys, a few per queue; the bound only guards against misuse.
 _SLOT_CACHE_SIZE = 4096
 
@@ -145,27 +169,33 @@ class AutoPipeline:
         """Send one command now, on its own pooled connection; return the raw reply.
 
         For commands that must not wait for a batch, such as blocking reads.
-        The reply is the raw protocol value (see ``_resp``), without
-        redis-py's response callbacks.
+        The reply is the raw protocol value (see the module docstring),
+        without redis-py's response callbacks.
 
         :raises Unroutable: take redis-py's path instead (nothing was applied).
-        :raises redis.exceptions.RedisError: as redis-py would raise it.
+        :raises redis.exceptions.RedisError: as redis-py would raise it
+            (``DataError`` for an argument that cannot be sent).
         """
         node = self._node_of(key)
         if node is None or self.client._initialize:
             raise Unroutable(key)
         try:
-            reply = (await _exchange(node, pack_commands((args,)), 1, [False]))[0]
+            payload = hiredis.pack_command(args)
+        except (TypeError, ValueError) as exc:
+            raise DataError(str(exc)) from None
+        replies: list[Any] = []
+        try:
+            await _exchange(node, payload, 1, [False], replies)
         except (RedisConnectionError, RedisTimeoutError, OSError):
             self._node_failed(node)
             raise
-        if isinstance(reply, ErrorReply):
-            error = BaseParser.parse_error(reply.message)  # type: ignore[no-untyped-call]
-            if isinstance(error, (MovedError, AskError, TryAgainError)):
-                raise Unroutable(key) from error
-            if isinstance(error, (ClusterDownError, RedisConnectionError)):
+        reply = replies[0]
+        if isinstance(reply, RedisError):
+            if isinstance(reply, (MovedError, AskError, TryAgainError)):
+                raise Unroutable(key) from reply
+            if isinstance(reply, (ClusterDownError, RedisConnectionError)):
                 self._node_failed(node)
-            raise error
+            raise reply
         return reply
 
     def _flush(self) -> None:
@@ -235,63 +265,78 @@ class AutoPipeline:
 
     async def _run_on_node(self, node: ClusterNode, items: Sequence[_Item]) -> list[_Item]:
         """Send ``items`` as one pipeline to ``node``; return the redirected ones."""
-        commands: list[Sequence[Any]] = [item.args for item in items]
-        wait = self.wait_replicas > 0
-        if wait:
-            commands.append(("WAIT", self.wait_replicas, self.wait_timeout))
+        pack = hiredis.pack_command
         try:
-            payload = pack_commands(commands)
-        except TypeError:
+            parts = [pack(item.args) for item in items]
+        except (TypeError, ValueError):
             # A bad argument fails its own command only, and nothing of it is sent.
             items = self._drop_unpackable(items)
             if not items:
                 return []
             return await self._run_on_node(node, items)
+        count = len(parts)
+        wait = self.wait_replicas > 0
+        if wait:
+            wait_args: tuple[Any, ...] = ("WAIT", self.wait_replicas, self.wait_timeout)
+            parts.append(pack(wait_args))
+            count += 1
         written = [False]
+        replies: list[Any] = []
+        failure: BaseException | None = None
         try:
-            replies = await _exchange(node, payload, len(commands), written)
+            await _exchange(node, b"".join(parts), count, written, replies)
         except BaseException as exc:
+            failure = exc
             if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
                 self._node_failed(node)
-            # As in _run: once bytes may have left, the outcome is unknown
-            # unless write_outcome can tell from the error itself.
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(CommandFailure(exc, sent=written[0]))
-            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
-                raise
-            return []
         replicas: int | None = None
-        if wait:
+        if wait and len(replies) == count:
             last = replies[-1]
             replicas = last if isinstance(last, int) else 0
-        redirected: list[_Item] = []
+        # Replies parsed before a failure are real outcomes: those commands
+        # ran. Without WAIT's reply their replica count is unknown (None),
+        # which the stream broker reports as enqueued but not confirmed.
+        redirected: list[tuple[_Item, RedisError]] = []
         for item, result in zip(items, replies, strict=False):
             if item.future.done():
                 continue
-            if isinstance(result, ErrorReply):
-                error = BaseParser.parse_error(result.message)  # type: ignore[no-untyped-call]
-                if isinstance(error, (MovedError, AskError, TryAgainError)):
+            if isinstance(result, RedisError):
+                if isinstance(result, (MovedError, AskError, TryAgainError)):
                     # Not applied: the slot moved or is moving. Safe to resend.
-                    redirected.append(item)
+                    redirected.append((item, result))
                     continue
-                if isinstance(error, (ClusterDownError, RedisConnectionError)):
+                if isinstance(result, (ClusterDownError, RedisConnectionError)):
                     self._node_failed(node)
-                item.future.set_exception(CommandFailure(error, sent=True))
+                item.future.set_exception(CommandFailure(result, sent=True))
             else:
                 item.future.set_result(Reply(result, replicas))
+        if failure is not None:
+            # Only the commands left without a reply fail. Once bytes may have
+            # left, their outcome is unknown unless write_outcome can tell
+            # from the error itself (as in _run).
+            for item in items[len(replies) :]:
+                if not item.future.done():
+                    item.future.set_exception(CommandFailure(failure, sent=written[0]))
+            if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                for item, error in redirected:
+                    if not item.future.done():
+                        item.future.set_exception(CommandFailure(error, sent=True))
+                raise failure
         # Redirected writes are resent without WAIT (their node is not known
         # yet), so with wait_replicas they report 0 replicas: enqueued, but
         # not confirmed, which is what a ReplicationTimeoutError says.
-        return redirected
+        return [item for item, _ in redirected]
 
     @staticmethod
     def _drop_unpackable(items: Sequence[_Item]) -> list[_Item]:
         kept: list[_Item] = []
         for item in items:
             try:
-                pack_commands((item.args,))
-            except TypeError as exc:
+                hiredis.pack_command(item.args)
+            except (TypeError, ValueError) as exc:
+                # hiredis takes str, bytes, memoryview, int and float only; a
+                # bool is refused (as redis-py refuses it: True would be sent
+                # as 1), and a str that is not valid UTF-8 fails to encode.
                 if not item.future.done():
                     item.future.set_exception(CommandFailure(DataError(str(exc)), sent=False))
             else:
@@ -320,15 +365,77 @@ class AutoPipeline:
             await asyncio.wait(set(self._inflight), timeout=remaining)
 
 
+# What hiredis.Reader.gets() returns while a reply is incomplete. Its default,
+# False, is also a RESP3 boolean reply, so it cannot be told apart.
+_MORE = object()
+_Push = hiredis.PushNotification
+
+
+def _reader() -> hiredis.Reader:
+    """A reply reader for one exchange: raw bytes, redis-py's error classes.
+
+    Error replies come out as the exception redis-py would raise (MovedError,
+    ClusterDownError, ResponseError...), built by its own ``parse_error``, so
+    the fast path and redis-py's path classify errors the same way.
+    """
+    return hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE)
+
+
+def _take_replies(reader: hiredis.Reader, replies: list[Any], count: int) -> None:
+    """Move the complete replies in ``reader`` to ``replies``, up to ``count`` in all.
+
+    RESP3 push frames (``>``: keyspace invalidations, pub/sub messages) are
+    out-of-band: no command asked for them, so they are skipped here and
+    never counted as a reply. Nothing in this library subscribes or tracks
+    keys on these pooled connections, so there is no handler to give them to.
+
+    :raises hiredis.ProtocolError: on bytes that are not RESP.
+    """
+    gets = reader.gets
+    while len(replies) < count:
+        value = gets()
+        if value is _MORE:
+            return
+        if value.__class__ is not _Push:
+            replies.append(value)
+
+
+def _only_pushes_left(reader: hiredis.Reader) -> bool:
+    """Skip push frames after the last reply; False if anything else is left.
+
+    Anything else (part of a frame, or a reply nobody asked for) means the
+    next user of the connection would start mid-stream.
+    """
+    try:
+        while reader.has_data():
+            value = reader.gets()
+            if value is _MORE or value.__class__ is not _Push:
+                return False
+    except hiredis.HiredisError:
+        return False
+    return True
+
+
 async def _exchange(
-    node: ClusterNode, payload: bytes, count: int, written: list[bool]
-) -> list[Any]:
+    node: ClusterNode, payload: bytes, count: int, written: list[bool], replies: list[Any]
+) -> None:
     """Write ``payload`` on one of ``node``'s pooled connections, read ``count`` replies.
 
     The connection (connect, AUTH, HELLO, TLS) is redis-py's; only the bytes
-    of this batch bypass its per-command encoder and parser. Any failure
-    drops the connection, since its stream position is then unknown.
-    ``written[0]`` turns True once bytes may have reached the server.
+    of this batch bypass its per-command encoder and parser. Replies are
+    appended to ``replies`` as they are parsed, so after a failure the caller
+    still has those that arrived. Any failure drops the connection, since its
+    stream position is then unknown. ``written[0]`` turns True once bytes may
+    have reached the server.
+
+    The socket timeout bounds the time without progress, not the whole
+    exchange: it restarts whenever a piece of the payload was taken or bytes
+    of the reply arrived. A 32 MB reply legitimately takes longer than a
+    timeout sized for a dead server (seconds) on a slow link, and one
+    deadline for the whole exchange would fail it every time, and again on
+    every redelivery. A server that stops sending still fails within one
+    timeout. Blocking commands are unaffected: they send nothing while they
+    block, and the brokers size the socket timeout above their block time.
     """
     connection = node.acquire_connection()
     try:
@@ -340,29 +447,49 @@ async def _exchange(
         writer, reader = connection._writer, connection._reader
         assert writer is not None
         assert reader is not None
-        replies: list[Any] = []
-        parser = ReplyReader()
-        async with _timeout(connection.socket_timeout):
+        timeout = connection.socket_timeout
+        loop = asyncio.get_running_loop()
+        parser = _reader()
+        async with _timeout(timeout) as scope:
             written[0] = True
-            writer.write(payload)
-            await writer.drain()
-            while len(replies) < count:
+            if len(payload) <= _WRITE_PIECE:
+                writer.write(payload)
+                await writer.drain()
+            else:
+                view = memoryview(payload)
+                for start in range(0, len(payload), _WRITE_PIECE):
+                    writer.write(view[start : start + _WRITE_PIECE])
+                    await writer.drain()
+                    if timeout is not None:
+                        _push_back(scope, loop.time() + timeout)
+            while True:
                 data = await reader.read(_READ_SIZE)
                 if not data:
                     raise RedisConnectionError(
                         f"Connection closed by {connection.host}:{connection.port}"
                     )
                 parser.feed(data)
-                replies += parser.replies(count - len(replies))
-        if parser.buffered:
-            raise ProtocolError(f"{parser.buffered} unexpected bytes after the replies")
-        return replies
+                _take_replies(parser, replies, count)
+                if len(replies) >= count:
+                    break
+                # Progress: only now push the deadline back, so the common
+                # case (every reply in the first read) never reschedules.
+                if timeout is not None:
+                    _push_back(scope, loop.time() + timeout)
+        if parser.has_data() and not _only_pushes_left(parser):
+            # Every reply is in, so the batch stands; only the connection
+            # cannot be trusted for the next exchange.
+            logger.debug(
+                "Unexpected bytes after %d replies from %s:%s; dropping the connection",
+                count, connection.host, connection.port,
+            )
+            await connection.disconnect(nowait=True)
     except BaseException as exc:
         await connection.disconnect(nowait=True)
         where = f"{connection.host}:{connection.port}"
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
             raise RedisTimeoutError(f"Timeout reading from {where}") from None
-        if isinstance(exc, ProtocolError):
+        if isinstance(exc, hiredis.HiredisError):
             raise RedisConnectionError(f"Protocol error from {where}: {exc}") from None
         if isinstance(exc, OSError):
             raise RedisConnectionError(f"Error while talking to {where}: {exc}") from exc

@@ -1,4 +1,4 @@
-"""The auto-pipeline's direct path (own RESP encoding and reply parsing over
+"""The auto-pipeline's direct path (hiredis packing and reply parsing over
 redis-py's pooled connections) against the real 3+3 cluster."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ import pytest
 from helpers import make_message, take, task_id_of
 from redis.asyncio import RedisCluster
 from redis.exceptions import DataError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from taskiq_redis_cluster import ClusterStreamBroker
+from taskiq_redis_cluster import ClusterStreamBroker, ConnectionOptions, connect
 from taskiq_redis_cluster._autopipeline import AutoPipeline, CommandFailure, Unroutable
 from taskiq_redis_cluster._keys import ShardKeys
+from taskiq_redis_cluster._retry import Outcome, write_outcome
 from taskiq_redis_cluster.devcluster import DevCluster
 
 pytestmark = pytest.mark.cluster
@@ -144,3 +146,92 @@ async def test_resp2_connections_work_end_to_end(cluster_url: str, unique_name: 
         assert sorted(task_id_of(m.data) for m in got) == sorted(ids)
     finally:
         await broker.shutdown()
+
+
+@pytest.fixture
+async def short_timeout_client(cluster_url: str) -> AsyncIterator[RedisCluster]:
+    """A client of its own whose socket timeout is 1 s (the default is 10 s)."""
+    client = await connect(cluster_url, ConnectionOptions(socket_timeout=1.0))
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_a_timeout_mid_batch_keeps_the_replies_that_arrived(
+    short_timeout_client: RedisCluster, unique_name: str
+) -> None:
+    # One batch to one node: two XADDs, a BLPOP that blocks past the socket
+    # timeout, one more XADD. The first two ran and their ids were read
+    # before the timeout: they must be results, not "outcome unknown" (a
+    # caller would retry and enqueue them twice). Only the BLPOP and what
+    # follows it got no reply.
+    stream, empty = f"{{{unique_name}}}:s", f"{{{unique_name}}}:empty"
+    pipe = AutoPipeline(short_timeout_client)
+    first = pipe.submit(stream, "XADD", stream, "*", "n", "1")
+    second = pipe.submit(stream, "XADD", stream, "*", "n", "2")
+    blocked = pipe.submit(empty, "BLPOP", empty, 5)
+    third = pipe.submit(stream, "XADD", stream, "*", "n", "3")
+    ids = [(await first).value, (await second).value]
+    for future in (blocked, third):
+        with pytest.raises(CommandFailure) as failed:
+            await future
+        assert isinstance(failed.value.error, RedisTimeoutError)
+        assert failed.value.sent is True
+        assert write_outcome(failed.value.error, sent=True) is Outcome.UNKNOWN
+    await pipe.drain()
+    # The ids given back are the entries the stream holds: the replies were
+    # real. The third XADD sat behind the BLPOP when the connection closed.
+    entries = await short_timeout_client.xrange(stream)
+    assert [entry_id for entry_id, _ in entries] == ids
+
+
+async def test_the_timeout_bounds_silence_not_the_whole_exchange(
+    short_timeout_client: RedisCluster, unique_name: str
+) -> None:
+    # Three BLPOPs of 0.4 s each, one after the other on one connection:
+    # 1.2 s or more in all, beyond the 1 s socket timeout, but a reply comes
+    # every 0.4-0.5 s. Bytes arriving is progress, so the batch succeeds;
+    # a big reply streaming in for longer than the timeout is the same case.
+    pipe = AutoPipeline(short_timeout_client)
+    keys = [f"{{{unique_name}}}:empty{i}" for i in range(3)]
+    waits = [pipe.submit(key, "BLPOP", key, 0.4) for key in keys]
+    assert [(await f).value for f in waits] == [None, None, None]
+
+
+async def test_push_frames_never_fail_a_batch(cluster_url: str, unique_name: str) -> None:
+    # RESP3 key tracking on the batch's own connection: after each SET of a
+    # tracked key, the server sends an invalidation push frame to this same
+    # connection. One lands between two replies, one after the batch's last
+    # reply. Neither is a reply; the fully applied batch succeeds.
+    client = await connect(cluster_url, ConnectionOptions(extra={"protocol": 3}))
+    try:
+        key = f"{{{unique_name}}}:k"
+        await client.set(key, "v1")
+        pipe = AutoPipeline(client)
+        batch = [
+            pipe.submit(key, "CLIENT", "TRACKING", "ON"),
+            pipe.submit(key, "GET", key),  # tracks the key
+            pipe.submit(key, "SET", key, "v2"),  # invalidation push follows
+            pipe.submit(key, "GET", key),  # tracks it again
+            pipe.submit(key, "SET", key, "v3"),  # push after the last reply
+        ]
+        assert [(await f).value for f in batch] == [b"OK", b"v1", b"OK", b"v2", b"OK"]
+        # The next batches (on the same, still tracking connection) read on.
+        for value in (b"v4", b"v5"):
+            assert (await pipe.execute(key, "SET", key, value)).value == b"OK"
+            assert (await pipe.execute(key, "GET", key)).value == value
+        assert await pipe.call(key, "GET", key) == b"v5"
+    finally:
+        await client.aclose()
+
+
+async def test_call_refuses_a_bad_argument_before_sending(
+    pipeline: AutoPipeline, unique_name: str
+) -> None:
+    key = f"{unique_name}:k"
+    with pytest.raises(DataError):
+        await pipeline.call(key, "SET", key, True)
+    with pytest.raises(DataError):
+        await pipeline.call(key, "SET", key, "\ud800")
+    assert await pipeline.call(key, "GET", key) is None
