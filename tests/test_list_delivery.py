@@ -251,3 +251,153 @@ async def test_sigterm_worker_with_backlog_loses_nothing(
     finally:
         await producer.shutdown()
         workers.stop_all()
+
+
+# -------------------------------------------------------------- reliable mode
+
+
+@pytest.fixture
+async def reliable(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterListQueueBroker]:
+    broker = ClusterListQueueBroker(cluster_url, queue_name=unique_name, shards=SHARDS,
+                                    prefetch=4, brpop_timeout=0.2, plan_poll_interval=0.5,
+                                    reliable=True, consumer_name="survivor",
+                                    heartbeat_ttl=1.5, recovery_interval=0.3)
+    await broker.startup()
+    try:
+        yield broker
+    finally:
+        await broker.shutdown()
+
+
+async def _processing(broker: ClusterListQueueBroker, consumer: str) -> list[str]:
+    plan = await broker.current_plan()
+    ids: list[str] = []
+    for shard in plan.shards:
+        key = ShardKeys(broker.options.prefix, shard.tag).processing(consumer)
+        ids += [task_id_of(d) for d in await broker.client.lrange(key, 0, -1)]
+    return ids
+
+
+async def test_reliable_close_hands_back_and_ack_empties_processing(
+    reliable: ClusterListQueueBroker,
+) -> None:
+    n, take = 30, 4
+    before = await _kick_and_read_order(reliable, n)
+    listen = reliable.listen()
+    try:
+        got = [await asyncio.wait_for(anext(listen), 10) for _ in range(take)]
+    finally:
+        await listen.aclose()
+    assert all(isinstance(m, AckableMessage) for m in got)
+    taken = [task_id_of(_payload(m)) for m in got]
+    _check_handed_back(before, await _consuming_order(reliable), taken, n)
+    # Taken but not acked: still owned by this consumer, and only those.
+    assert sorted(await _processing(reliable, "survivor")) == sorted(taken)
+    for message in got:
+        assert isinstance(message, AckableMessage)
+        await message.ack()  # type: ignore[misc]
+    assert await _processing(reliable, "survivor") == []
+
+
+_CRASHING_CONSUMER = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from taskiq_redis_cluster import ClusterListQueueBroker
+
+    async def main() -> None:
+        broker = ClusterListQueueBroker(
+            sys.argv[1], queue_name=sys.argv[2], reliable=True, consumer_name="doomed",
+            heartbeat_ttl=1.5, brpop_timeout=0.2, prefetch=4,
+        )
+        await broker.startup()
+        listen = broker.listen()
+        for _ in range(int(sys.argv[3])):
+            await anext(listen)  # taken, never acked
+        print("taken", flush=True)
+        os._exit(0)  # a crash: no hand-back, no shutdown
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_reliable_recovers_messages_of_a_crashed_consumer(
+    reliable: ClusterListQueueBroker, cluster_url: str, unique_name: str
+) -> None:
+    n, take = 30, 5
+    for i in range(n):
+        await reliable.kick(_message(f"r{i:03d}"))
+    crashed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CRASHING_CONSUMER, cluster_url, unique_name, str(take),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(crashed.communicate(), 30)
+    assert out.strip() == b"taken"
+    # Everything the dead consumer popped is in its processing lists: the
+    # tasks it took and its prefetch.
+    stranded = await _processing(reliable, "doomed")
+    assert len(stranded) >= take
+    assert len(stranded) + await _queued(reliable) == n
+    got: Counter[str] = Counter()
+    listen = reliable.listen()
+
+    async def consume() -> None:
+        async for message in listen:
+            assert isinstance(message, AckableMessage)
+            got[task_id_of(message.data)] += 1
+            await message.ack()  # type: ignore[misc]
+
+    async def all_got() -> bool:
+        return len(got) == n
+
+    async def doomed_forgotten() -> bool:
+        plan = await reliable.current_plan()
+        for shard in plan.shards:
+            keys = ShardKeys(reliable.options.prefix, shard.tag)
+            if b"doomed" in await reliable.client.smembers(keys.consumers):
+                return False
+        return True
+
+    consumer = asyncio.create_task(consume())
+    try:
+        # Heartbeat TTL 1.5 s + recovery every 0.3 s: well within 15 s.
+        await eventually(all_got, f"all {n} tasks back", 15)
+        await eventually(doomed_forgotten, "dead consumer forgotten", 15)
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await listen.aclose()
+    assert set(got) == {f"r{i:03d}" for i in range(n)}
+    assert max(got.values()) == 1
+    assert await _processing(reliable, "doomed") == []
+
+
+async def test_reliable_worker_sigkill_loses_nothing(
+    cluster_url: str, unique_name: str, tmp_path: Path
+) -> None:
+    """kill -9 a reliable worker mid-backlog; another worker runs every task."""
+    n = 40
+    workers = _Workers(tmp_path, cluster_url, unique_name, task_seconds=0.5,
+                       extra="reliable=True, heartbeat_ttl=1.5, recovery_interval=0.3,")
+    producer = ClusterListQueueBroker(cluster_url, queue_name=unique_name)
+    await producer.startup()
+    try:
+        for i in range(n):
+            await producer.kick(_message(f"k{i:03d}"))
+        first = workers.start("--max-async-tasks", "4")
+        assert await _until(lambda: sum(workers.begun().values()) >= 8, 30), workers.logs()
+        os.killpg(first.pid, signal.SIGKILL)  # a crash: OOM kill, node loss
+        first.wait(timeout=10)
+        begun_by_first = set(workers.begun())
+        assert len(workers.done()) < n - 20, "the first worker must die with a backlog left"
+        workers.start("--max-async-tasks", "20")
+        assert await _until(lambda: len(workers.done()) >= n, 30), (
+            f"{n - len(workers.done())} of {n} tasks lost\n{workers.logs()}"
+        )
+        assert set(workers.done()) == {f"k{i:03d}" for i in range(n)}
+        # At least once: only what the dead worker had started may run twice.
+        twice = {t for t, count in workers.begun().items() if count > 1}
+        assert twice <= begun_by_first
+    finally:
+        await producer.shutdown()
+        workers.stop_all()
