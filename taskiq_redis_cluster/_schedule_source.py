@@ -19,8 +19,18 @@ schedule still exists and claims the firing with ``SET NX``. The firing is
 named by the schedule id and its tick: the minute for cron, the
 interval-aligned window for interval schedules, and the due time for
 one-off schedules. Schedulers that reach the same tick compute the same
-claim key, so only the first one sends. One-off schedules are deleted in
-``post_send``, after the kick succeeded.
+claim key, so only the first one sends.
+
+One-off schedules are deleted in ``post_send``, after the kick succeeded.
+Their claim is a lease (``one_off_lease``): a firing that was claimed but
+never marked done (the kick failed, or the scheduler died between the kick
+and ``post_send``) can be claimed again once the lease has run out. taskiq's
+loop never fires a ``time`` schedule twice while it keeps seeing its id, so
+``get_schedules`` leaves a one-off that was already due at its previous call
+(and is still stored, so it was not sent) out of one answer; the loop then
+forgets it and fires it again on the next answer. Every send of one firing
+carries the same task id, derived from the schedule id and due time, so a
+duplicate can be recognised downstream.
 """
 
 from __future__ import annotations
@@ -59,11 +69,15 @@ logger = logging.getLogger("taskiq_redis_cluster.schedule_source")
 #: schedule at its time only if it was already in the list it holds.
 DEFAULT_LOOKAHEAD = 60.0
 
-#: How long the claim of a one-off firing lives. It only has to outlast the
-#: kick: post_send deletes the schedule, after which pre_send refuses it
-#: anyway. If the kick fails the schedule stays stored, and a scheduler that
-#: starts after the claim expired sends it again.
-_ONE_OFF_CLAIM_TTL_MS = 300_000
+#: Default lease (seconds) of a one-off firing's claim. It must outlast a
+#: kick, including redis-py's retries through a failover, or a slow kick is
+#: sent twice; it is also how soon a firing whose scheduler died mid-send is
+#: sent again.
+DEFAULT_ONE_OFF_LEASE = 60.0
+
+#: Namespace of the task ids derived for one-off firings (a fixed random UUID,
+#: so every scheduler derives the same id for the same firing).
+_TASK_ID_NAMESPACE = uuid.UUID("5b0d3c52-8f1e-4f5e-9c8a-2d6f7f1c4e31")
 
 #: Extra life of a cron/interval claim beyond its tick, so a scheduler whose
 #: loop runs late within the same tick still finds the claim.
@@ -129,13 +143,16 @@ if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then return 1 end
 return -1
 """
 
-# KEYS: schedules, timeline. ARGV: id, due. Deletes a one-off schedule after
-# it fired, unless it was re-added with another time in the meantime.
+# KEYS: schedules, timeline, claim. ARGV: id, due. Marks a one-off firing
+# done: deletes the schedule, unless it was re-added with another time in the
+# meantime, together with its claim (a schedule re-added later under the same
+# id and time is a new firing and must not find the old claim).
 _DONE = """
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if score and tonumber(score) == tonumber(ARGV[2]) then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3])
   return 1
 end
 return 0
@@ -190,11 +207,16 @@ class ClusterListScheduleSource(ScheduleSource):
     :param skip_past_schedules: do not return one-off schedules that were
         already due when the source started (they stay stored until
         deleted). By default they are sent once after a restart.
+    :param one_off_lease: seconds a scheduler holds the claim of a one-off
+        firing. A firing not marked done by then (its kick failed, or its
+        scheduler died before ``post_send``) is sent again; keep it above the
+        longest kick (and above taskiq's ``--send-timeout`` if set).
     :param connection: client options (pool size, timeouts, TLS ...).
 
     :raises InvalidNameError: for a name or prefix that cannot be used in a
         hash tag.
-    :raises InvalidOptionError: for a negative lookahead.
+    :raises InvalidOptionError: for a negative lookahead or a lease that is
+        not positive.
     """
 
     def __init__(
@@ -206,6 +228,7 @@ class ClusterListScheduleSource(ScheduleSource):
         serializer: TaskiqSerializer | None = None,
         lookahead: float = DEFAULT_LOOKAHEAD,
         skip_past_schedules: bool = False,
+        one_off_lease: float = DEFAULT_ONE_OFF_LEASE,
         connection: ConnectionOptions | None = None,
     ) -> None:
         validate_url(url)
@@ -215,6 +238,11 @@ class ClusterListScheduleSource(ScheduleSource):
         if lookahead < 0:
             raise InvalidOptionError(option="lookahead", reason=f"must be >= 0, got {lookahead}")
         self.lookahead = lookahead
+        if not one_off_lease > 0:  # also rejects NaN
+            raise InvalidOptionError(
+                option="one_off_lease", reason=f"must be > 0, got {one_off_lease}"
+            )
+        self.one_off_lease = one_off_lease
         self.skip_past_schedules = skip_past_schedules
         self.serializer: TaskiqSerializer = serializer or default_serializer()
         self.keys = _keys.ScheduleKeys(self.prefix, self.name)
@@ -224,6 +252,9 @@ class ClusterListScheduleSource(ScheduleSource):
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._started_at_ms = 0
         self._reported_corrupt: set[str] = set()
+        # One-off firings (id -> due ms) that were already due when the last
+        # get_schedules() answer was built; see get_schedules().
+        self._due_at_last_read: dict[str, int] = {}
         self._migrate_from: ScheduleSource | None = None
         self._migrate_delete = True
 
@@ -311,6 +342,18 @@ class ClusterListScheduleSource(ScheduleSource):
     async def get_schedules(self) -> list[ScheduledTask]:
         """Recurring schedules plus one-off schedules due by now + lookahead.
 
+        A one-off schedule that was already due at this object's previous
+        call and is still stored was not sent: its kick failed, it is being
+        sent right now, or the scheduler that claimed it died. taskiq's loop
+        does not fire a ``time`` schedule again while its id stays in the
+        list, so such a schedule is left out of this answer once; the loop
+        drops its memory of the firing, and the next answer brings the
+        schedule back, to be claimed again once its lease has run out.
+
+        One-off schedules without a ``task_id`` get one derived from the
+        source, schedule id and due time, so every send of one firing (by
+        any scheduler) carries the same task id.
+
         A record that cannot be decoded is skipped and logged (once per
         schedule id and source object, at WARNING); the rest are returned.
         """
@@ -320,6 +363,8 @@ class ClusterListScheduleSource(ScheduleSource):
         high = str(now_ms + int(self.lookahead * 1000))
         flat = await _GET_SCRIPT(client, self._index_keys(), [low, high])
         schedules: list[ScheduledTask] = []
+        due_now: dict[str, int] = {}
+        held_back = 0
         for raw_id, payload in zip(flat[::2], flat[1::2], strict=True):
             schedule_id = _to_str(raw_id)
             try:
@@ -329,9 +374,33 @@ class ClusterListScheduleSource(ScheduleSource):
             except ValueError as exc:
                 self._report_corrupt(schedule_id, str(exc))
                 continue
+            due = _one_off_due_ms(schedule)
+            if due is not None:
+                if due <= now_ms:
+                    if self._due_at_last_read.get(schedule_id) == due:
+                        held_back += 1
+                        continue
+                    due_now[schedule_id] = due
+                if schedule.task_id is None:
+                    schedule = schedule.model_copy(
+                        update={"task_id": self._firing_task_id(schedule_id, due)}
+                    )
             schedules.append(schedule)
+        self._due_at_last_read = due_now
+        if held_back:
+            logger.info(
+                "Source %s: %d due one-off schedules are still unsent (kick failed, "
+                "in progress, or their scheduler died); they come back on the next read",
+                self.name,
+                held_back,
+            )
         logger.debug("Source %s returned %d schedules", self.name, len(schedules))
         return schedules
+
+    def _firing_task_id(self, schedule_id: str, due_ms: int) -> str:
+        """The task id of every send of one one-off firing, same in every scheduler."""
+        name = "\0".join((self.prefix, self.name, schedule_id, str(due_ms)))
+        return uuid.uuid5(_TASK_ID_NAMESPACE, name).hex
 
     def _report_corrupt(self, schedule_id: str, reason: str) -> None:
         error = CorruptScheduleError(source=self.name, schedule_id=schedule_id, reason=reason)
@@ -353,7 +422,7 @@ class ClusterListScheduleSource(ScheduleSource):
         if due is None:
             tick, ttl_ms = _recurring_tick_ms(task, _now())
         else:
-            tick, ttl_ms = due, _ONE_OFF_CLAIM_TTL_MS
+            tick, ttl_ms = due, max(1, int(self.one_off_lease * 1000))
         outcome = await _CLAIM_SCRIPT(
             client,
             [self.keys.cron, self.keys.timeline, self.keys.claim(task.schedule_id, tick)],
@@ -376,13 +445,15 @@ class ClusterListScheduleSource(ScheduleSource):
         raise ScheduledTaskCancelledError
 
     async def post_send(self, task: ScheduledTask) -> None:
-        """Delete a one-off schedule after it was sent."""
+        """Mark a one-off firing done: delete the schedule and its claim."""
         due = _one_off_due_ms(task)
         if due is None:
             return
         client = self._ready_client("post_send()")
         await _DONE_SCRIPT(
-            client, [self.keys.schedules, self.keys.timeline], [task.schedule_id, str(due)]
+            client,
+            [self.keys.schedules, self.keys.timeline, self.keys.claim(task.schedule_id, due)],
+            [task.schedule_id, str(due)],
         )
 
     async def import_from(self, other: ScheduleSource, *, delete: bool = False) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ from typing import Any
 
 import pytest
 from redis.asyncio import RedisCluster
-from taskiq import ScheduledTask, ScheduleSource
-from taskiq.exceptions import ScheduledTaskCancelledError
+from taskiq import AsyncBroker, BrokerMessage, ScheduledTask, ScheduleSource, TaskiqScheduler
+from taskiq.cli.scheduler.run import SchedulerLoop, get_all_schedules
+from taskiq.exceptions import ScheduledTaskCancelledError, SendTaskError
 
 from taskiq_redis_cluster import _keys
 from taskiq_redis_cluster._errors import InvalidNameError, InvalidOptionError, LifecycleError
@@ -98,10 +100,31 @@ async def test_returns_cron_interval_and_due_one_off(make_source: Factory) -> No
 
     got = {s.schedule_id: s for s in await source.get_schedules()}
     assert set(got) == {"cron", "interval", "past", "soon", "naive"}
-    # Records come back equal to what was stored (JSON round trip).
+    # Records come back equal to what was stored (JSON round trip), except
+    # that one-off schedules carry the task id of their firing.
     for schedule in schedules:
         if schedule.schedule_id in got:
-            assert got[schedule.schedule_id] == schedule
+            back = got[schedule.schedule_id]
+            if schedule.time is not None:
+                assert back.task_id is not None
+                back = back.model_copy(update={"task_id": None})
+            assert back == schedule
+    assert got["cron"].task_id is None
+
+
+async def test_one_off_task_id_is_the_same_in_every_scheduler(make_source: Factory) -> None:
+    one, two = await make_source(), await make_source()
+    due = _now() + timedelta(seconds=30)
+    await one.add_schedule(_task("a", time=due))
+    await one.add_schedule(_task("b", time=due))
+    await one.add_schedule(_task("mine", time=due).model_copy(update={"task_id": "given"}))
+    first = {s.schedule_id: s.task_id for s in await one.get_schedules()}
+    assert first == {s.schedule_id: s.task_id for s in await two.get_schedules()}
+    assert first["mine"] == "given"  # a task id set by the user is kept
+    assert len({first["a"], first["b"], "given"}) == 3
+    # Re-timed, it is another firing with another task id.
+    await one.add_schedule(_task("a", time=due + timedelta(seconds=1)))
+    assert {s.schedule_id: s.task_id for s in await two.get_schedules()}["a"] != first["a"]
 
 
 async def test_records_are_json_and_keys_share_one_slot(
@@ -344,6 +367,9 @@ def test_rejects_bad_names_and_options(cluster_url: str) -> None:
         ClusterListScheduleSource(cluster_url, prefix="")
     with pytest.raises(InvalidOptionError):
         ClusterListScheduleSource(cluster_url, lookahead=-1)
+    for lease in (0, -1, float("nan")):
+        with pytest.raises(InvalidOptionError, match="one_off_lease"):
+            ClusterListScheduleSource(cluster_url, one_off_lease=lease)
 
 
 async def test_lifecycle_guards(cluster_url: str, unique_name: str) -> None:
@@ -357,6 +383,196 @@ async def test_lifecycle_guards(cluster_url: str, unique_name: str) -> None:
     await source.shutdown()
     with pytest.raises(LifecycleError, match="after shutdown"):
         await source.add_schedule(_task("x", interval=5))
+
+
+# --------------------------------------------------------------------------
+# One-off firings whose send was not recorded: a failed kick, or a scheduler
+# that died between the kick and post_send. They must be sent again within
+# the lease plus two reads, and never at some later restart.
+
+#: Short lease so these tests take seconds; the rules are the same at 60 s.
+_LEASE = 1.0
+
+
+class _BrokerDown(Exception):
+    """A kick that did not reach the broker."""
+
+
+class _SchedulerDied(BaseException):
+    """Raised right after a kick reached the broker: the process is gone.
+
+    A BaseException, like the KeyboardInterrupt or SystemExit that ends a
+    real process, so nothing in taskiq's send path handles it.
+    """
+
+
+class _RecordingBroker(AsyncBroker):
+    """Records (schedule id, task id) of each kick; can fail or die on kicks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, str]] = []
+        self.sent_at: list[float] = []
+        self.failures = 0
+        self.fail_next = 0
+        self.die_after_next = False
+
+    async def kick(self, message: BrokerMessage) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            self.failures += 1
+            raise _BrokerDown
+        self.sent.append((message.labels["schedule_id"], message.task_id))
+        self.sent_at.append(time.monotonic())
+        if self.die_after_next:
+            self.die_after_next = False
+            raise _SchedulerDied
+
+    async def listen(self) -> AsyncIterator[bytes]:  # pragma: no cover - never listened to
+        raise NotImplementedError
+        yield b""
+
+
+class _SteppedScheduler:
+    """One `taskiq scheduler` process: taskiq's own SchedulerLoop, stepped by hand.
+
+    ``read()`` and ``tick()`` run the loop's own code for taking in a
+    get_schedules() answer and for deciding that a schedule is ready, so the
+    rules (one ``time`` firing per schedule id while the id stays listed) are
+    the installed taskiq's; only the clock is the test's.
+    """
+
+    def __init__(self, source: ClusterListScheduleSource, broker: _RecordingBroker) -> None:
+        self.scheduler = TaskiqScheduler(broker, [source])
+        self.loop = SchedulerLoop(self.scheduler)
+
+    async def read(self) -> None:
+        answer = asyncio.ensure_future(get_all_schedules(self.scheduler))
+        await answer
+        self.loop._update_schedules_task_future_callback(answer)
+
+    async def tick(self) -> None:
+        now = _now()
+        for source, schedules in self.loop.scheduled_tasks:
+            for schedule in schedules:
+                if self.loop._is_schedule_ready_to_send(task=schedule, now=now):
+                    # A failed send is logged by taskiq's loop, which goes on.
+                    with contextlib.suppress(SendTaskError):
+                        await self.scheduler.on_ready(source, schedule)
+
+    async def run_until(self, done: Callable[[], bool], timeout: float) -> None:
+        """Read and tick (an --update-interval of 0.2 s) until ``done()``."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "the one-off schedule was not sent again"
+            await self.read()
+            await self.tick()
+            await asyncio.sleep(0.2)
+
+
+async def _stored_ids(source: ClusterListScheduleSource) -> set[str]:
+    stored = await source._ready_client("test").hkeys(source.keys.schedules)
+    return {_text(k) for k in stored}
+
+
+@pytest.mark.parametrize("who_resends", ["restarted scheduler", "running peer"])
+async def test_one_off_is_resent_within_the_lease_after_its_scheduler_died(
+    make_source: Factory, who_resends: str
+) -> None:
+    broker = _RecordingBroker()
+    dying_source = await make_source(one_off_lease=_LEASE)
+    await dying_source.add_schedule(_task("remind", time=_now() - timedelta(seconds=1)))
+    dying = _SteppedScheduler(dying_source, broker)
+    other_source = await make_source(one_off_lease=_LEASE)
+    other = _SteppedScheduler(other_source, broker)
+    if who_resends == "running peer":
+        await other.read()  # already running: it holds the one-off too
+    await dying.read()
+
+    claimed_at = time.monotonic()
+    broker.die_after_next = True
+    with pytest.raises(_SchedulerDied):
+        await dying.tick()  # pre_send claimed it, the kick went out, post_send never ran
+    await dying_source.shutdown()
+    [(_, task_id)] = broker.sent
+
+    await other.tick()  # the claim is still held: not sent yet
+    assert len(broker.sent) == 1
+    await other.run_until(lambda: len(broker.sent) == 2, timeout=_LEASE + 8)
+    # Not before the dead scheduler's lease ran out, and as the same task.
+    assert broker.sent_at[1] - claimed_at >= _LEASE
+    assert broker.sent == [("remind", task_id), ("remind", task_id)]
+
+    # Done for good: nothing is left for a later restart to send.
+    assert await _stored_ids(other_source) == set()
+    later = _SteppedScheduler(await make_source(one_off_lease=_LEASE), broker)
+    await later.read()
+    await later.tick()
+    assert len(broker.sent) == 2
+
+
+async def test_failed_kick_of_one_off_is_retried_by_the_same_scheduler(
+    make_source: Factory,
+) -> None:
+    source = await make_source(one_off_lease=_LEASE)
+    await source.add_schedule(_task("remind", time=_now() - timedelta(seconds=1)))
+    broker = _RecordingBroker()
+    broker.fail_next = 2  # the broker is down for two attempts
+    scheduler = _SteppedScheduler(source, broker)
+    await scheduler.read()
+    await scheduler.tick()
+    assert (broker.failures, broker.sent) == (1, [])
+    assert await _stored_ids(source) == {"remind"}  # kept for the retry
+
+    await scheduler.run_until(lambda: len(broker.sent) == 1, timeout=2 * _LEASE + 10)
+    assert broker.failures == 2
+    assert [schedule_id for schedule_id, _ in broker.sent] == ["remind"]
+    assert await _stored_ids(source) == set()
+    await scheduler.read()
+    await scheduler.tick()
+    assert len(broker.sent) == 1
+
+
+async def test_one_off_due_later_fires_at_its_time_not_a_read_later(
+    make_source: Factory,
+) -> None:
+    # Returned ahead of time (lookahead), then due: the hold-back of unsent
+    # due firings must not delay its first send.
+    source = await make_source(one_off_lease=_LEASE)
+    due = _now() + timedelta(seconds=1)
+    await source.add_schedule(_task("soon", time=due))
+    broker = _RecordingBroker()
+    scheduler = _SteppedScheduler(source, broker)
+    await scheduler.read()
+    await scheduler.tick()
+    assert broker.sent == []
+    await asyncio.sleep(max(0.0, (due - _now()).total_seconds()) + 0.05)
+    await scheduler.read()
+    await scheduler.tick()
+    assert [schedule_id for schedule_id, _ in broker.sent] == ["soon"]
+
+
+async def test_real_scheduler_loop_retries_a_failed_one_off_kick(make_source: Factory) -> None:
+    """taskiq's SchedulerLoop.run itself, with its clock: the retry comes without a restart."""
+    source = await make_source(one_off_lease=_LEASE)
+    broker = _RecordingBroker()
+    broker.fail_next = 1
+    await source.add_schedule(_task("remind", time=_now() - timedelta(seconds=1)))
+    loop = SchedulerLoop(TaskiqScheduler(broker, [source]))
+    running = asyncio.create_task(loop.run(update_interval=timedelta(seconds=1)))
+    try:
+        deadline = time.monotonic() + 2 * _LEASE + 10
+        while not broker.sent:
+            assert not running.done(), running
+            assert time.monotonic() < deadline, f"not retried ({broker.failures} failures)"
+            await asyncio.sleep(0.1)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert broker.failures == 1
+    assert [schedule_id for schedule_id, _ in broker.sent] == ["remind"]
+    assert await _stored_ids(source) == set()
 
 
 # --------------------------------------------------------------------------
