@@ -62,20 +62,36 @@ def random_task_id() -> str:
     return raw.hex()
 
 
-class _Reader:
-    """A shard reader task and the event that asks it to stop."""
+class StopSignal(asyncio.Event):
+    """Tells a shard reader to stop, and why.
 
-    def __init__(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    Set alone, the shard left the plan while the listen goes on: the reader
+    stops reading but hands out what it already read, since a live worker
+    holds those entries. With ``closing`` the listen itself is closing: the
+    reader returns at once and leaves the rest for ``_release``, which gives
+    it back to other workers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+
+
+class _Reader:
+    """A shard reader task and the signal that asks it to stop."""
+
+    def __init__(self, task: asyncio.Task[None], stop: StopSignal) -> None:
         self.task = task
         self._stop = stop
 
-    def stop(self) -> None:
+    def stop(self, *, closing: bool) -> None:
         """Ask the reader to return after its current read.
 
         Not a cancel: a blocking read cancelled after the server answered
         would leave the entries it delivered pending, unseen, for a whole
         ``idle_timeout``. A read ends within its block time.
         """
+        self._stop.closing = self._stop.closing or closing
         self._stop.set()
 
     def failure(self) -> BaseException | None:
@@ -250,10 +266,11 @@ class ShardedBroker(AsyncBroker):
         assert follower is not None
         assert pipeline is not None
         plan = follower.fresh() or await follower.current()
-        shard, key, command = self._targets_of(plan)[self._shard_index(plan, message)]
+        index = self._shard_index(plan, message)
         attempt = 0
         while True:
             attempt += 1
+            shard, key, command = self._targets_of(plan)[index]
             try:
                 reply = await pipeline.submit(key, *command, message.message)
             except CommandFailure as failure:
@@ -271,9 +288,54 @@ class ShardedBroker(AsyncBroker):
                 raise KickFailedError(
                     queue=self.queue_name, reason=f"{kind}: {failure.error}"
                 ) from failure.error
+            if not self._landed(reply):
+                plan = await self._shard_missing(plan, shard, attempt)
+                index %= len(plan.shards)
+                continue
             self._check_reply(message, reply)
             self.events.published(self.queue_name, shard.index)
             return
+
+    async def _shard_missing(self, plan: ShardPlan, shard: Shard, attempt: int) -> ShardPlan:
+        """The write found no key for ``shard`` and wrote nothing: where to retry.
+
+        A shard's key vanishes in two ways. The rebalancer retired the shard
+        and cleaned it up, while this process still held the old plan: the
+        plan is re-read and the kick goes to the shard's new tag, so a kick
+        can never succeed into a stream nobody reads. Or the key of a live
+        shard was deleted (DEL, flush, a restart without persistence): it is
+        recreated as readers would recreate it, and the kick is sent again.
+        """
+        assert self._follower is not None
+        if attempt >= self.retry.attempts:
+            self.events.publish_error(self.queue_name, "shard_missing")
+            raise KickFailedError(
+                queue=self.queue_name,
+                reason=f"shard {shard.tag} has no key after {attempt} attempts",
+            )
+        try:
+            fresh = await self._follower.refresh()
+        except Exception as exc:
+            self.events.publish_error(self.queue_name, error_kind(exc))
+            raise KickFailedError(
+                queue=self.queue_name,
+                reason=f"shard {shard.tag} is gone and the plan could not be re-read: {exc}",
+            ) from exc
+        if any(s.tag == shard.tag for s in fresh.shards):
+            logger.warning("Shard %s of %s lost its key; recreating it", shard.tag,
+                           self.queue_name)
+            await self._recreate_shard(ShardKeys(self.options.prefix, shard.tag))
+        else:
+            logger.info("Shard %s of %s was retired; kicking to the plan of epoch %d",
+                        shard.tag, self.queue_name, fresh.epoch)
+        return fresh
+
+    def _landed(self, reply: Reply) -> bool:
+        """Hook: False when the write was refused because the shard's key is gone."""
+        return True
+
+    async def _recreate_shard(self, keys: ShardKeys) -> None:
+        """Hook: recreate a live shard whose key vanished, as its readers would."""
 
     def _check_reply(self, message: BrokerMessage, reply: Reply) -> None:
         """Hook: inspect a successful write (e.g. the WAIT replica count)."""
@@ -307,7 +369,10 @@ class ShardedBroker(AsyncBroker):
                 raise
 
         readers: dict[str, _Reader] = {}
-        supervisor = asyncio.create_task(self._supervise(readers, sink))
+        # Readers of shards that left the plan, still handing out what they
+        # read; a closing listen stops and waits for them like the others.
+        retired: list[_Reader] = []
+        supervisor = asyncio.create_task(self._supervise(readers, retired, sink))
         getter: asyncio.Future[AckableMessage | bytes] | None = None
         try:
             while True:
@@ -328,12 +393,13 @@ class ShardedBroker(AsyncBroker):
                 yield item
         finally:
             supervisor.cancel()
-            for reader in readers.values():
-                reader.stop()
+            everyone = [*readers.values(), *retired]
+            for reader in everyone:
+                reader.stop(closing=True)
             # Readers finish their current read (at most its block time) and
             # return; one blocked handing over a message is freed by draining
             # the buffer. Only a reader stuck beyond that is cancelled.
-            pending: set[asyncio.Task[None]] = {supervisor, *(r.task for r in readers.values())}
+            pending: set[asyncio.Task[None]] = {supervisor, *(r.task for r in everyone)}
             deadline = time.monotonic() + self._blocking_seconds() + 5.0
             while pending and time.monotonic() < deadline:
                 while not buffer.empty():
@@ -367,8 +433,15 @@ class ShardedBroker(AsyncBroker):
     def _prefetch(self) -> int:
         return 100
 
-    async def _supervise(self, readers: dict[str, _Reader], sink: Sink) -> None:
-        """Keep exactly one reader per shard tag in the plan (active or draining)."""
+    async def _supervise(
+        self, readers: dict[str, _Reader], retired: list[_Reader], sink: Sink
+    ) -> None:
+        """Keep exactly one reader per shard tag in the plan (active or draining).
+
+        A reader whose shard left the plan stops reading but first hands out
+        what it holds (see :class:`StopSignal`); it waits in ``retired``
+        until it has.
+        """
         assert self._follower is not None
         while True:
             try:
@@ -379,11 +452,14 @@ class ShardedBroker(AsyncBroker):
                 continue
             wanted = {s.tag: (s, False) for s in plan.shards}
             wanted.update({s.tag: (s, True) for s in plan.draining})
+            retired[:] = [r for r in retired if not r.task.done()]
             for tag in list(readers):
                 if tag not in wanted:
                     logger.info("Shard %s of %s left the plan; stopping its reader",
                                 tag, self.queue_name)
-                    readers.pop(tag).stop()
+                    leaving = readers.pop(tag)
+                    leaving.stop(closing=False)
+                    retired.append(leaving)
             per_shard = max(1, -(-self._prefetch() // max(1, len(plan.shards))))
             for tag, (shard, draining) in wanted.items():
                 reader = readers.get(tag)
@@ -392,7 +468,7 @@ class ShardedBroker(AsyncBroker):
                 if reader is not None and reader.failure() is not None:
                     logger.error("Reader of shard %s of %s died: %r; restarting",
                                  tag, self.queue_name, reader.failure())
-                stop = asyncio.Event()
+                stop = StopSignal()
                 task = asyncio.create_task(
                     self._read_shard(shard, draining=draining, sink=sink, count=per_shard,
                                      stop=stop),
@@ -403,13 +479,15 @@ class ShardedBroker(AsyncBroker):
 
     @abstractmethod
     async def _read_shard(
-        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: asyncio.Event
+        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal
     ) -> None:
         """Read ``shard`` until ``stop`` is set, passing messages to ``sink``.
 
         Readers must return once ``stop`` is set, also from their error
         handlers: on Python 3.11 a cancellation that races a socket timeout
         can surface as a TimeoutError, which a retry loop would swallow.
+        What a reader read before ``stop`` is handed to ``sink`` unless
+        ``stop.closing`` is set (see :class:`StopSignal`).
         """
 
     # ------------------------------------------------------------- utilities

@@ -6,7 +6,9 @@ kick retries and the per-shard reader supervision are in ``_broker``.
 Per shard (all keys share the shard's hash tag, so the Lua scripts below
 are legal on a cluster):
 
-* kick: ``XADD stream * data <message>`` through the auto-pipeline;
+* kick: ``XADD stream NOMKSTREAM * data <message>`` through the
+  auto-pipeline; a kick never creates a stream, so one into a shard the
+  rebalancer retired is refused (nil) and retried on the current plan;
 * read: ``XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS stream >``;
 * ack: ``XACK`` of every id acked in the same tick, one command per shard;
 * crash recovery: ``XAUTOCLAIM`` of entries idle for ``idle_timeout``;
@@ -32,7 +34,7 @@ from redis.exceptions import ResponseError
 from taskiq import AckableMessage, BrokerMessage
 
 from ._autopipeline import AutoPipeline, CommandFailure, Reply, Unroutable
-from ._broker import ShardedBroker, Sink
+from ._broker import ShardedBroker, Sink, StopSignal
 from ._errors import ConfigurationError, ReplicationTimeoutError
 from ._events import BrokerEvents
 from ._keys import ShardKeys
@@ -351,10 +353,8 @@ class ClusterStreamBroker(ShardedBroker):
     async def _release(self, messages: list[AckableMessage | bytes]) -> None:
         """Make read-but-unprocessed entries reclaimable by other workers now.
 
-        Redis has no "un-read", but XCLAIM with IDLE sets an entry's idle time,
-        so the next XAUTOCLAIM pass of any live worker takes it at once instead
-        of after ``idle_timeout`` (a graceful restart would otherwise delay up
-        to ``xread_count`` tasks by ``idle_timeout``).
+        ``messages`` are the listen buffer's; readers that stopped mid-batch
+        left theirs in ``_unread``.
         """
         by_stream: dict[str, list[bytes]] = {}
         unread, self._unread = self._unread, []
@@ -366,18 +366,29 @@ class ClusterStreamBroker(ShardedBroker):
             ids = by_stream.setdefault(stream, [])
             if entry_id not in ids:
                 ids.append(entry_id)
-        idle = self.options.idle_timeout + 1
         for stream, ids in by_stream.items():
-            try:
-                await self.client.xclaim(
-                    stream, self.options.consumer_group_name, self.options.consumer_name,
-                    min_idle_time=0, message_ids=list[Any](ids), idle=idle, justid=True,
-                )
-                logger.info("Released %d unprocessed entries of %s for other workers",
-                            len(ids), stream)
-            except Exception as exc:  # they are still reclaimed after idle_timeout
-                logger.warning("Could not release %d entries of %s: %r", len(ids), stream,
-                               exc)
+            await self._release_entries(stream, ids)
+
+    async def _release_entries(self, stream: str, ids: list[bytes]) -> None:
+        """Mark ``ids`` (pending on this consumer) as idle past ``idle_timeout``.
+
+        Redis has no "un-read", but XCLAIM with IDLE sets an entry's idle time,
+        so the next XAUTOCLAIM pass of any live worker (or the rebalancer's
+        move of a draining shard) takes it at once instead of after
+        ``idle_timeout``: a graceful restart would otherwise delay up to
+        ``xread_count`` tasks by ``idle_timeout``.
+        """
+        opts = self.options
+        try:
+            await self._idempotent(lambda: self.client.xclaim(
+                stream, opts.consumer_group_name, opts.consumer_name,
+                min_idle_time=0, message_ids=list[Any](ids), idle=opts.idle_timeout + 1,
+                justid=True,
+            ))
+        except Exception as exc:  # they are still reclaimed after idle_timeout
+            logger.warning("Could not release %d entries of %s: %r", len(ids), stream, exc)
+            return
+        logger.info("Released %d unprocessed entries of %s for other workers", len(ids), stream)
 
     async def _before_close(self) -> None:
         if self._acks is not None:
@@ -393,7 +404,14 @@ class ClusterStreamBroker(ShardedBroker):
         trim: tuple[Any, ...] = ()
         if self.options.maxlen is not None:
             trim = ("MAXLEN", "~" if self.options.approximate else "=", self.options.maxlen)
-        return stream, ("XADD", stream, *trim, "*", _DATA)
+        return stream, ("XADD", stream, "NOMKSTREAM", *trim, "*", _DATA)
+
+    def _landed(self, reply: Reply) -> bool:
+        # NOMKSTREAM answers nil, writing nothing, when the stream is missing.
+        return reply.value is not None
+
+    async def _recreate_shard(self, keys: ShardKeys) -> None:
+        await self._ensure_group(keys)
 
     def _check_reply(self, message: BrokerMessage, reply: Reply) -> None:
         wanted = self.options.wait_replicas
@@ -409,7 +427,7 @@ class ClusterStreamBroker(ShardedBroker):
 
     # --------------------------------------------------------------- listen
     async def _read_shard(
-        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: asyncio.Event
+        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal
     ) -> None:
         keys = ShardKeys(self.options.prefix, shard.tag)
         opts = self.options
@@ -428,7 +446,7 @@ class ClusterStreamBroker(ShardedBroker):
                 now = time.monotonic()
                 if now >= next_reclaim:
                     next_reclaim = now + opts.effective_reclaim_interval
-                    await self._reclaim(keys, shard, sink)
+                    await self._reclaim(keys, shard, sink, stop)
                 if now >= next_trim:
                     next_trim = now + opts.trim_interval
                     await self._housekeep(keys)
@@ -447,17 +465,36 @@ class ClusterStreamBroker(ShardedBroker):
                 failures += 1
                 await self._backoff(keys, exc, failures)
                 continue
-            for index, (entry_id, entry) in enumerate(entries):
-                if stop.is_set():
-                    # The listen is closing: the rest of this read is released
-                    # with the buffer's entries, for other workers to take now.
-                    self._unread += [(keys.stream, e) for e, _ in entries[index:]]
-                    return
-                try:
-                    await self._deliver(keys, shard, entry_id, entry, sink)
-                except asyncio.CancelledError:
-                    self._unread += [(keys.stream, e) for e, _ in entries[index:]]
-                    raise
+            await self._hand_out(keys, shard, [(i, e, 1) for i, e in entries], sink, stop)
+
+    async def _hand_out(
+        self,
+        keys: ShardKeys,
+        shard: Shard,
+        entries: list[tuple[bytes, Mapping[bytes, bytes] | None, int]],
+        sink: Sink,
+        stop: StopSignal,
+    ) -> None:
+        """Pass read ``entries`` (id, fields, deliveries) on, each on its own.
+
+        No entry this worker read may wait ``idle_timeout`` for nothing: one
+        that fails (its dead letter cannot be written, say) is released for
+        the next reclaim pass while the rest still go out, and when the
+        listen is closing the rest are left to ``_release``.
+        """
+        for index, (entry_id, entry, deliveries) in enumerate(entries):
+            if stop.closing:
+                self._unread += [(keys.stream, e) for e, _, _ in entries[index:]]
+                return
+            try:
+                await self._deliver(keys, shard, entry_id, entry, sink, deliveries)
+            except asyncio.CancelledError:
+                self._unread += [(keys.stream, e) for e, _, _ in entries[index:]]
+                raise
+            except Exception as exc:
+                logger.error("Could not hand out entry %s of %s (%r); releasing it for the "
+                             "next reclaim pass", entry_id.decode(), keys.stream, exc)
+                await self._release_entries(keys.stream, [entry_id])
 
     async def _read_new(
         self, stream: str, args: tuple[Any, ...], count: int
@@ -529,7 +566,10 @@ class ClusterStreamBroker(ShardedBroker):
         sink: Sink,
         deliveries: int = 1,
     ) -> None:
-        reason = self._malformed_reason(entry)
+        if deliveries > self.options.max_deliveries:
+            reason: str | None = f"max deliveries exceeded ({self.options.max_deliveries})"
+        else:
+            reason = self._malformed_reason(entry)
         if reason is not None:
             await self._dead_letter(keys, shard, entry_id, entry or {}, reason, deliveries)
             return
@@ -590,7 +630,9 @@ class ClusterStreamBroker(ShardedBroker):
         await self._idempotent(lambda: script(keys=[keys.stream, keys.dead], args=args))
         self.events.dead_lettered(self.queue_name, shard.index, reason.split(":")[0])
 
-    async def _reclaim(self, keys: ShardKeys, shard: Shard, sink: Sink) -> None:
+    async def _reclaim(
+        self, keys: ShardKeys, shard: Shard, sink: Sink, stop: StopSignal
+    ) -> None:
         """Take over entries idle longer than idle_timeout (crashed consumers).
 
         XAUTOCLAIM is atomic, so concurrent workers claim disjoint entries and
@@ -614,35 +656,40 @@ class ClusterStreamBroker(ShardedBroker):
             if claimed:
                 self.events.reclaimed(self.queue_name, shard.index, len(claimed))
                 logger.info("Reclaimed %d idle entries of %s", len(claimed), keys.stream)
-                counts = await self._delivery_counts(keys, claimed)
-                for entry_id, entry in claimed:
-                    deliveries = counts.get(entry_id, opts.max_deliveries + 1)
-                    if deliveries > opts.max_deliveries:
-                        await self._dead_letter(
-                            keys, shard, entry_id, entry or {},
-                            f"max deliveries exceeded ({opts.max_deliveries})", deliveries,
-                        )
-                    else:
-                        await self._deliver(keys, shard, entry_id, entry, sink, deliveries)
+                counts = await self._delivery_counts(keys, [i for i, _ in claimed])
+                # An id with no count left the pending list after the claim:
+                # its first worker was slow, not dead, and acknowledged it.
+                await self._hand_out(
+                    keys, shard,
+                    [(i, e, counts[i]) for i, e in claimed if i in counts], sink, stop,
+                )
+                if stop.is_set():
+                    return
             if next_start in (b"0-0", "0-0"):
                 return
             start = next_start
 
-    async def _delivery_counts(
-        self, keys: ShardKeys, claimed: list[tuple[bytes, Any]]
-    ) -> dict[bytes, int]:
-        ids = [entry_id for entry_id, _ in claimed]
-        rows = await self._idempotent(
-            lambda: self.client.xpending_range(
-                keys.stream,
-                self.options.consumer_group_name,
-                min=min(ids, key=_id_key),
-                max=max(ids, key=_id_key),
-                count=len(ids) + 16,
-                consumername=self.options.consumer_name,
-            )
-        )
-        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+    async def _delivery_counts(self, keys: ShardKeys, ids: list[bytes]) -> dict[bytes, int]:
+        """The exact delivery count of each of ``ids``, by id.
+
+        One ``XPENDING stream group id id 1`` per id, pipelined: a single
+        range query over the claimed ids (even filtered by consumer) can
+        fill its COUNT with this consumer's own entries that lie between
+        them, and an id missing from the reply is then not known at all.
+        """
+        group = self.options.consumer_group_name
+
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for entry_id in ids:
+                pipe.xpending_range(keys.stream, group, min=entry_id, max=entry_id, count=1)
+            return await pipe.execute()
+
+        counts: dict[bytes, int] = {}
+        for rows in await self._idempotent(read):
+            for row in rows:
+                counts[row["message_id"]] = int(row["times_delivered"])
+        return counts
 
     async def _housekeep(self, keys: ShardKeys) -> None:
         """Trim acknowledged entries and remove stale consumers of one shard."""
@@ -687,7 +734,3 @@ def _raw_stream_entries(reply: Any) -> list[tuple[bytes, Mapping[bytes, bytes] |
             out.append((entry_id, dict(zip(it, it, strict=False))))
     return out
 
-
-def _id_key(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
