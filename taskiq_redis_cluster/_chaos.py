@@ -47,9 +47,10 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -65,7 +66,14 @@ logger = logging.getLogger("taskiq_redis_cluster.chaos")
 
 #: Name under which the worker registers the ledger task.
 TASK_NAME = "tqrc_chaos:record"
-BROKERS = ("ours", "taskiq-redis")
+#: ``ours`` is ClusterStreamBroker, ``ours-list`` ClusterListQueueBroker and
+#: ``taskiq-redis`` its RedisStreamClusterBroker (for comparison).
+BROKERS = ("ours", "taskiq-redis", "ours-list")
+#: Brokers that keep a task across a worker crash (the fault scenarios).
+STREAM_BROKERS = ("ours", "taskiq-redis")
+#: Bounds of ``taskiq worker`` shutdown the fault scenarios use, so that a
+#: stuck worker cannot stretch a scenario; rolling-restart uses taskiq's own.
+WORKER_ARGS = ("--shutdown-timeout", "3", "--wait-tasks-timeout", "2")
 _ENV = "TQRC_CHAOS_"
 _EVENTS_FILE = "workers.log"
 _POLL = 0.25
@@ -90,6 +98,9 @@ class ChaosConfig:
     :param idle_timeout: ms before a worker reclaims another's pending task.
     :param xread_block: ms one XREADGROUP blocks.
     :param task_sleep: seconds each task sleeps before writing the ledger.
+    :param task_sleep_max: if set, each task sleeps between ``task_sleep``
+        and this, spread by a hash of its id (so a worker finishes its
+        in-flight tasks at different times, as real ones do).
     :param fault_after: seconds after the first kick when the fault starts
         (``None``: a third of the kick window).
     :param kick_timeout: seconds after which a kick counts as unknown.
@@ -97,6 +108,11 @@ class ChaosConfig:
         kicks and the fault ended (``None``: derived from idle_timeout).
     :param settle: seconds to keep watching for duplicates once all is done.
     :param shards: shard count of each scenario's queue (``None``: default).
+    :param drain_stall: end the drain early once no task ran for this many
+        seconds (``None``: wait the whole ``drain_timeout``).
+    :param worker_args: extra ``taskiq worker`` options.
+    :param defaulted: fields the user left at their default, which a
+        scenario may set to its own (see :meth:`given`).
     """
 
     tasks: int = 400
@@ -112,12 +128,34 @@ class ChaosConfig:
     drain_timeout: float | None = None
     settle: float = 1.5
     shards: int | None = None
+    task_sleep_max: float | None = None
+    drain_stall: float | None = None
+    worker_args: tuple[str, ...] = WORKER_ARGS
+    defaulted: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.broker not in BROKERS:
             raise ConfigurationError(message=f"broker must be one of {', '.join(BROKERS)}")
         if self.tasks < 1 or self.rate <= 0 or self.workers < 1:
             raise ConfigurationError(message="tasks, rate and workers must be positive")
+        if self.task_sleep_max is not None and self.task_sleep_max < self.task_sleep:
+            raise ConfigurationError(message="task_sleep_max must not be below task_sleep")
+
+    @classmethod
+    def given(cls, **values: Any) -> ChaosConfig:
+        """A config of ``values``; every other field may take a scenario's default.
+
+        What the command line builds: ``--tasks 3000`` is kept, an option
+        left out lets e.g. rolling-restart use its own size and task length.
+        """
+        names = {f.name for f in fields(cls)} - {"defaulted"}
+        return cls(**values, defaulted=frozenset(names - values.keys()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the knobs."""
+        out = asdict(self)
+        out["defaulted"] = sorted(self.defaulted)
+        return out
 
     @property
     def kick_window(self) -> float:
@@ -179,7 +217,21 @@ def make_broker(
             url, queue_name=queue, xread_block=xread_block, max_connection_pool_size=1000
         )
         return broker
+    if kind == "ours-list":
+        from ._list import ClusterListQueueBroker
+
+        extra = {} if shards is None else {"shards": shards}
+        return ClusterListQueueBroker(url, queue_name=queue, plan_poll_interval=0.5, **extra)
     raise ConfigurationError(message=f"unknown broker {kind!r}")
+
+
+def task_sleep(task_id: str, base: float, spread: float) -> float:
+    """Seconds the task ``task_id`` sleeps: ``base`` plus a share of ``spread``.
+
+    The share comes from a hash of the id, so a rerun (or a redelivery)
+    of the same task sleeps as long.
+    """
+    return base + spread * (zlib.crc32(task_id.encode()) % 1001) / 1000
 
 
 def _append(path: Path, line: str) -> None:
@@ -195,7 +247,8 @@ def worker_broker() -> AsyncBroker:
     """Broker factory for ``taskiq worker taskiq_redis_cluster._chaos:worker_broker``.
 
     Reads ``TQRC_CHAOS_URL``, ``_QUEUE``, ``_BROKER``, ``_DIR``, ``_SLEEP``,
-    ``_IDLE_TIMEOUT``, ``_XREAD_BLOCK``, ``_SHARDS`` and ``_WORKER``; registers
+    ``_SLEEP_MAX``, ``_IDLE_TIMEOUT``, ``_XREAD_BLOCK``, ``_SHARDS`` and
+    ``_WORKER``; registers
     the ledger task and records the process start (and, once the broker
     started, readiness) in ``DIR/workers.log``.
     """
@@ -203,6 +256,8 @@ def worker_broker() -> AsyncBroker:
     directory = Path(env[_ENV + "DIR"])
     label = env.get(_ENV + "WORKER", "?")
     sleep = float(env.get(_ENV + "SLEEP", "0"))
+    sleep_max_text = env.get(_ENV + "SLEEP_MAX", "")
+    spread = max(0.0, float(sleep_max_text) - sleep) if sleep_max_text else 0.0
     shards_text = env.get(_ENV + "SHARDS", "")
     broker = make_broker(
         env.get(_ENV + "BROKER", "ours"),
@@ -218,8 +273,8 @@ def worker_broker() -> AsyncBroker:
     ledger = os.open(directory / f"exec-{pid}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     async def record(task_id: str) -> None:
-        if sleep > 0:
-            await asyncio.sleep(sleep)
+        if sleep > 0 or spread > 0:
+            await asyncio.sleep(task_sleep(task_id, sleep, spread))
         os.write(ledger, f"{task_id} {time.time():.6f}\n".encode())
 
     def ready(state: TaskiqState) -> None:
@@ -292,12 +347,16 @@ class WorkerPool:
     """``taskiq worker`` processes, each in its own process group.
 
     Signals go to the whole group (taskiq's manager and its child), and
-    only to groups this pool started.
+    only to groups this pool started; :meth:`terminate` is the exception.
+    ``worker_args`` are extra ``taskiq worker`` options.
     """
 
-    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, directory: Path, env: dict[str, str], worker_args: Sequence[str] = WORKER_ARGS
+    ) -> None:
         self.directory = directory
         self._env = env
+        self._args = list(worker_args)
         self._workers: list[_Worker] = []
         self._atexit_registered = False
 
@@ -323,8 +382,7 @@ class WorkerPool:
             "taskiq_redis_cluster._chaos:worker_broker",
             "--workers", "1",
             "--log-level", "WARNING",
-            "--shutdown-timeout", "3",
-            "--wait-tasks-timeout", "2",
+            *self._args,
         ]  # fmt: skip
         try:
             proc = subprocess.Popen(
@@ -359,6 +417,48 @@ class WorkerPool:
         self._signal(index, signal.SIGCONT)
         self._signal(index, signal.SIGKILL)
         logger.info("SIGKILLed worker %s", self._workers[index].label)
+
+    async def terminate(self, index: int, timeout: float) -> int | None:
+        """SIGTERM the worker as a deployment stops it; its exit code.
+
+        Only the ``taskiq worker`` process gets the signal, as ``docker
+        stop`` or Kubernetes send it to a container's main process: taskiq's
+        process manager then asks its child to shut down. Waits (bounded)
+        until the whole process group is gone; returns None, after a
+        SIGKILL of the group, if it did not go within ``timeout``.
+        """
+        worker = self._workers[index]
+        worker.expected_exit = True
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.send_signal(signal.SIGTERM)
+        logger.info("SIGTERMed worker %s", worker.label)
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 2):
+            if worker.proc.poll() is not None and not self._group_alive(index):
+                return worker.proc.returncode
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        logger.warning("Worker %s did not stop within %.0fs of SIGTERM", worker.label, timeout)
+        self._signal(index, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(worker.proc.wait, 10)
+        return None
+
+    def _group_alive(self, index: int) -> bool:
+        try:
+            os.killpg(self._workers[index].proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def child_pid(self, index: int) -> int | None:
+        """Pid of the worker's task-running child (the ledger's ``exec-<pid>``)."""
+        label = self._workers[index].label
+        pids = [pid for kind, lbl, pid, _ in read_worker_events(self.directory) if lbl == label]
+        return pids[-1] if pids else None
 
     def pause(self, index: int) -> None:
         """SIGSTOP the worker's process group."""
@@ -480,17 +580,33 @@ def _short_error(exc: BaseException) -> str:
 
 
 async def produce(
-    broker: AsyncBroker, ids: Sequence[str], rate: float, kick_timeout: float
+    broker: AsyncBroker,
+    ids: Sequence[str],
+    rate: float,
+    kick_timeout: float,
+    *,
+    record: list[Kick] | None = None,
 ) -> list[Kick]:
-    """Kick ``ids`` at a fixed ``rate``; each kick runs concurrently and is bounded."""
+    """Kick ``ids`` at a fixed ``rate``; each kick runs concurrently and is bounded.
+
+    ``record``, if given, receives each kick as it finishes (progress for
+    a scenario that looks at the backlog while the producer runs).
+    """
     loop = asyncio.get_running_loop()
     start = loop.time()
     tasks = []
+
+    def done(task: asyncio.Future[Kick]) -> None:
+        if record is not None and not task.cancelled():
+            record.append(task.result())
+
     for i, task_id in enumerate(ids):
         delay = start + i / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(_kick(broker, task_id, kick_timeout)))
+        task = asyncio.ensure_future(_kick(broker, task_id, kick_timeout))
+        task.add_done_callback(done)
+        tasks.append(task)
     return list(await asyncio.gather(*tasks))
 
 
@@ -517,6 +633,9 @@ class ScenarioResult:
     executions: int = 0  #: runs in total
     lost: int = 0
     destroyed: int = 0  #: acked before the fault deleted them (stream DEL)
+    dead_lettered: int | None = None  #: entries in the dead-letter streams (ours only)
+    queued_end: int | None = None  #: still queued in Redis at the end (never delivered)
+    pending_end: int | None = None  #: delivered, never acked, at the end (streams)
     duplicates: int = 0
     phantoms: int = 0
     unknown_executed: int = 0
@@ -531,6 +650,8 @@ class ScenarioResult:
     kick_errors: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    #: The knobs this scenario ran with (after its own defaults).
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -644,6 +765,8 @@ class ScenarioContext:
     notes: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)
+    #: Kicks that finished so far (the producer appends as it goes).
+    kicks: list[Kick] = field(default_factory=list)
 
     def fault(self, what: str) -> None:
         """Mark the start of the fault."""
@@ -678,6 +801,12 @@ class Scenario:
     :param ours_only: skipped for taskiq-redis (needs WAIT or the rebalancer).
     :param resume_bound: executions must resume within this many seconds
         after the fault is lifted.
+    :param brokers: the brokers the scenario applies to; the list broker
+        delivers at most once, so a crash loses its tasks by design and only
+        graceful scenarios run on it.
+    :param defaults: values for the :class:`ChaosConfig` fields the user
+        left at their default (``ChaosConfig.defaulted``).
+    :param no_dead_letters: a dead-lettered entry is a failure.
     """
 
     name: str
@@ -691,6 +820,20 @@ class Scenario:
     #: Kicks are spread over at least this many seconds (the rate is lowered
     #: if needed), so that load continues through and after the fault.
     min_kick_window: float = 8.0
+    brokers: tuple[str, ...] = STREAM_BROKERS
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    no_dead_letters: bool = False
+
+    def configure(self, config: ChaosConfig) -> ChaosConfig:
+        """``config`` with this scenario's defaults and overrides applied."""
+        own = {k: v for k, v in self.defaults.items() if k in config.defaulted}
+        if own:
+            config = replace(config, **own)
+        if self.wait_replicas is not None:
+            config = replace(config, wait_replicas=self.wait_replicas)
+        if config.kick_window < self.min_kick_window:
+            config = replace(config, rate=config.tasks / self.min_kick_window)
+        return config
 
 
 async def pending_entries(
@@ -807,6 +950,61 @@ async def _majority_down(ctx: ScenarioContext) -> None:
         for v in victims:
             await ctx.cluster.resume_node(v)
     ctx.recovered(f"SIGCONT {ports}")
+
+
+#: Seconds a SIGTERMed worker may take to stop: taskiq waits for its
+#: in-flight tasks (no limit by default; ours last at most a few seconds),
+#: then gives the broker's shutdown 5 s.
+_STOP_BOUND = 45.0
+
+
+async def _backlog(ctx: ScenarioContext) -> tuple[int, int, int]:
+    """``(not run, queued, pending)``: acked kicks so far that have not run
+    yet, and the queue's state in Redis."""
+    acked = {k.task_id for k in list(ctx.kicks) if k.outcome == "acked"}
+    ran = {e.task_id for e in read_executions(ctx.workdir)}
+    queued, pending = await queue_depth(ctx.admin, ctx.config.broker, ctx.stream_keys)
+    return len(acked - ran), queued, pending
+
+
+def _tracebacks(path: Path) -> int:
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace").count("Traceback")
+    return 0
+
+
+async def _rolling_restart(ctx: ScenarioContext) -> None:
+    """SIGTERM each worker in turn, start its replacement, wait until it is up."""
+    pool = ctx.pool
+    originals = list(range(len(pool.labels)))
+    ctx.fault(f"rolling restart of {len(originals)} workers under a backlog")
+    for index in originals:
+        label = pool.labels[index]
+        backlog, queued, pending = await _backlog(ctx)
+        if backlog == 0:
+            # Nothing to hand back: the restart would prove nothing.
+            ctx.violations.append(
+                f"no backlog when {label} got SIGTERM (raise the task count or the rate)"
+            )
+        child = pool.child_pid(index)
+        began = time.time()
+        code = await pool.terminate(index, _STOP_BOUND)
+        stopped = time.time() - began
+        finished = sum(1 for e in read_executions(ctx.workdir) if e.pid == child and e.at >= began)
+        if code is None:
+            ctx.violations.append(f"{label} did not stop within {_STOP_BOUND:.0f}s of SIGTERM")
+        elif code != 0:
+            ctx.violations.append(f"{label} exited with code {code} after SIGTERM")
+        errors = _tracebacks(pool.directory / f"worker-{label}.log")
+        replacement = pool.start()
+        await pool.wait_ready([replacement], 90)
+        ctx.notes.append(
+            f"{label}: SIGTERM with {backlog} acked tasks not run yet ({queued} queued, "
+            f"{pending} pending in Redis); {finished} finished after it; exit {code} after "
+            f"{stopped:.1f}s{f'; {errors} tracebacks in its log' if errors else ''}; "
+            f"{pool.labels[replacement]} up after {time.time() - began:.1f}s"
+        )
+    ctx.recovered(f"all {len(originals)} workers restarted")
 
 
 def rebalancer_available() -> bool:
@@ -994,6 +1192,35 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario("failover", "CLUSTER FAILOVER of a shard's master", _failover),
         Scenario(
+            "rolling-restart",
+            "SIGTERM each worker in turn and restart it, under a backlog",
+            _rolling_restart,
+            brokers=BROKERS,
+            no_dead_letters=True,
+            min_kick_window=0.0,
+            # A deployment's settings, not the fault scenarios' short ones:
+            # taskiq's default worker options (100 concurrent tasks, no limit
+            # on the wait for them), the broker's own idle_timeout and block
+            # time, so that a task a stopping worker failed to hand back
+            # stays pending past the end and counts as lost instead of being
+            # reclaimed a few seconds later. The producer outruns the
+            # workers (3 x 100 slots / 0.35 s mean = at most ~860 tasks/s),
+            # so a backlog remains through all three restarts.
+            defaults={
+                "tasks": 15_000,
+                "rate": 1_000.0,
+                "workers": 3,
+                "task_sleep": 0.2,
+                "task_sleep_max": 0.5,
+                "idle_timeout": 600_000,
+                "xread_block": 2_000,
+                "worker_args": (),
+                "fault_after": 2.0,
+                "drain_timeout": 90.0,
+                "drain_stall": 15.0,
+            },
+        ),
+        Scenario(
             "master-kill",
             "SIGKILL a shard's master; its replica takes over",
             _master_kill,
@@ -1047,6 +1274,11 @@ CI_SCENARIOS = ("worker-kill", "failover", "stream-del", "master-kill", "master-
 
 def skip_reason(scenario: Scenario, config: ChaosConfig) -> str | None:
     """Why ``scenario`` cannot run with ``config`` (None: it can)."""
+    if config.broker not in scenario.brokers:
+        return (
+            f"{scenario.name} runs on {', '.join(scenario.brokers)} only "
+            "(the list broker loses a crashed worker's tasks by design)"
+        )
     if scenario.ours_only and config.broker != "ours":
         return f"{scenario.name} needs features taskiq-redis lacks (WAIT / rebalancer)"
     if scenario.needs_rebalancer and config.broker == "ours" and not rebalancer_available():
@@ -1071,16 +1303,14 @@ async def run_scenario(
     cluster: DevCluster, scenario: Scenario, config: ChaosConfig, workdir: Path
 ) -> ScenarioResult:
     """Run one scenario against ``cluster``; never raises for a failed check."""
-    if scenario.wait_replicas is not None:
-        config = replace(config, wait_replicas=scenario.wait_replicas)
-    if config.kick_window < scenario.min_kick_window:
-        config = replace(config, rate=config.tasks / scenario.min_kick_window)
+    config = scenario.configure(config)
     result = ScenarioResult(
         scenario.name,
         config.broker,
         config.wait_replicas,
         rate=round(config.rate, 1),
         bound_s=scenario_bound(config),
+        settings=_settings(config),
     )
     reason = skip_reason(scenario, config)
     if reason is not None:
@@ -1123,13 +1353,16 @@ async def _run_body(
     await cluster.heal()
     queue = f"chaos-{scenario.name}-{uuid.uuid4().hex[:6]}"
     env = worker_env(cluster.url, queue, directory, config)
-    pool = WorkerPool(directory, env)
+    pool = WorkerPool(directory, env, config.worker_args)
     producer = producer_broker(cluster.url, queue, config)
     admin = await connect(cluster.url)
     monitor: asyncio.Task[None] | None = None
     try:
         await producer.startup()
         keys = await stream_keys(producer, queue)
+        # Dead-letter streams of the shards at the start (a reshard may
+        # retire some before the end).
+        dead_keys_at_start = await dead_letter_keys(producer)
         ctx = ScenarioContext(
             cluster=cluster,
             pool=pool,
@@ -1146,7 +1379,9 @@ async def _run_body(
         await pool.wait_ready(indexes, 90)
         monitor = asyncio.ensure_future(_monitor(pool))
         ids = [f"{scenario.name}-{i:06d}" for i in range(config.tasks)]
-        kicks_task = asyncio.ensure_future(produce(producer, ids, config.rate, config.kick_timeout))
+        kicks_task = asyncio.ensure_future(
+            produce(producer, ids, config.rate, config.kick_timeout, record=ctx.kicks)
+        )
         try:
             await asyncio.sleep(config.fault_at)
             try:
@@ -1160,8 +1395,17 @@ async def _run_body(
                 kicks_task.cancel()
                 await asyncio.gather(kicks_task, return_exceptions=True)
         acked = {k.task_id for k in kicks if k.outcome == "acked"}
-        await _drain(directory, acked, config.effective_drain_timeout)
+        await _drain(directory, acked, config.effective_drain_timeout, config.drain_stall)
         await asyncio.sleep(config.settle)
+        result.queued_end, result.pending_end = await queue_depth(
+            admin, config.broker, await stream_keys(producer, queue)
+        )
+        if config.broker == "ours":
+            try:
+                dead = set(await dead_letter_keys(producer)) | set(dead_keys_at_start)
+                result.dead_lettered = await dead_letter_count(admin, dead)
+            except Exception as exc:
+                ctx.notes.append(f"dead letters not counted: {_short_error(exc)}")
         _fill(result, ctx, kicks, read_executions(directory), pool, scenario)
     finally:
         if monitor is not None:
@@ -1182,6 +1426,7 @@ def worker_env(url: str, queue: str, directory: Path, config: ChaosConfig) -> di
         _ENV + "BROKER": config.broker,
         _ENV + "DIR": str(directory),
         _ENV + "SLEEP": str(config.task_sleep),
+        _ENV + "SLEEP_MAX": "" if config.task_sleep_max is None else str(config.task_sleep_max),
         _ENV + "IDLE_TIMEOUT": str(config.idle_timeout),
         _ENV + "XREAD_BLOCK": str(config.xread_block),
         _ENV + "SHARDS": "" if config.shards is None else str(config.shards),
@@ -1190,7 +1435,7 @@ def worker_env(url: str, queue: str, directory: Path, config: ChaosConfig) -> di
 
 def sleep_env(seconds: float) -> dict[str, str]:
     """Extra worker environment that overrides the task's sleep."""
-    return {_ENV + "SLEEP": str(seconds)}
+    return {_ENV + "SLEEP": str(seconds), _ENV + "SLEEP_MAX": ""}
 
 
 def producer_broker(url: str, queue: str, config: ChaosConfig) -> AsyncBroker:
@@ -1207,13 +1452,62 @@ def producer_broker(url: str, queue: str, config: ChaosConfig) -> AsyncBroker:
 
 
 async def stream_keys(producer: AsyncBroker, queue: str) -> list[str]:
-    """The stream keys of ``queue``: one per shard, or taskiq-redis's one."""
+    """The keys holding ``queue``'s tasks: one stream (or list) per shard, or
+    taskiq-redis's one stream."""
+    from ._list import ClusterListQueueBroker
     from ._stream import ClusterStreamBroker
 
     if isinstance(producer, ClusterStreamBroker):
         plan = await producer.current_plan()
         return [ShardKeys(producer.options.prefix, s.tag).stream for s in plan.shards]
+    if isinstance(producer, ClusterListQueueBroker):
+        plan = await producer.current_plan()
+        return [ShardKeys(producer.options.prefix, s.tag).list for s in plan.shards]
     return [queue]
+
+
+async def dead_letter_keys(producer: AsyncBroker) -> list[str]:
+    """The dead-letter streams of the producer's queue (ClusterStreamBroker only)."""
+    from ._stream import ClusterStreamBroker
+
+    if not isinstance(producer, ClusterStreamBroker):
+        return []
+    plan = await producer.current_plan()
+    prefix = producer.options.prefix
+    return [ShardKeys(prefix, s.tag).dead for s in (*plan.shards, *plan.draining)]
+
+
+async def dead_letter_count(admin: RedisCluster, keys: Iterable[str]) -> int:
+    """Entries in the dead-letter streams ``keys`` (a missing one counts 0)."""
+    total = 0
+    for key in keys:
+        total += int(await admin.xlen(key))
+    return total
+
+
+async def queue_depth(
+    admin: RedisCluster, broker: str, keys: Iterable[str], group: str = "taskiq"
+) -> tuple[int, int]:
+    """``(queued, pending)`` over the queue's ``keys``.
+
+    Queued: in Redis and never delivered (a list's length; a stream
+    group's lag). Pending: delivered to a consumer and not acknowledged
+    (streams only; lists have no such state). A key that cannot be read
+    counts 0, and so does a lag Redis cannot tell (null after XDEL).
+    """
+    queued = pending = 0
+    for key in keys:
+        with contextlib.suppress(Exception):
+            if broker == "ours-list":
+                queued += int(await admin.llen(key))
+                continue
+            for info in await admin.xinfo_groups(key):
+                name = info.get("name")
+                if (name.decode() if isinstance(name, bytes) else name) != group:
+                    continue
+                pending += int(info.get("pending") or 0)
+                queued += int(info.get("lag") or 0)
+    return queued, pending
 
 
 async def _monitor(pool: WorkerPool) -> None:
@@ -1223,11 +1517,22 @@ async def _monitor(pool: WorkerPool) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _drain(directory: Path, acked: set[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _drain(
+    directory: Path, acked: set[str], timeout: float, stall: float | None = None
+) -> None:
+    """Wait until every acked task ran, at most ``timeout`` seconds, and at
+    most ``stall`` seconds without any new execution (if set)."""
+    now = time.monotonic()
+    deadline = now + timeout
+    runs, last_progress = -1, now
     for _ in range(int(timeout / _POLL) + 2):
-        done = {e.task_id for e in read_executions(directory)}
-        if acked <= done or time.monotonic() >= deadline:
+        executions = read_executions(directory)
+        if acked <= {e.task_id for e in executions}:
+            return
+        now = time.monotonic()
+        if len(executions) != runs:
+            runs, last_progress = len(executions), now
+        if now >= deadline or (stall is not None and now - last_progress >= stall):
             return
         await asyncio.sleep(_POLL)
 
@@ -1273,11 +1578,19 @@ def _fill(
         v.append(f"{result.lost} acknowledged kicks lost")
     if result.acked == 0:
         v.append("no kick was acknowledged")
+    if scenario.no_dead_letters and result.dead_lettered:
+        v.append(f"{result.dead_lettered} entries dead-lettered")
     if scenario.resume_bound is not None and (
         result.resume_s is None or result.resume_s > scenario.resume_bound
     ):
         v.append(f"executions did not resume within {scenario.resume_bound:.0f}s")
     result.violations = v
+
+
+def _settings(config: ChaosConfig) -> dict[str, Any]:
+    keys = ("tasks", "rate", "workers", "task_sleep", "task_sleep_max", "idle_timeout",
+            "xread_block", "wait_replicas", "worker_args")  # fmt: skip
+    return {k: v for k, v in config.to_dict().items() if k in keys}
 
 
 def _round(value: float | None) -> float | None:
@@ -1336,8 +1649,10 @@ _COLUMNS = (
     ("acked", "acked"),
     ("unknown", "unknown"),
     ("failed", "failed"),
+    ("done", "executed"),
     ("lost", "lost"),
     ("dup", "duplicates"),
+    ("dead", "dead_lettered"),
     ("phantom", "phantoms"),
     ("resume_s", "resume_s"),
     ("stall_s", "stall_s"),
@@ -1401,7 +1716,7 @@ def write_json(path: Path, results: Sequence[ScenarioResult], config: ChaosConfi
     """Write the report (machine, config, results) as JSON."""
     report = {
         "machine": machine_info(),
-        "config": asdict(config),
+        "config": config.to_dict(),
         "results": [r.to_dict() for r in results],
     }
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -2,9 +2,13 @@
 
 Starts a throwaway local cluster on free ports, runs the chosen scenarios
 (see :mod:`taskiq_redis_cluster._chaos`) with real ``taskiq worker``
-processes, prints a table and optionally writes JSON. Exit code 0 when
-every scenario that ran met its acceptance checks, 1 otherwise, 2 on bad
-arguments. ``scripts/chaos.py`` is the same command.
+processes against each chosen broker, prints a table and optionally writes
+JSON. Exit code 0 when every scenario that ran met its acceptance checks,
+1 otherwise, 2 on bad arguments. ``scripts/chaos.py`` is the same command.
+
+An option left out takes the scenario's own default where it has one
+(rolling-restart: 15000 tasks at 1000/s, 3 workers, tasks of 0.2-0.5 s,
+idle_timeout 600 s), else the value shown in its help.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ._chaos import (
     SCENARIOS,
     ChaosConfig,
     ScenarioResult,
+    chaos_cluster,
     format_table,
     run_suite,
     write_json,
@@ -53,42 +58,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ci", action="store_true", help=f"run the CI subset: {', '.join(CI_SCENARIOS)}"
     )
-    parser.add_argument("--tasks", type=int, default=400, help="tasks per scenario (400)")
-    parser.add_argument("--rate", type=float, default=50.0, help="kicks per second (50)")
-    parser.add_argument("--workers", type=int, default=3, help="worker processes (3)")
+    # Defaults are None: a scenario may then use its own (ChaosConfig.given).
+    parser.add_argument("--tasks", type=int, help="tasks per scenario (400)")
+    parser.add_argument("--rate", type=float, help="kicks per second (50)")
+    parser.add_argument("--workers", type=int, help="worker processes (3)")
     parser.add_argument(
         "--wait-replicas",
         type=int,
-        default=0,
         help="producer wait_replicas (0; master-kill-wait1 always uses 1)",
     )
     parser.add_argument(
         "--broker",
         choices=BROKERS,
-        default="ours",
-        help="broker under test (ours = ClusterStreamBroker)",
+        action="append",
+        default=[],
+        help="broker under test, repeatable (ours = ClusterStreamBroker, the default; "
+        "ours-list = ClusterListQueueBroker, which runs rolling-restart only)",
     )
     parser.add_argument(
-        "--idle-timeout",
-        type=int,
-        default=2000,
-        metavar="MS",
-        help="idle_timeout of the workers (2000)",
+        "--idle-timeout", type=int, metavar="MS", help="idle_timeout of the workers (2000)"
     )
     parser.add_argument(
-        "--xread-block",
-        type=int,
-        default=500,
-        metavar="MS",
-        help="xread_block of the workers (500)",
+        "--xread-block", type=int, metavar="MS", help="xread_block of the workers (500)"
     )
+    parser.add_argument("--task-sleep", type=float, help="seconds each task sleeps (0.2)")
     parser.add_argument(
-        "--task-sleep", type=float, default=0.2, help="seconds each task sleeps (0.2)"
+        "--task-sleep-max",
+        type=float,
+        help="if set, tasks sleep between --task-sleep and this many seconds",
     )
     parser.add_argument(
         "--drain-timeout",
         type=float,
-        default=None,
         help="seconds to wait for acked tasks after the fault",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write a JSON report")
@@ -117,23 +118,18 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    options = ("tasks", "rate", "workers", "wait_replicas", "idle_timeout", "xread_block",
+               "task_sleep", "task_sleep_max", "drain_timeout")  # fmt: skip
+    given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
+    brokers = list(dict.fromkeys(args.broker)) or ["ours"]
     try:
-        config = ChaosConfig(
-            tasks=args.tasks,
-            rate=args.rate,
-            workers=args.workers,
-            broker=args.broker,
-            wait_replicas=args.wait_replicas,
-            idle_timeout=args.idle_timeout,
-            xread_block=args.xread_block,
-            task_sleep=args.task_sleep,
-            drain_timeout=args.drain_timeout,
-        )
+        configs = [ChaosConfig.given(**given, broker=broker) for broker in brokers]
     except ClusterError as exc:
         print(f"chaos: error: {exc}", file=sys.stderr)
         return 2
     keep = args.workdir is not None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tqrc-chaos-"))
+    workdir.mkdir(parents=True, exist_ok=True)
 
     def progress(result: ScenarioResult) -> None:
         print(
@@ -143,8 +139,18 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    async def every_broker() -> list[ScenarioResult]:
+        # One cluster for all brokers; run_suite heals it between scenarios.
+        async with chaos_cluster(workdir / "cluster") as cluster:
+            results: list[ScenarioResult] = []
+            for config in configs:
+                results += await run_suite(
+                    names, config, workdir, cluster=cluster, on_result=progress
+                )
+            return results
+
     try:
-        results = asyncio.run(run_suite(names, config, workdir, on_result=progress))
+        results = asyncio.run(every_broker())
     except ClusterError as exc:
         print(f"chaos: error: {exc}", file=sys.stderr)
         return 1
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print(format_table(results))
     if args.json is not None:
-        write_json(args.json, results, config)
+        write_json(args.json, results, configs[0])
     return 0 if all(r.status in ("ok", "skipped") for r in results) else 1
 
 

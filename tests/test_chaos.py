@@ -7,6 +7,11 @@ FAILOVER, DEL of a shard's stream, and SIGKILL of a master with and without
 stream DEL, failover and master kill under load; tests/test_stream_faults.py
 has the remaining ones (50 tasks in flight, slot migration, XADD spread).
 
+The quick rolling restart (issue 13) runs both the stream and the list
+broker: three workers at taskiq's default 100 concurrent tasks, each
+SIGTERMed and restarted in turn while a backlog waits; nothing acked may be
+lost, and the stream dead-letters nothing.
+
 Every test is bounded: small task counts, short idle_timeout, and each
 scenario has its own time bound which the harness enforces.
 """
@@ -35,6 +40,7 @@ from taskiq_redis_cluster._chaos import (
     format_table,
     run_scenario,
     skip_reason,
+    task_sleep,
 )
 from taskiq_redis_cluster.devcluster import DevCluster
 
@@ -46,6 +52,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CI_CONFIG = ChaosConfig(
     tasks=240, rate=30.0, workers=2, idle_timeout=2000, xread_block=500, task_sleep=0.1
 )
+
+
+#: Quick rolling restart: fewer tasks than the full run (15000), still enough
+#: that a backlog outlasts the third SIGTERM (workers finish at most ~860/s,
+#: the restarts take ~3 s each here). About 25 s per broker on 2 cores.
+ROLLING_QUICK = {"tasks": 8000, "fault_after": 1.0, "drain_stall": 10.0}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -122,6 +134,33 @@ def test_skip_reasons() -> None:
     assert skip_reason(SCENARIOS["master-kill-wait1"], theirs) is not None
     assert skip_reason(SCENARIOS["failover"], theirs) is None
     assert set(CI_SCENARIOS) <= set(SCENARIOS)
+    # The list broker loses a crashed worker's tasks by design: only the
+    # graceful scenario runs on it.
+    lists = ChaosConfig(broker="ours-list")
+    assert skip_reason(SCENARIOS["worker-kill"], lists) is not None
+    assert skip_reason(SCENARIOS["rolling-restart"], lists) is None
+
+
+def test_scenario_defaults_fill_only_what_was_left_out() -> None:
+    rolling = SCENARIOS["rolling-restart"]
+    # From the command line: --tasks was given, the rest is the scenario's.
+    config = rolling.configure(ChaosConfig.given(tasks=3000))
+    assert (config.tasks, config.rate, config.workers) == (3000, 1000.0, 3)
+    assert (config.task_sleep, config.task_sleep_max) == (0.2, 0.5)
+    assert config.idle_timeout == 600_000
+    assert config.worker_args == ()  # taskiq's own worker defaults
+    # Built in code: every value is kept.
+    direct = rolling.configure(ChaosConfig(tasks=50, rate=20.0))
+    assert (direct.tasks, direct.rate, direct.idle_timeout) == (50, 20.0, 2000)
+    # Scenarios without defaults keep the generic ones.
+    assert SCENARIOS["failover"].configure(ChaosConfig.given()).tasks == 400
+
+
+def test_task_sleep_spreads_by_task_id() -> None:
+    sleeps = [task_sleep(f"t{i}", 0.2, 0.3) for i in range(500)]
+    assert all(0.2 <= s <= 0.5 for s in sleeps)
+    assert max(sleeps) - min(sleeps) > 0.25
+    assert task_sleep("t1", 0.2, 0.3) == sleeps[1]  # a redelivery sleeps as long
 
 
 def test_cli_rejects_unknown_scenarios() -> None:
@@ -184,9 +223,38 @@ async def test_harness_terminates_and_reports_on_taskiq_redis(
     result = await run_scenario(chaos_cluster_fixture, SCENARIOS["stream-del"], config, tmp_path)
     print()
     print(format_table([result]))
-    assert result.status in ("ok", "fail"), result.reason
+    assert result.status == "fail", (result.reason, result.violations)
     assert result.kicked == 120
     assert result.duration_s <= result.bound_s
+    assert result.lost > 0 or result.worker_exits, result.violations
+    assert any("lost" in v or "worker exited" in v for v in result.violations)
+
+
+@pytest.mark.parametrize("broker", ["ours", "ours-list"])
+async def test_rolling_restart_loses_nothing(
+    broker: str, chaos_cluster_fixture: DevCluster, tmp_path: Path
+) -> None:
+    config = ChaosConfig.given(broker=broker, **ROLLING_QUICK)
+    result = await run_scenario(
+        chaos_cluster_fixture, SCENARIOS["rolling-restart"], config, tmp_path
+    )
+    print()
+    print(format_table([result]))
+    print("\n".join(result.notes))
+    assert result.status != "error", result.reason
+    assert result.kicked == ROLLING_QUICK["tasks"]
+    assert result.settings["workers"] == 3
+    assert result.settings["worker_args"] == ()  # taskiq's default: 100 concurrent tasks
+    # Each of the three got SIGTERM with a backlog and was restarted (no
+    # backlog, or a worker that needs SIGKILL, is a violation).
+    assert sum(" SIGTERM with " in note for note in result.notes) == 3
+    assert result.phantoms == 0
+    assert result.worker_exits == []
+    assert result.child_restarts == 0
+    assert result.lost == 0, (result.lost_sample, result.queued_end, result.pending_end)
+    if broker == "ours":
+        assert result.dead_lettered == 0
+    assert result.status == "ok", result.violations
 
 
 def test_cli_runs_a_scenario_end_to_end(tmp_path: Path) -> None:
