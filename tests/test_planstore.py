@@ -571,6 +571,29 @@ async def test_cli_entry_point_subprocess(
     assert f"queue {queue}" in stdout.decode()
 
 
+async def test_swap_follows_a_moved_plan_key(
+    healthy_cluster: DevCluster, cluster_client: RedisCluster, topology: Topology, queue: str
+) -> None:
+    store = PlanStore(cluster_client)
+    plan = await store.get_or_create(topology, QueueSpec(queue, 2))
+    key = store.key(queue)
+    slot = await cluster_client.execute_command(
+        "CLUSTER", "KEYSLOT", key, target_nodes=cluster_client.get_random_node()
+    )
+    home = await healthy_cluster.master_of_slot(slot)
+    other = next(n for n in await healthy_cluster.masters() if n.port != home.port)
+    await healthy_cluster.migrate_slot(slot, other)
+    try:
+        # The client still routes the key to its old master: the pinned
+        # batch gets MOVED, learns the new owner and waits for its replica.
+        assert cluster_client.get_node_from_key(key).port == home.port  # type: ignore[union-attr]
+        assert await store.compare_and_swap(_at_epoch(plan, 2), expected_epoch=1)
+        replica = await healthy_cluster.replica_of(other)
+        assert await _replica_hget(replica, key, "epoch") == b"2"
+    finally:
+        await healthy_cluster.migrate_slot(slot, home)
+
+
 # Keep last: changes the shared cluster (and restores it).
 async def test_migrated_slot_shows_misplaced(
     healthy_cluster: DevCluster,
