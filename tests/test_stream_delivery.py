@@ -132,7 +132,7 @@ async def test_a_failing_dead_letter_does_not_strand_the_rest_of_the_batch(
         xread_block=200, plan_poll_interval=0.2,
     )
     try:
-        shard, keys = await _only_shard(broker)
+        _, keys = await _only_shard(broker)
         await broker._ensure_group(keys)
         await cluster_client.set(keys.dead, "not a stream")
         await cluster_client.xadd(keys.stream, {"garbage": "1"})
