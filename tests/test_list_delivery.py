@@ -22,10 +22,12 @@ from pathlib import Path
 
 import pytest
 from helpers import eventually, make_message, task_id_of
+from redis.exceptions import ConnectionError as RedisConnectionError
 from taskiq import AckableMessage, BrokerMessage
 
 from taskiq_redis_cluster import ClusterListQueueBroker
 from taskiq_redis_cluster._keys import ShardKeys
+from taskiq_redis_cluster._retry import RetryPolicy
 
 pytestmark = pytest.mark.cluster
 
@@ -136,6 +138,66 @@ async def test_hand_back_while_readers_are_popping(broker: ClusterListQueueBroke
     finally:
         await listen.aclose()
     assert first in {ids[0] for ids in after.values() if ids}
+
+
+async def test_hand_back_retried_after_a_lost_reply_pushes_once(
+    broker: ClusterListQueueBroker,
+) -> None:
+    """The connection breaks after the hand-back was applied: the retry must not double it."""
+    n = 20
+    before = await _kick_and_read_order(broker, n)
+    real = broker._scripts["hand_back"]
+    markers: list[str] = []
+
+    async def reply_lost_once(*, keys: list[str], args: list[object]) -> object:
+        markers.append(keys[1])
+        reply = await real(keys=keys, args=args)
+        if len(markers) == 1:
+            raise RedisConnectionError("Connection closed by server.")
+        return reply
+
+    broker._scripts["hand_back"] = reply_lost_once
+    listen = broker.listen()
+    try:
+        taken = [task_id_of(_payload(await asyncio.wait_for(anext(listen), 10)))
+                 for _ in range(2)]
+    finally:
+        await listen.aclose()
+    assert len(markers) >= 2
+    assert markers[0] == markers[1]  # retried with the same marker
+    _check_handed_back(before, await _consuming_order(broker), taken, n)
+
+
+async def test_failed_hand_back_is_logged_with_its_count(
+    cluster_url: str, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = ClusterListQueueBroker(cluster_url, queue_name=unique_name, shards=1, prefetch=4,
+                                    brpop_timeout=0.2, retry=RetryPolicy(attempts=2, base=0.01))
+    await broker.startup()
+    try:
+        for i in range(10):
+            await broker.kick(_message(f"f{i}"))
+
+        async def down(*, keys: list[str], args: list[object]) -> object:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1.")
+
+        broker._scripts["hand_back"] = down
+        listen = broker.listen()
+        try:
+            await asyncio.wait_for(anext(listen), 10)
+
+            async def filled() -> bool:
+                return await _queued(broker) == 10 - 1 - 4 - 1
+
+            await eventually(filled, "buffer filled", 10)
+        finally:
+            await listen.aclose()
+    finally:
+        await broker.shutdown()
+    lost = [r.getMessage() for r in caplog.records if "Could not hand back" in r.getMessage()]
+    assert len(lost) == 1
+    assert "5 unstarted messages" in lost[0]
+    assert "they are lost" in lost[0]
 
 
 # ---------------------------------------------------------------- real workers
