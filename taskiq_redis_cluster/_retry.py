@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -137,13 +138,15 @@ def _is_connect_failure(exc: BaseException) -> bool:
 class RetryPolicy:
     """Exponential backoff with jitter, bounded in attempts.
 
-    ``sleep`` is injectable so tests of backoff run without real waiting.
+    ``sleep`` and ``jitter`` (a draw in [0, 1)) are injectable, so tests of
+    backoff run without real waiting and with known delays.
     """
 
     attempts: int = 8
     base: float = 0.05
     cap: float = 2.0
     sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep)
+    jitter: Callable[[], float] = field(default=random.random)
 
     def retrying(self, on_retry: Callable[[BaseException], None] | None = None) -> AsyncRetrying:
         """A tenacity ``AsyncRetrying`` for transient errors."""
@@ -175,5 +178,12 @@ class RetryPolicy:
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def delay(self, attempt: int) -> float:
-        """Backoff before attempt ``attempt`` (1-based) of a long-running loop."""
-        return float(min(self.cap, self.base * (2 ** min(attempt, 16))))
+        """Backoff before attempt ``attempt`` (1-based) of a long-running loop.
+
+        Half of the exponential step is fixed and half is random: every
+        worker's readers fail together when a master dies, and without
+        jitter they would all retry in the same instant; the fixed half
+        keeps a reader from spinning on a delay drawn close to zero.
+        """
+        step = min(self.cap, self.base * (2 ** min(attempt, 16)))
+        return float(step / 2 + self.jitter() * step / 2)
