@@ -463,3 +463,53 @@ async def test_reliable_worker_sigkill_loses_nothing(
     finally:
         await producer.shutdown()
         workers.stop_all()
+
+
+async def test_reliable_live_consumer_keeps_its_messages_after_listen_closed(
+    reliable: ClusterListQueueBroker, cluster_url: str, unique_name: str
+) -> None:
+    """taskiq runs what it took after the listen closed: the heartbeat must outlive it."""
+    n = 12
+    for i in range(n):
+        await reliable.kick(_message(f"s{i:03d}"))
+    slow = ClusterListQueueBroker(cluster_url, queue_name=unique_name, reliable=True,
+                                  consumer_name="slow", heartbeat_ttl=1.0, brpop_timeout=0.2,
+                                  prefetch=4)
+    await slow.startup()
+    try:
+        listen = slow.listen()
+        try:
+            held = [await asyncio.wait_for(anext(listen), 10) for _ in range(2)]
+        finally:
+            await listen.aclose()
+        held_ids = {task_id_of(_payload(m)) for m in held}
+        got: set[str] = set()
+        survivor = reliable.listen()
+
+        async def consume() -> None:
+            async for message in survivor:
+                assert isinstance(message, AckableMessage)
+                got.add(task_id_of(message.data))
+                await message.ack()  # type: ignore[misc]
+
+        consumer = asyncio.create_task(consume())
+        try:
+            async def rest_taken() -> bool:
+                return len(got) == n - len(held)
+
+            await eventually(rest_taken, "the other tasks taken", 10)
+            # Three heartbeat TTLs with recovery every 0.3 s: a heartbeat
+            # that stopped with the listen would have let "survivor" take them.
+            await asyncio.sleep(3.0)
+            assert not got & held_ids
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await survivor.aclose()
+        for message in held:
+            assert isinstance(message, AckableMessage)
+            await message.ack()  # type: ignore[misc]
+        assert await _processing(slow, "slow") == []
+    finally:
+        await slow.shutdown()
+    assert await _processing(reliable, "slow") == []
