@@ -79,6 +79,10 @@ DEFAULT_ONE_OFF_LEASE = 60.0
 #: so every scheduler derives the same id for the same firing).
 _TASK_ID_NAMESPACE = uuid.UUID("5b0d3c52-8f1e-4f5e-9c8a-2d6f7f1c4e31")
 
+#: Older taskiq releases have no ``ScheduledTask.task_id`` (their scheduler
+#: always generates a random id), so there is nothing to derive there.
+_HAS_TASK_ID = "task_id" in ScheduledTask.model_fields
+
 #: Extra life of a cron/interval claim beyond its tick, so a scheduler whose
 #: loop runs late within the same tick still finds the claim.
 _CLAIM_MARGIN_MS = 60_000
@@ -193,7 +197,9 @@ class ClusterListScheduleSource(ScheduleSource):
     ``add_schedule``/``delete_schedule``, one-off schedules deleted once
     sent, past-due one-off schedules sent after a restart), and in addition
     lets several ``taskiq scheduler`` processes share one source: each
-    firing is sent once (see the module docstring).
+    firing is sent once while kicks succeed, and a one-off firing whose send
+    was not recorded is sent again within ``one_off_lease`` plus a few reads
+    (see the module docstring and docs/schedule-source.md).
 
     :param url: ``redis://`` or ``rediss://`` URL of any cluster node.
     :param name: name of this source; every key of it shares the hash tag
@@ -381,7 +387,7 @@ class ClusterListScheduleSource(ScheduleSource):
                         held_back += 1
                         continue
                     due_now[schedule_id] = due
-                if schedule.task_id is None:
+                if _HAS_TASK_ID and schedule.task_id is None:
                     schedule = schedule.model_copy(
                         update={"task_id": self._firing_task_id(schedule_id, due)}
                     )

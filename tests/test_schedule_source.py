@@ -511,15 +511,18 @@ async def test_one_off_is_resent_within_the_lease_after_its_scheduler_died(
     assert len(broker.sent) == 2
 
 
+@pytest.mark.parametrize("read_early", [False, True], ids=["read-when-due", "read-ahead"])
 async def test_failed_kick_of_one_off_is_retried_by_the_same_scheduler(
-    make_source: Factory,
+    make_source: Factory, read_early: bool
 ) -> None:
     source = await make_source(one_off_lease=_LEASE)
-    await source.add_schedule(_task("remind", time=_now() - timedelta(seconds=1)))
+    due = _now() + timedelta(seconds=0.5 if read_early else -1)
+    await source.add_schedule(_task("remind", time=due))
     broker = _RecordingBroker()
     broker.fail_next = 2  # the broker is down for two attempts
     scheduler = _SteppedScheduler(source, broker)
-    await scheduler.read()
+    await scheduler.read()  # read-ahead: listed through lookahead, not due yet
+    await asyncio.sleep(max(0.0, (due - _now()).total_seconds()) + 0.05)
     await scheduler.tick()
     assert (broker.failures, broker.sent) == (1, [])
     assert await _stored_ids(source) == {"remind"}  # kept for the retry
