@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark our brokers against taskiq-redis's cluster brokers.
 
-A thin wrapper around ``taskiq-redis-cluster bench`` (the logic lives in
-``taskiq_redis_cluster._bench``)::
+Runs the ``bench`` package next to this file (scripts/bench/), from a
+checkout with the dev dependencies installed::
 
     python scripts/bench.py --quick --json /tmp/bench.json
     python scripts/bench.py                      # the full run (several minutes)
@@ -15,11 +15,15 @@ See docs/performance.md for what is measured and the targets.
 from __future__ import annotations
 
 import sys
-
-from taskiq_redis_cluster._cli import main
+from pathlib import Path
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    verbose = [a for a in args if a in ("-v", "--verbose")]
-    rest = [a for a in args if a not in ("-v", "--verbose")]
-    sys.exit(main([*verbose[:1], "bench", *rest]))
+    # Python already puts this directory first on sys.path when it runs this
+    # file; make it explicit for runners that do not (e.g. runpy.run_path).
+    # The package scripts/bench/ wins over this module for ``import bench``.
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from bench.cli import main
+
+    sys.exit(main())

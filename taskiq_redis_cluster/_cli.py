@@ -13,13 +13,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-#: Subcommand modules, in the order ``--help`` lists them.
+#: Subcommand modules, in the order ``--help`` lists them. The benchmark is a
+#: dev tool that needs dev dependencies: it lives in scripts/bench, not here.
 _COMMAND_MODULES = (
     "cluster",
     "plan",
     "exporter",
     "rebalance",
-    "bench",
     "chaos",
 )
 

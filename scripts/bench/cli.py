@@ -1,6 +1,6 @@
-"""``taskiq-redis-cluster bench``: our brokers against taskiq-redis's, side by side.
+"""``scripts/bench.py``: our brokers against taskiq-redis's, side by side.
 
-``bench [--quick] [--url URL] [--rounds N] [--scale F] [--brokers K,K] [--json FILE]``
+``bench.py [-v] [--quick] [--url URL] [--rounds N] [--scale F] [--brokers K,K] [--json FILE]``
     Starts a local 3-master, 3-replica cluster on free ports (or uses
     ``--url``), runs every figure for ClusterStreamBroker,
     ClusterListQueueBroker and taskiq-redis's RedisStreamClusterBroker and
@@ -9,7 +9,7 @@
 
     Exit status: 0 when the run completed (targets missed or not), 1 with
     ``--check-targets`` when a target was missed, 2 when the run failed.
-    ``scripts/bench.py`` is the same command.
+    ``python -m bench`` (from ``scripts/``) is the same command.
 """
 
 from __future__ import annotations
@@ -17,31 +17,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-from ._bench import BROKERS, BenchConfig, BenchError, format_report, run_bench
-from ._errors import ClusterError
+from taskiq_redis_cluster._errors import ClusterError
+
+from .harness import BROKERS, BenchConfig, BenchError, format_report, run_bench
 
 EXIT_OK = 0
 EXIT_MISSED = 1
 EXIT_ERROR = 2
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``bench`` command."""
-    parser = subparsers.add_parser(
-        "bench",
-        help="benchmark our brokers against taskiq-redis's cluster brokers",
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``scripts/bench.py``."""
+    parser = argparse.ArgumentParser(
+        prog="bench.py",
         description=(
             "Side-by-side benchmark of ClusterStreamBroker/ClusterListQueueBroker and "
             "taskiq-redis's RedisStreamClusterBroker/ListQueueClusterBroker on one cluster. "
             "Every figure is the median of --rounds rounds."
         ),
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each phase (debug)")
     parser.add_argument(
         "--quick", action="store_true", help="CI mode: fewer tasks and rounds (under 2 minutes)"
     )
@@ -66,7 +68,21 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--check-targets", action="store_true", help="exit 1 when a target was missed"
     )
-    parser.set_defaults(handler=_handle)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -74,7 +90,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _handle(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     try:
         cfg = BenchConfig.make(
             quick=args.quick,
@@ -84,14 +100,14 @@ def _handle(args: argparse.Namespace) -> int:
             brokers=[b.strip() for b in args.brokers.split(",") if b.strip()],
         )
     except ValueError as exc:
-        print(f"taskiq-redis-cluster bench: error: {exc}", file=sys.stderr)
+        print(f"bench.py: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         report = asyncio.run(run_bench(cfg))
     except (BenchError, ClusterError, OSError) as exc:
         text = " ".join(str(exc).split())
-        print(f"taskiq-redis-cluster bench: error: {text}", file=sys.stderr)
+        print(f"bench.py: error: {text}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,7 +1,8 @@
 """Side-by-side benchmark: our brokers against taskiq-redis's cluster brokers.
 
-Used by ``scripts/bench.py`` and ``taskiq-redis-cluster bench`` (the CLI only
-parses arguments and prints). One run measures, on one cluster and with
+Used by ``scripts/bench.py`` (:mod:`.cli` only parses arguments and prints).
+A dev tool: it needs taskiq-redis, a dev dependency, so it is not shipped in
+the wheel. One run measures, on one cluster and with
 unique queue names:
 
 * ``ours-stream`` (:class:`ClusterStreamBroker`) against
@@ -60,12 +61,13 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 
-from ._connection import connect, redact_url
-from ._errors import DevClusterError
-from ._keys import DEFAULT_PREFIX, ShardKeys
-from ._planner import QueueSpec, plan_queue
-from ._planstore import PlanStore
-from ._topology import Topology
+from taskiq_redis_cluster import ClusterListQueueBroker, ClusterStreamBroker
+from taskiq_redis_cluster._connection import connect, redact_url
+from taskiq_redis_cluster._errors import DevClusterError
+from taskiq_redis_cluster._keys import DEFAULT_PREFIX, ShardKeys
+from taskiq_redis_cluster._planner import QueueSpec, plan_queue
+from taskiq_redis_cluster._planstore import PlanStore
+from taskiq_redis_cluster._topology import Topology
 
 logger = logging.getLogger("taskiq_redis_cluster.bench")
 
@@ -81,6 +83,10 @@ LABELS = {
 PAIRS = {"stream": ("ours-stream", "theirs-stream"), "list": ("ours-list", "theirs-list")}
 
 APP_MODULE = "tqrc_bench_app"
+#: This package's import name and the directory it is imported from: the
+#: producer and worker processes import the harness from the same place.
+_PACKAGE = __name__.rpartition(".")[0]
+_IMPORT_ROOT = Path(__file__).resolve().parents[_PACKAGE.count(".") + 1]
 _ENV = "TQRC_BENCH_"
 _FLUSH_INTERVAL = 0.05
 _POLL = 0.02
@@ -96,7 +102,7 @@ file every 50 ms, so measuring costs no Redis commands.
 import asyncio
 import time
 
-from taskiq_redis_cluster._bench import Recorder, broker_from_env
+from {package}.harness import Recorder, broker_from_env
 
 broker = broker_from_env()
 recorder = Recorder.from_env(broker)
@@ -215,8 +221,6 @@ def broker_from_env() -> Any:
     block_ms = int(os.environ.get(_ENV + "XREAD_BLOCK_MS", "1000"))
     trim = float(os.environ.get(_ENV + "TRIM_INTERVAL", "0.5"))
     if kind == "ours-stream":
-        from ._stream import ClusterStreamBroker
-
         return ClusterStreamBroker(
             url,
             queue_name=queue,
@@ -225,8 +229,6 @@ def broker_from_env() -> Any:
             trim_interval=trim,
         )
     if kind == "ours-list":
-        from ._list import ClusterListQueueBroker
-
         return ClusterListQueueBroker(url, queue_name=queue)
     try:
         from taskiq_redis import ListQueueClusterBroker, RedisStreamClusterBroker
@@ -824,8 +826,6 @@ async def bench_scrape(
     XLEN per shard stream in one cluster pipeline), and is used for ``ms``
     when there is no exporter. ``source`` says which.
     """
-    from ._stream import ClusterStreamBroker
-
     names = [f"bench-{run_id}-scrape{i}" for i in range(queues)]
     streams: list[str] = []
     group = "taskiq"
@@ -912,7 +912,7 @@ class _Bench:
         self.run_id = uuid.uuid4().hex[:8]
         self.app_dir = work / "app"
         self.app_dir.mkdir(parents=True, exist_ok=True)
-        (self.app_dir / f"{APP_MODULE}.py").write_text(APP_SOURCE)
+        (self.app_dir / f"{APP_MODULE}.py").write_text(APP_SOURCE.replace("{package}", _PACKAGE))
         self.queues: list[str] = []
         # Seconds to let memory settle before it is read: Redis shrinks the
         # query buffers of clients idle for 2 s. Quick runs read sooner.
@@ -923,7 +923,7 @@ class _Bench:
     ) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self.app_dir), env.get("PYTHONPATH", "")) if p
+            p for p in (str(self.app_dir), str(_IMPORT_ROOT), env.get("PYTHONPATH", "")) if p
         )
         env.update(
             {
@@ -944,7 +944,7 @@ class _Bench:
         return env
 
     async def _producer(self, name: str, env: dict[str, str]) -> _Producer:
-        code = "from taskiq_redis_cluster._bench import producer_main; producer_main()"
+        code = f"from {_PACKAGE}.harness import producer_main; producer_main()"
         child = await self.procs.spawn(name, [sys.executable, "-c", code], env, pipes=True)
         producer = _Producer(child)
         await producer.read(timeout=60.0)  # "ready"
@@ -1413,7 +1413,7 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     :raises BenchError: a child process failed or a wait timed out.
     """
-    from .devcluster import DevCluster, find_free_base_port
+    from taskiq_redis_cluster.devcluster import DevCluster, find_free_base_port
 
     wall_start = time.time()
     load_start = _loadavg()
