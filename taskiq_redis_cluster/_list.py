@@ -33,7 +33,7 @@ from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 
 from ._autopipeline import AutoPipeline, CommandFailure, Unroutable
-from ._broker import ShardedBroker, Sink
+from ._broker import ShardedBroker, Sink, StopSignal
 from ._events import BrokerEvents
 from ._keys import ShardKeys
 from ._options import ListOptions, resolve_options
@@ -190,7 +190,7 @@ class ClusterListQueueBroker(ShardedBroker):
         return _as_bytes(popped[1]) if popped else None
 
     async def _read_shard(
-        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: asyncio.Event
+        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal
     ) -> None:
         keys = ShardKeys(self.options.prefix, shard.tag)
         reliable = self.options.reliable
@@ -231,9 +231,10 @@ class ClusterListQueueBroker(ShardedBroker):
             # Registered before the first await, so that whatever becomes of
             # the sink call, the message is either handed out or handed back.
             self._unhanded[id(item)] = (keys, shard.index, next(self._pops), item)
-            if getattr(stop, "closing", False):
-                # The listen is closing (the base's StopSignal): nobody will
-                # take this message from the buffer, so it goes straight back.
+            if stop.closing:
+                # The listen is closing: nobody will take this message from
+                # the buffer, so it goes straight back. (A shard that only
+                # left the plan still hands out what its reader popped.)
                 self._unread.append(item)
                 return
             await sink(item)
@@ -249,7 +250,8 @@ class ClusterListQueueBroker(ShardedBroker):
         popped first, so the next pop returns the first popped again and the
         shard's order is as before. Retried on transient errors; a failure
         after the retries loses the messages in the default mode (logged with
-        the count) and leaves them to heartbeat recovery in reliable mode.
+        the count); in reliable mode they stay in the processing list, which
+        ``shutdown()`` or heartbeat recovery moves back.
         """
         unread, self._unread = self._unread, []
         per_shard: dict[str, tuple[ShardKeys, int, list[tuple[int, bytes]]]] = {}
@@ -269,8 +271,9 @@ class ClusterListQueueBroker(ShardedBroker):
             except Exception as exc:
                 if self.options.reliable:
                     logger.warning(
-                        "Could not hand back %d unstarted messages of %s (%r); they return "
-                        "when this consumer's heartbeat expires", len(payloads), keys.list, exc,
+                        "Could not hand back %d unstarted messages of %s (%r); they go back "
+                        "at shutdown, or when this consumer's heartbeat expires",
+                        len(payloads), keys.list, exc,
                     )
                 else:
                     logger.error("Could not hand back %d unstarted messages of %s (%r); "
