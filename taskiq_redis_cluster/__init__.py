@@ -39,15 +39,18 @@ from ._errors import (
     TopologyError,
 )
 from ._events import BrokerEvents
-from ._exporter import MetricsServer, run_exporter, scrape_once, start_metrics_server
 from ._list import ClusterListQueueBroker
 from ._metrics import (
+    MetricsServer,
     PrometheusEvents,
     QueueCollector,
     QueueSnapshot,
     QueueStateReader,
     default_events,
     metrics_registry,
+    run_exporter,
+    scrape_once,
+    start_metrics_server,
 )
 from ._options import ListOptions, QueueOptions, StreamOptions
 from ._planner import QueueSpec, Shard, ShardPlan, balance, plan_queue, replan

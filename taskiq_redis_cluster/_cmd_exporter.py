@@ -24,8 +24,8 @@ from redis.exceptions import RedisError
 
 from ._connection import redact_url
 from ._errors import ClusterError
-from ._exporter import DEFAULT_EXPORTER_PORT, MetricsServer, run_exporter
 from ._keys import DEFAULT_PREFIX
+from ._metrics import DEFAULT_EXPORTER_PORT, MetricsServer, run_exporter
 
 EXIT_ERROR = 2
 

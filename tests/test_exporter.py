@@ -33,8 +33,15 @@ from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, InMemoryBroker
 
 from taskiq_redis_cluster import ClusterStreamBroker, PlanStore
-from taskiq_redis_cluster._exporter import MetricsServer, run_exporter, start_metrics_server
-from taskiq_redis_cluster._metrics import METRIC_PREFIX, METRICS, MULTIPROC_ENV, PrometheusEvents
+from taskiq_redis_cluster._metrics import (
+    METRIC_PREFIX,
+    METRICS,
+    MULTIPROC_ENV,
+    MetricsServer,
+    PrometheusEvents,
+    run_exporter,
+    start_metrics_server,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"

@@ -26,7 +26,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import RedisCluster
 
 from taskiq_redis_cluster import ClusterStreamBroker, PlanStore, ShardPlan
-from taskiq_redis_cluster._exporter import scrape_once
 from taskiq_redis_cluster._metrics import (
     METRIC_PREFIX,
     METRICS,
@@ -38,6 +37,7 @@ from taskiq_redis_cluster._metrics import (
     default_events,
     metrics_registry,
     reference_table,
+    scrape_once,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,8 +209,8 @@ def test_nothing_is_created_or_registered_at_import() -> None:
     code = textwrap.dedent(
         """
         from prometheus_client import REGISTRY
-        import taskiq_redis_cluster._metrics as m
-        import taskiq_redis_cluster._exporter
+        import taskiq_redis_cluster._metrics._reader as m
+        import taskiq_redis_cluster._metrics._exporter
         assert m._SHARED_METRICS._value is None and m._DEFAULT_EVENTS._value is None
         events = m.default_events()
         assert m.default_events() is events

@@ -30,9 +30,9 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import RedisCluster
 
-from ._connection import ConnectionOptions, connect, redact_url
-from ._keys import DEFAULT_PREFIX
-from ._metrics import (
+from .._connection import ConnectionOptions, connect, redact_url
+from .._keys import DEFAULT_PREFIX
+from ._reader import (
     QueueCollector,
     QueueStateReader,
     families_of,

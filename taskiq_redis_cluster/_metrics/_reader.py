@@ -43,13 +43,13 @@ from prometheus_client.registry import Collector
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
-from ._errors import PlanError
-from ._events import BrokerEvents
-from ._keys import DEFAULT_PREFIX, ShardKeys
-from ._planner import ShardPlan, balance
-from ._planstore import PlanStore
-from ._retry import error_kind
-from ._topology import Topology, read_topology
+from .._errors import PlanError
+from .._events import BrokerEvents
+from .._keys import DEFAULT_PREFIX, ShardKeys
+from .._planner import ShardPlan, balance
+from .._planstore import PlanStore
+from .._retry import error_kind
+from .._topology import Topology, read_topology
 
 logger = logging.getLogger("taskiq_redis_cluster.metrics")
 
