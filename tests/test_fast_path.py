@@ -158,8 +158,9 @@ async def short_timeout_client(cluster_url: str) -> AsyncIterator[RedisCluster]:
         await client.aclose()
 
 
+@pytest.mark.parametrize("wait_replicas", [0, 1])
 async def test_a_timeout_mid_batch_keeps_the_replies_that_arrived(
-    short_timeout_client: RedisCluster, unique_name: str
+    short_timeout_client: RedisCluster, unique_name: str, wait_replicas: int
 ) -> None:
     # One batch to one node: two XADDs, a BLPOP that blocks past the socket
     # timeout, one more XADD. The first two ran and their ids were read
@@ -167,12 +168,16 @@ async def test_a_timeout_mid_batch_keeps_the_replies_that_arrived(
     # caller would retry and enqueue them twice). Only the BLPOP and what
     # follows it got no reply.
     stream, empty = f"{{{unique_name}}}:s", f"{{{unique_name}}}:empty"
-    pipe = AutoPipeline(short_timeout_client)
+    pipe = AutoPipeline(short_timeout_client, wait_replicas=wait_replicas)
     first = pipe.submit(stream, "XADD", stream, "*", "n", "1")
     second = pipe.submit(stream, "XADD", stream, "*", "n", "2")
     blocked = pipe.submit(empty, "BLPOP", empty, 5)
     third = pipe.submit(stream, "XADD", stream, "*", "n", "3")
-    ids = [(await first).value, (await second).value]
+    replies = [await first, await second]
+    ids = [reply.value for reply in replies]
+    # WAIT, last in the batch, never answered: the replica count is unknown
+    # (None), which the stream broker reports as a ReplicationTimeoutError.
+    assert [reply.replicas for reply in replies] == [None, None]
     for future in (blocked, third):
         with pytest.raises(CommandFailure) as failed:
             await future
