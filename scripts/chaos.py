@@ -18,7 +18,7 @@ while a backlog waits), on the stream and the list broker::
 
     python scripts/chaos.py --scenario rolling-restart --broker ours --broker ours-list
 
-(about a minute per broker; ``--tasks 8000`` is the quick run CI does.)
+(about a minute per broker; ``--tasks 4000`` is the quick run CI does.)
 """
 
 from __future__ import annotations

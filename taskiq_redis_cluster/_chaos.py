@@ -586,11 +586,15 @@ async def produce(
     kick_timeout: float,
     *,
     record: list[Kick] | None = None,
+    stop_after: int | None = None,
+    stop: asyncio.Event | None = None,
 ) -> list[Kick]:
     """Kick ``ids`` at a fixed ``rate``; each kick runs concurrently and is bounded.
 
     ``record``, if given, receives each kick as it finishes (progress for
-    a scenario that looks at the backlog while the producer runs).
+    a scenario that looks at the backlog while the producer runs). With
+    ``stop_after``, kicking ends after that many ids once ``stop`` is set
+    (at once without ``stop``); the rest of ``ids`` is an upper bound.
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -601,6 +605,8 @@ async def produce(
             record.append(task.result())
 
     for i, task_id in enumerate(ids):
+        if stop_after is not None and i >= stop_after and (stop is None or stop.is_set()):
+            break
         delay = start + i / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -807,6 +813,9 @@ class Scenario:
     :param defaults: values for the :class:`ChaosConfig` fields the user
         left at their default (``ChaosConfig.defaulted``).
     :param no_dead_letters: a dead-lettered entry is a failure.
+    :param kick_through_fault: the producer does not stop after ``tasks``
+        kicks while the fault lasts (up to ``_KICK_CAP`` times as many), so
+        a slow fault still meets a backlog.
     """
 
     name: str
@@ -823,6 +832,7 @@ class Scenario:
     brokers: tuple[str, ...] = STREAM_BROKERS
     defaults: Mapping[str, Any] = field(default_factory=dict)
     no_dead_letters: bool = False
+    kick_through_fault: bool = False
 
     def configure(self, config: ChaosConfig) -> ChaosConfig:
         """``config`` with this scenario's defaults and overrides applied."""
@@ -951,6 +961,10 @@ async def _majority_down(ctx: ScenarioContext) -> None:
             await ctx.cluster.resume_node(v)
     ctx.recovered(f"SIGCONT {ports}")
 
+
+#: A scenario that kicks through its fault kicks at most this many times
+#: ``tasks``.
+_KICK_CAP = 6
 
 #: Seconds a SIGTERMed worker may take to stop: taskiq waits for its
 #: in-flight tasks (no limit by default; ours last at most a few seconds),
@@ -1197,6 +1211,7 @@ SCENARIOS: dict[str, Scenario] = {
             _rolling_restart,
             brokers=BROKERS,
             no_dead_letters=True,
+            kick_through_fault=True,
             min_kick_window=0.0,
             # A deployment's settings, not the fault scenarios' short ones:
             # taskiq's default worker options (100 concurrent tasks, no limit
@@ -1204,8 +1219,9 @@ SCENARIOS: dict[str, Scenario] = {
             # time, so that a task a stopping worker failed to hand back
             # stays pending past the end and counts as lost instead of being
             # reclaimed a few seconds later. The producer outruns the
-            # workers (3 x 100 slots / 0.35 s mean = at most ~860 tasks/s),
-            # so a backlog remains through all three restarts.
+            # workers (3 x 100 slots / 0.35 s mean = at most ~860 tasks/s)
+            # and kicks until the last replacement is up, so a backlog
+            # remains through all three restarts however long they take.
             defaults={
                 "tasks": 15_000,
                 "rate": 1_000.0,
@@ -1289,9 +1305,10 @@ def skip_reason(scenario: Scenario, config: ChaosConfig) -> str | None:
     return None
 
 
-def scenario_bound(config: ChaosConfig) -> float:
+def scenario_bound(config: ChaosConfig, scenario: Scenario | None = None) -> float:
     """Upper bound in seconds of one scenario, setup and teardown included."""
-    return 120.0 + config.kick_window + config.kick_timeout + config.effective_drain_timeout + 300.0
+    kicking = config.kick_window * (_KICK_CAP if scenario and scenario.kick_through_fault else 1)
+    return 120.0 + kicking + config.kick_timeout + config.effective_drain_timeout + 300.0
 
 
 # --------------------------------------------------------------------------
@@ -1309,7 +1326,7 @@ async def run_scenario(
         config.broker,
         config.wait_replicas,
         rate=round(config.rate, 1),
-        bound_s=scenario_bound(config),
+        bound_s=scenario_bound(config, scenario),
         settings=_settings(config),
     )
     reason = skip_reason(scenario, config)
@@ -1378,10 +1395,14 @@ async def _run_body(
         indexes = [pool.start() for _ in range(config.workers)]
         await pool.wait_ready(indexes, 90)
         monitor = asyncio.ensure_future(_monitor(pool))
-        ids = [f"{scenario.name}-{i:06d}" for i in range(config.tasks)]
-        kicks_task = asyncio.ensure_future(
-            produce(producer, ids, config.rate, config.kick_timeout, record=ctx.kicks)
-        )
+        fault_over = asyncio.Event()
+        count = config.tasks * (_KICK_CAP if scenario.kick_through_fault else 1)
+        ids = [f"{scenario.name}-{i:06d}" for i in range(count)]
+        kicking = produce(
+            producer, ids, config.rate, config.kick_timeout,
+            record=ctx.kicks, stop_after=config.tasks, stop=fault_over,
+        )  # fmt: skip
+        kicks_task = asyncio.ensure_future(kicking)
         try:
             await asyncio.sleep(config.fault_at)
             try:
@@ -1389,6 +1410,8 @@ async def _run_body(
             except Exception as exc:
                 logger.exception("Fault injection of %s failed", scenario.name)
                 ctx.violations.append(f"fault injection failed: {_short_error(exc)}")
+            finally:
+                fault_over.set()
             kicks = await kicks_task
         finally:
             if not kicks_task.done():

@@ -7,8 +7,9 @@ JSON. Exit code 0 when every scenario that ran met its acceptance checks,
 1 otherwise, 2 on bad arguments. ``scripts/chaos.py`` is the same command.
 
 An option left out takes the scenario's own default where it has one
-(rolling-restart: 15000 tasks at 1000/s, 3 workers, tasks of 0.2-0.5 s,
-idle_timeout 600 s), else the value shown in its help.
+(rolling-restart: 15000 tasks at 1000/s, and more while the restarts
+last; 3 workers, tasks of 0.2-0.5 s, idle_timeout 600 s), else the value
+shown in its help.
 """
 
 from __future__ import annotations

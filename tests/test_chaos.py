@@ -54,10 +54,10 @@ CI_CONFIG = ChaosConfig(
 )
 
 
-#: Quick rolling restart: fewer tasks than the full run (15000), still enough
-#: that a backlog outlasts the third SIGTERM (workers finish at most ~860/s,
-#: the restarts take ~3 s each here). About 25 s per broker on 2 cores.
-ROLLING_QUICK = {"tasks": 8000, "fault_after": 1.0, "drain_stall": 10.0}
+#: Quick rolling restart: at least 4000 tasks (the full run: 15000) at
+#: 1000/s, more while the restarts last (the producer kicks until the last
+#: replacement is up). About 25-35 s per broker on 2 cores.
+ROLLING_QUICK = {"tasks": 4000, "fault_after": 1.0, "drain_stall": 10.0}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -242,7 +242,8 @@ async def test_rolling_restart_loses_nothing(
     print(format_table([result]))
     print("\n".join(result.notes))
     assert result.status != "error", result.reason
-    assert result.kicked == ROLLING_QUICK["tasks"]
+    assert ROLLING_QUICK["tasks"] <= result.kicked <= 6 * ROLLING_QUICK["tasks"]
+    assert result.acked == result.kicked, result.kick_errors
     assert result.settings["workers"] == 3
     assert result.settings["worker_args"] == ()  # taskiq's default: 100 concurrent tasks
     # Each of the three got SIGTERM with a backlog and was restarted (no
