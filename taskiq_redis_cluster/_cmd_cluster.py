@@ -16,7 +16,8 @@ from typing import Any
 
 from ._connection import redact_url
 from ._errors import ClusterError, DevClusterError
-from .devcluster import STATE_FILE, DevCluster, TLSConfig, format_slots, stop_directory
+from .testing import DevCluster, TLSConfig, format_slots, stop_directory
+from .testing._model import STATE_FILE
 
 _DEFAULT_DIR = ".taskiq-redis-cluster"
 

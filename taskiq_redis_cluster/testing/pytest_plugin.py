@@ -1,13 +1,17 @@
 """pytest fixtures backed by a real local Redis Cluster.
 
-Loaded automatically through the ``pytest11`` entry point. The fixtures need
-``pytest-asyncio``; without it the plugin only registers the ``cluster``
-marker, so installing this package never breaks an unrelated pytest run.
+Opt-in: a project loads it from its top-level ``conftest.py`` with
+``pytest_plugins = ["taskiq_redis_cluster.testing.pytest_plugin"]``, or with
+``-p taskiq_redis_cluster.testing.pytest_plugin``. It is not registered as a
+``pytest11`` entry point, because installing a library must not put generic
+fixture names (``redis_cluster``, ``unique_name``) into every pytest run. The
+fixtures need ``pytest-asyncio``; without it the plugin only registers the
+``cluster`` marker.
 
 Fixtures:
 
 ``redis_cluster`` (session)
-    A started :class:`~taskiq_redis_cluster.devcluster.DevCluster`: 3 masters,
+    A started :class:`~taskiq_redis_cluster.testing.DevCluster`: 3 masters,
     3 replicas, 1500 ms node timeout, nodes under a pytest tmp directory. The
     base port comes from ``TQRC_TEST_BASE_PORT`` or a random free range. The
     nodes are always stopped at the end of the session, also after failures
@@ -38,8 +42,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import RedisCluster
 
-from ._connection import connect
-from .devcluster import DevCluster, throwaway_cluster
+from .._connection import connect
+from ._cluster import DevCluster, throwaway_cluster
 
 try:
     import pytest_asyncio
