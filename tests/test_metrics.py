@@ -7,6 +7,7 @@ multiprocess test runs a real ``taskiq worker --workers 2``.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import re
@@ -209,7 +210,7 @@ def test_nothing_is_created_or_registered_at_import() -> None:
     code = textwrap.dedent(
         """
         from prometheus_client import REGISTRY
-        import taskiq_redis_cluster._metrics._reader as m
+        import taskiq_redis_cluster._metrics._events as m
         import taskiq_redis_cluster._metrics._exporter
         assert m._SHARED_METRICS._value is None and m._DEFAULT_EVENTS._value is None
         events = m.default_events()
@@ -232,6 +233,90 @@ def test_nothing_is_created_or_registered_at_import() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------
+# the layers of the _metrics/ folder
+# --------------------------------------------------------------------------
+
+PACKAGE = ROOT / "taskiq_redis_cluster"
+#: The modules of _metrics/, lowest first; each may import only those before it.
+METRICS_LAYERS = ("_specs", "_events", "_reader", "_collector", "_exporter")
+#: Module (or folder) names that hold brokers, which metrics must not depend on.
+BROKER_MODULES = frozenset({"_broker", "_brokers", "_stream", "_list", "_pubsub"})
+
+
+def _module_file(parts: tuple[str, ...]) -> Path | None:
+    """The file of a module of the package named by its parts under the package."""
+    for path in (
+        PACKAGE.joinpath(*parts).with_suffix(".py"),
+        PACKAGE.joinpath(*parts, "__init__.py"),
+    ):
+        if parts and path.is_file():
+            return path
+    return None
+
+
+def _package_imports(path: Path) -> set[tuple[str, ...]]:
+    """The package's own modules that ``path`` imports, as parts under the package."""
+    folder = path.relative_to(PACKAGE).parts[:-1]
+    found: set[tuple[str, ...]] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        elif isinstance(node, ast.ImportFrom):
+            base = folder[: len(folder) - node.level + 1]
+            if node.module:
+                found.add((*base, *node.module.split(".")))
+            for alias in node.names if not node.module else ():
+                # `from . import x`: the submodule x, or a name of the folder's __init__.
+                found.add((*base, alias.name) if _module_file((*base, alias.name)) else base)
+            continue
+        else:
+            continue
+        prefix = "taskiq_redis_cluster."
+        found.update(tuple(n[len(prefix) :].split(".")) for n in names if n.startswith(prefix))
+    return found
+
+
+def test_metrics_modules_import_downward_only() -> None:
+    folder = PACKAGE / "_metrics"
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    assert modules == set(METRICS_LAYERS)  # a new module must take its place in the layers
+    for rank, name in enumerate(METRICS_LAYERS):
+        siblings = {
+            # Importing the folder itself would run its __init__, which imports every layer.
+            parts[1] if len(parts) > 1 else "__init__"
+            for parts in _package_imports(folder / f"{name}.py")
+            if parts[:1] == ("_metrics",)
+        }
+        assert siblings <= set(METRICS_LAYERS[:rank]), (name, siblings)
+
+
+def test_metrics_reach_no_broker_module() -> None:
+    start = ("_metrics",)
+    parent: dict[tuple[str, ...], tuple[str, ...]] = {start: ()}
+    todo = [start]
+    while todo:
+        module = todo.pop()
+        path = _module_file(module)
+        imported = _package_imports(path) if path else set()
+        # Importing a submodule runs its folders' __init__ too; not the root's,
+        # which imports everything and is no layer's dependency.
+        reached = {parts[:i] for parts in imported for i in range(1, len(parts) + 1)}
+        for parts in reached - parent.keys():
+            parent[parts] = module
+            todo.append(parts)
+    chains = []
+    for module in parent:
+        if BROKER_MODULES & set(module):
+            chain = [module]
+            while parent[chain[-1]]:
+                chain.append(parent[chain[-1]])
+            chains.append(" <- ".join(".".join(parts) for parts in chain))
+    assert not chains, chains
 
 
 def test_metrics_registry_reads_the_multiprocess_dir(

@@ -3,7 +3,7 @@
 * :func:`run_exporter`: the standalone exporter behind ``taskiq-redis-cluster
   exporter``. It owns an asyncio loop (the caller's) with one cluster
   client; prometheus_client's HTTP threads hand each scrape to that loop
-  (see :class:`~taskiq_redis_cluster._metrics.QueueCollector`). With
+  (see :class:`~taskiq_redis_cluster._metrics._collector.QueueCollector`). With
   ``PROMETHEUS_MULTIPROC_DIR`` set it also serves the broker counters that
   worker processes on the same host wrote there.
 * :func:`start_metrics_server`: for use inside a worker process (for example
@@ -32,13 +32,9 @@ from redis.asyncio import RedisCluster
 
 from .._connection import ConnectionOptions, connect, redact_url
 from .._keys import DEFAULT_PREFIX
-from ._reader import (
-    QueueCollector,
-    QueueStateReader,
-    families_of,
-    metrics_registry,
-    multiprocess_dir,
-)
+from ._collector import QueueCollector, families_of
+from ._events import metrics_registry, multiprocess_dir
+from ._reader import QueueStateReader
 
 logger = logging.getLogger("taskiq_redis_cluster.exporter")
 

@@ -1,580 +1,38 @@
-"""Prometheus metrics: queue state read at scrape time, and broker counters.
+"""The queue state, read from the cluster once per scrape (asyncio).
 
-Two independent parts, both declared in :data:`METRICS` (the single source
-of truth that ``docs/metrics.md`` is checked against):
-
-* :class:`QueueStateReader` and :class:`QueueCollector` read the state of
-  every shard stream when Prometheus scrapes: length, lag, pending entries,
-  the idle time of the oldest pending entry, consumers, plan epoch and how
-  the shards sit on the masters. Nothing is cached between scrapes.
-  prometheus_client calls ``collect()`` synchronously from an HTTP thread
-  while our client is asyncio, so the collector submits the read to the
-  exporter's event loop (``asyncio.run_coroutine_threadsafe``) and waits a
-  bounded time; on a timeout or an error it reports what it could read and
-  counts ``taskiq_redis_cluster_scrape_errors_total{reason}``.
-* :class:`PrometheusEvents` is the :class:`~taskiq_redis_cluster._events.BrokerEvents`
-  implementation: published/acked/reclaimed/... counters, plus the
-  rebalancer's metrics. In ``taskiq worker --workers N`` each worker is a
-  process, so the counters use prometheus_client's multiprocess mode when
-  ``PROMETHEUS_MULTIPROC_DIR`` is set (see docs/metrics.md).
-
-No metric is registered on prometheus_client's global ``REGISTRY`` and
-nothing is created at import time.
+:class:`QueueStateReader` reads every shard stream of the planned queues:
+length, lag, pending entries, the idle time of the oldest pending entry,
+consumers, plan epoch and how the shards sit on the masters. One read gives
+a :class:`QueueSnapshot`; nothing is cached between scrapes. A failed part
+is reported as a reason in the snapshot, never raised, so that a scrape
+always answers with what could be read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
-import threading
 import time
 from collections import Counter as _Tally
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
+from prometheus_client.core import Metric
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from .._errors import PlanError
-from .._events import BrokerEvents
 from .._keys import DEFAULT_PREFIX, ShardKeys
 from .._planner import ShardPlan, balance
 from .._planstore import PlanStore
 from .._retry import error_kind
 from .._topology import Topology, read_topology
+from ._specs import METRIC_PREFIX, METRICS, SPECS_BY_NAME, empty_family
 
 logger = logging.getLogger("taskiq_redis_cluster.metrics")
 
-#: Prefix of every metric name.
-METRIC_PREFIX = "taskiq_redis_cluster_"
-
-#: Environment variable of prometheus_client's multiprocess mode.
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-Kind = Literal["counter", "gauge", "histogram"]
-Source = Literal["exporter", "broker", "rebalancer"]
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """Declaration of one metric: what the code exposes and the docs list.
-
-    :param name: exposed name; counters end in ``_total``.
-    :param kind: ``counter``, ``gauge`` or ``histogram``.
-    :param labels: label names, in order.
-    :param help: one-line meaning (also the HELP text).
-    :param source: ``exporter`` (read at scrape time by :class:`QueueCollector`),
-        ``broker`` or ``rebalancer`` (counted by :class:`PrometheusEvents`).
-    :param merge: exporter gauges only: how two samples with the same labels
-        combine (``sum`` or ``max``); happens when two draining shards share an index.
-    :param multiprocess_mode: gauges of :class:`PrometheusEvents` only.
-    :param optional: only exposed when an option turns it on.
-    """
-
-    name: str
-    kind: Kind
-    labels: tuple[str, ...]
-    help: str
-    source: Source
-    merge: Literal["sum", "max"] = "sum"
-    multiprocess_mode: str = ""
-    optional: bool = False
-
-    @property
-    def family(self) -> str:
-        """Family name as prometheus_client's parser returns it (no ``_total``)."""
-        if self.kind == "counter" and self.name.endswith("_total"):
-            return self.name[: -len("_total")]
-        return self.name
-
-
-_STREAM = ("queue", "shard", "state")
-_GROUP = ("queue", "shard", "state", "group")
 _P = METRIC_PREFIX
-
-#: Every metric of the package. docs/metrics.md is tested against this.
-METRICS: tuple[MetricSpec, ...] = (
-    # ------------------------------------------------ exporter: per shard stream
-    MetricSpec(
-        f"{_P}stream_length", "gauge", _STREAM, "Entries in the shard stream (XLEN).", "exporter"
-    ),
-    MetricSpec(
-        f"{_P}stream_entries_added_total",
-        "counter",
-        _STREAM,
-        "Entries ever added to the shard stream (XINFO STREAM entries-added).",
-        "exporter",
-    ),
-    MetricSpec(
-        f"{_P}dead_letter_length",
-        "gauge",
-        _STREAM,
-        "Entries in the shard's dead-letter stream (XLEN).",
-        "exporter",
-    ),
-    # ------------------------------------------------ exporter: per shard and group
-    MetricSpec(
-        f"{_P}group_lag",
-        "gauge",
-        _GROUP,
-        "Entries not yet delivered to the group (XINFO GROUPS lag); "
-        "absent while Redis cannot tell (see group_lag_unknown).",
-        "exporter",
-    ),
-    MetricSpec(
-        f"{_P}group_lag_unknown",
-        "gauge",
-        _GROUP,
-        "1 when Redis reports the group's lag as null (after XDEL or trimming "
-        "past the group), else 0.",
-        "exporter",
-        merge="max",
-    ),
-    MetricSpec(
-        f"{_P}group_lag_seconds",
-        "gauge",
-        _GROUP,
-        "Age of the oldest entry not yet delivered to the group (now minus the "
-        "time in its id); 0 when every entry was delivered.",
-        "exporter",
-        merge="max",
-    ),
-    MetricSpec(
-        f"{_P}group_pending",
-        "gauge",
-        _GROUP,
-        "Delivered but unacknowledged entries (XPENDING count).",
-        "exporter",
-    ),
-    MetricSpec(
-        f"{_P}group_oldest_pending_idle_seconds",
-        "gauge",
-        _GROUP,
-        "Idle time of the oldest (smallest id) pending entry: time since it was "
-        "last delivered or claimed; 0 when nothing is pending.",
-        "exporter",
-        merge="max",
-    ),
-    MetricSpec(
-        f"{_P}group_oldest_pending_deliveries",
-        "gauge",
-        _GROUP,
-        "Delivery count of the oldest pending entry; 0 when nothing is pending.",
-        "exporter",
-        merge="max",
-    ),
-    MetricSpec(
-        f"{_P}group_consumers",
-        "gauge",
-        _GROUP,
-        "Consumers known to the group (XINFO GROUPS consumers).",
-        "exporter",
-        merge="max",
-    ),
-    MetricSpec(
-        f"{_P}group_undelivered_trimmed",
-        "gauge",
-        _GROUP,
-        "1 when entries the group had not yet received were trimmed or deleted "
-        "(lost tasks), else 0.",
-        "exporter",
-        merge="max",
-    ),
-    MetricSpec(
-        f"{_P}consumer_pending",
-        "gauge",
-        (*_GROUP, "consumer"),
-        "Pending entries per consumer (only with per-consumer metrics on).",
-        "exporter",
-        optional=True,
-    ),
-    MetricSpec(
-        f"{_P}consumer_idle_seconds",
-        "gauge",
-        (*_GROUP, "consumer"),
-        "Seconds since the consumer's last attempted read (only with per-consumer metrics on).",
-        "exporter",
-        merge="max",
-        optional=True,
-    ),
-    # ------------------------------------------------ exporter: plans and masters
-    MetricSpec(
-        f"{_P}plan_epoch", "gauge", ("queue",), "Epoch of the queue's stored plan.", "exporter"
-    ),
-    MetricSpec(
-        f"{_P}plan_shards",
-        "gauge",
-        ("queue", "state"),
-        "Shards in the plan: active, or draining after a move.",
-        "exporter",
-    ),
-    MetricSpec(
-        f"{_P}plan_imbalance",
-        "gauge",
-        ("queue",),
-        "Most active shards on one slot-serving master divided by the mean (1.0 is even).",
-        "exporter",
-    ),
-    MetricSpec(
-        f"{_P}plan_misplaced_shards",
-        "gauge",
-        ("queue",),
-        "Active shards whose slot is now served by another master than planned.",
-        "exporter",
-    ),
-    MetricSpec(
-        f"{_P}plan_orphaned_shards",
-        "gauge",
-        ("queue",),
-        "Active shards whose slot no master serves.",
-        "exporter",
-    ),
-    MetricSpec(
-        f"{_P}master_shards",
-        "gauge",
-        ("queue", "master", "state"),
-        "Shards whose slot the master (host:port) serves now.",
-        "exporter",
-    ),
-    MetricSpec(
-        f"{_P}master_up",
-        "gauge",
-        ("master",),
-        "1 when the master (host:port) is healthy in the cluster's view, else 0.",
-        "exporter",
-        merge="max",
-    ),
-    MetricSpec(
-        f"{_P}scrape_duration_seconds",
-        "gauge",
-        (),
-        "Seconds the last queue-state read took.",
-        "exporter",
-    ),
-    MetricSpec(
-        f"{_P}scrape_errors_total",
-        "counter",
-        ("reason",),
-        "Queue-state reads that failed in part, by reason (timeout, topology, "
-        "plan, no_plan, or a Redis error kind).",
-        "exporter",
-    ),
-    # ------------------------------------------------ broker counters
-    MetricSpec(f"{_P}published_total", "counter", ("queue",), "Tasks enqueued.", "broker"),
-    MetricSpec(
-        f"{_P}publish_errors_total",
-        "counter",
-        ("queue", "reason"),
-        "Kicks that failed, by error kind.",
-        "broker",
-    ),
-    MetricSpec(f"{_P}acked_total", "counter", ("queue",), "Deliveries acknowledged.", "broker"),
-    MetricSpec(
-        f"{_P}reclaimed_total",
-        "counter",
-        ("queue",),
-        "Entries of crashed or stuck consumers taken over (XAUTOCLAIM).",
-        "broker",
-    ),
-    MetricSpec(
-        f"{_P}dead_lettered_total",
-        "counter",
-        ("queue", "reason"),
-        "Entries moved to the dead-letter stream (max_deliveries, unknown_task, "
-        "malformed, deleted, other).",
-        "broker",
-    ),
-    MetricSpec(
-        f"{_P}nogroup_recoveries_total",
-        "counter",
-        ("queue",),
-        "Lost consumer groups recreated at id 0 (NOGROUP/UNBLOCKED).",
-        "broker",
-    ),
-    MetricSpec(
-        f"{_P}retries_total",
-        "counter",
-        ("kind",),
-        "Redis operations retried or redirected, by error kind.",
-        "broker",
-    ),
-    # ------------------------------------------------ rebalancer
-    MetricSpec(
-        f"{_P}rebalance_moves_total",
-        "counter",
-        ("queue", "result"),
-        "Shard moves of the rebalancer, by result (done, reverted, skipped).",
-        "rebalancer",
-    ),
-    MetricSpec(
-        f"{_P}rebalance_duration_seconds",
-        "histogram",
-        (),
-        "Duration of rebalance runs (one apply() over its queues).",
-        "rebalancer",
-    ),
-    MetricSpec(
-        f"{_P}rebalance_in_progress",
-        "gauge",
-        (),
-        "1 while a rebalance runs in some process, else 0.",
-        "rebalancer",
-        multiprocess_mode="livemax",
-    ),
-    MetricSpec(
-        f"{_P}last_successful_rebalance_timestamp_seconds",
-        "gauge",
-        ("queue",),
-        "Unix time a rebalance of the queue last completed (balanced, or moves done).",
-        "rebalancer",
-        multiprocess_mode="max",
-    ),
-)
-
-SPECS_BY_NAME: Mapping[str, MetricSpec] = {spec.name: spec for spec in METRICS}
-
-#: Buckets of the rebalance duration histogram, in seconds.
-REBALANCE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
-
-
-def reference_table() -> str:
-    """The Markdown reference table of :data:`METRICS` (kept in docs/metrics.md)."""
-    rows = ["| Name | Type | Labels | Source | Meaning |", "|---|---|---|---|---|"]
-    for spec in METRICS:
-        labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"
-        rows.append(f"| `{spec.name}` | {spec.kind} | {labels} | {spec.source} | {spec.help} |")
-    return "\n".join(rows)
-
-
-# ==========================================================================
-# Broker and rebalancer counters
-# ==========================================================================
-
-_LABEL_VALUE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-
-
-def _label(value: str) -> str:
-    """A short, fixed-vocabulary label value (guards label cardinality)."""
-    text = value.strip().lower().replace(" ", "_").replace("-", "_")
-    return text if _LABEL_VALUE.match(text) else "other"
-
-
-def dead_letter_reason(reason: str) -> str:
-    """Map a broker's free-text dead-letter reason to a small fixed label set.
-
-    The broker's reasons contain task names and numbers; as labels they would
-    create a series per task name.
-    """
-    text = reason.strip().lower()
-    if text.startswith("max deliveries"):
-        return "max_deliveries"
-    if text.startswith("unknown task"):
-        return "unknown_task"
-    if text.startswith(("not a taskiq message", "missing 'data'", "missing")):
-        return "malformed"
-    if text.startswith("entry deleted"):
-        return "deleted"
-    return "other"
-
-
-class _BrokerMetrics:
-    """The metric objects of :class:`PrometheusEvents`, built from :data:`METRICS`."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.published = self._counter("published_total")
-        self.publish_errors = self._counter("publish_errors_total")
-        self.acked = self._counter("acked_total")
-        self.reclaimed = self._counter("reclaimed_total")
-        self.dead_lettered = self._counter("dead_lettered_total")
-        self.nogroup_recoveries = self._counter("nogroup_recoveries_total")
-        self.retries = self._counter("retries_total")
-        self.rebalance_moves = self._counter("rebalance_moves_total")
-        spec = SPECS_BY_NAME[METRIC_PREFIX + "rebalance_duration_seconds"]
-        self.rebalance_duration = Histogram(
-            spec.name, spec.help, spec.labels, registry=registry, buckets=REBALANCE_BUCKETS
-        )
-        self.rebalance_in_progress = self._gauge("rebalance_in_progress")
-        self.last_rebalance = self._gauge("last_successful_rebalance_timestamp_seconds")
-
-    def _counter(self, short: str) -> Counter:
-        spec = SPECS_BY_NAME[METRIC_PREFIX + short]
-        assert spec.kind == "counter", spec.name
-        assert spec.source != "exporter", spec.name
-        return Counter(spec.name, spec.help, spec.labels, registry=self.registry)
-
-    def _gauge(self, short: str) -> Gauge:
-        spec = SPECS_BY_NAME[METRIC_PREFIX + short]
-        assert spec.kind == "gauge", spec.name
-        assert spec.source != "exporter", spec.name
-        return Gauge(
-            spec.name,
-            spec.help,
-            spec.labels,
-            registry=self.registry,
-            multiprocess_mode=spec.multiprocess_mode or "all",  # type: ignore[arg-type]
-        )
-
-
-class _Lazy:
-    """A value built on first use, once per process, thread-safely."""
-
-    def __init__(self, factory: Callable[[], Any]) -> None:
-        self._factory = factory
-        self._value: Any = None
-        self._lock = threading.Lock()
-
-    def get(self) -> Any:
-        value = self._value
-        if value is None:
-            with self._lock:
-                if self._value is None:
-                    self._value = self._factory()
-                value = self._value
-        return value
-
-
-# Built on first use, never at import: the metric objects behind every
-# PrometheusEvents() without a registry. One set per process matters in
-# multiprocess mode, where two objects for the same series would overwrite
-# each other's value in the shared mmap file.
-_SHARED_METRICS = _Lazy(lambda: _BrokerMetrics(CollectorRegistry()))
-
-
-class PrometheusEvents(BrokerEvents):
-    """Counts broker and rebalancer events as Prometheus metrics.
-
-    Pass it to a broker: ``ClusterStreamBroker(url, events=PrometheusEvents())``.
-
-    :param registry: where to register the metrics. ``None`` (the default)
-        uses one private registry per process, shared by every
-        ``PrometheusEvents()`` of the process (never prometheus_client's
-        global ``REGISTRY``); serve it with :func:`metrics_registry` and
-        :func:`~taskiq_redis_cluster._exporter.start_metrics_server`. Pass
-        your own registry to keep separate counts (tests, embedding); in
-        multiprocess mode use at most one such instance per process.
-
-    With ``PROMETHEUS_MULTIPROC_DIR`` set before the process starts (before
-    prometheus_client is first imported), values go to per-process files
-    in that directory and :func:`metrics_registry` sums them over every
-    worker process.
-    """
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        if registry is None:
-            self._m: _BrokerMetrics = _SHARED_METRICS.get()
-        else:
-            self._m = _BrokerMetrics(registry)
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        """The registry holding this instance's metrics (this process only)."""
-        return self._m.registry
-
-    # ------------------------------------------------------------ broker
-    def published(self, queue: str, shard: int, count: int = 1) -> None:
-        self._m.published.labels(queue).inc(count)
-
-    def publish_error(self, queue: str, reason: str) -> None:
-        self._m.publish_errors.labels(queue, _label(reason)).inc()
-
-    def acked(self, queue: str, shard: int, count: int = 1) -> None:
-        self._m.acked.labels(queue).inc(count)
-
-    def reclaimed(self, queue: str, shard: int, count: int = 1) -> None:
-        self._m.reclaimed.labels(queue).inc(count)
-
-    def dead_lettered(self, queue: str, shard: int, reason: str) -> None:
-        self._m.dead_lettered.labels(queue, dead_letter_reason(reason)).inc()
-
-    def nogroup_recovered(self, queue: str, shard: int) -> None:
-        self._m.nogroup_recoveries.labels(queue).inc()
-
-    def retried(self, kind: str) -> None:
-        self._m.retries.labels(_label(kind)).inc()
-
-    # -------------------------------------------------------- rebalancer
-    def rebalance_moved(self, queue: str, result: str, count: int = 1) -> None:
-        """``count`` shard moves of ``queue`` ended with ``result`` (``done``, ...)."""
-        self._m.rebalance_moves.labels(queue, _label(result)).inc(count)
-
-    def rebalance_queue_done(self, queue: str) -> None:
-        """A rebalance of ``queue`` completed: it is balanced or its moves are done."""
-        self._m.last_rebalance.labels(queue).set(time.time())
-
-    def rebalance_event(self, event: Any) -> None:
-        """``on_event`` callback for ``Rebalancer``: counts moves and completed queues.
-
-        Example::
-
-            events = default_events()
-            rebalancer = Rebalancer(client, on_event=events.rebalance_event)
-            with events.track_rebalance():
-                await rebalancer.apply()
-        """
-        kind = str(getattr(event.kind, "value", event.kind))
-        result = _MOVE_RESULTS.get(kind)
-        if result is not None:
-            self.rebalance_moved(event.queue, result)
-        elif kind == "queue_done":
-            self.rebalance_queue_done(event.queue)
-
-    @contextmanager
-    def track_rebalance(self) -> Iterator[None]:
-        """Around one rebalance run: the in-progress gauge and the duration."""
-        start = time.monotonic()
-        self._m.rebalance_in_progress.set(1)
-        try:
-            yield
-        finally:
-            self._m.rebalance_in_progress.set(0)
-            self._m.rebalance_duration.observe(max(0.0, time.monotonic() - start))
-
-
-#: Rebalancer event kinds that end a move, and their ``result`` label.
-_MOVE_RESULTS = {"finalized": "done", "reverted": "reverted", "skipped": "skipped"}
-
-_DEFAULT_EVENTS = _Lazy(PrometheusEvents)
-
-
-def default_events() -> PrometheusEvents:
-    """The process-wide :class:`PrometheusEvents`, created on first call."""
-    events: PrometheusEvents = _DEFAULT_EVENTS.get()
-    return events
-
-
-def multiprocess_dir() -> str | None:
-    """``PROMETHEUS_MULTIPROC_DIR`` if set and non-empty, else ``None``."""
-    return os.environ.get(MULTIPROC_ENV) or None
-
-
-def metrics_registry(events: PrometheusEvents | None = None) -> CollectorRegistry:
-    """The registry to serve broker counters from.
-
-    With ``PROMETHEUS_MULTIPROC_DIR`` set: a new registry whose
-    ``MultiProcessCollector`` sums the files of every process (every worker
-    of ``taskiq worker --workers N``). Otherwise: the registry of ``events``
-    (default: :func:`default_events`).
-    """
-    path = multiprocess_dir()
-    if path is not None:
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-        return registry
-    return (events or default_events()).registry
-
-
-# ==========================================================================
-# Queue state read at scrape time
-# ==========================================================================
 
 _K = TypeVar("_K", bound=Hashable)
 _T = TypeVar("_T")
@@ -691,14 +149,6 @@ def _natural(labels: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
     return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in labels)
 
 
-def _empty_family(spec: MetricSpec) -> CounterMetricFamily | GaugeMetricFamily:
-    if spec.kind == "counter":
-        return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
-    if spec.kind == "gauge":
-        return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
-    raise ValueError(f"{spec.name}: the exporter only builds counters and gauges")
-
-
 @dataclass
 class QueueSnapshot:
     """The result of one queue-state read.
@@ -723,7 +173,7 @@ class QueueSnapshot:
         for spec in METRICS:
             if spec.source != "exporter":
                 continue
-            family = _empty_family(spec)
+            family = empty_family(spec)
             if spec.name == f"{_P}scrape_duration_seconds":
                 family.add_metric([], self.duration)
             elif spec.name == f"{_P}scrape_errors_total":
@@ -793,7 +243,7 @@ class QueueStateReader:
             await self._read(snap, asyncio.get_running_loop().time())
         except Exception as exc:  # a scrape must answer; the reason is counted
             logger.warning("Reading the queue state failed: %r", exc)
-            snap.errors.append(_reason(exc))
+            snap.errors.append(error_reason(exc))
         snap.duration = time.perf_counter() - started
         return snap
 
@@ -1054,7 +504,7 @@ class QueueStateReader:
         # Single commands that failed inside a pipeline (other than a missing
         # key, which just means an empty shard) count once per kind.
         inner = {
-            _reason(r)
+            error_reason(r)
             for r in replies
             if isinstance(r, BaseException)
             and not isinstance(r, _ReadFailed)
@@ -1086,7 +536,8 @@ class _ReadFailed(Exception):
     """Stand-in reply for commands whose whole pipeline failed."""
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
+    """The ``scrape_errors_total`` reason of a failed read."""
     if isinstance(exc, PlanError):
         return "plan"
     return error_kind(exc)
@@ -1146,7 +597,7 @@ async def _bounded(
             exc = task.exception()
             assert exc is not None
             logger.debug("Scrape part %r failed: %r", key, exc)
-            errors[key] = _reason(exc)
+            errors[key] = error_reason(exc)
         else:
             done[key] = task.result()
     cancelled = [t for t in tasks.values() if t.cancelled() or not t.done()]
@@ -1154,77 +605,3 @@ async def _bounded(
         # Let cancellations run their cleanup (connections are released).
         await asyncio.wait(cancelled, timeout=1.0)
     return done, errors
-
-
-# ==========================================================================
-# The synchronous collector prometheus_client calls
-# ==========================================================================
-
-
-class QueueCollector(Collector):
-    """A prometheus_client collector that reads the queue state at each scrape.
-
-    ``collect()`` runs in prometheus_client's HTTP thread; it submits
-    ``reader.read()`` to ``loop`` (which must be running in another thread)
-    and waits at most ``reader.timeout`` plus a second. Register it on your
-    own registry::
-
-        registry = CollectorRegistry()
-        registry.register(QueueCollector(reader, loop))
-
-    :param reader: the asyncio reader (its client belongs to ``loop``).
-    :param loop: the event loop that runs the reader.
-    """
-
-    def __init__(self, reader: QueueStateReader, loop: asyncio.AbstractEventLoop) -> None:
-        self.reader = reader
-        self.loop = loop
-        self._lock = threading.Lock()
-        # Cumulative, so that rate() works; "timeout" is seeded so a series
-        # exists before the first failure.
-        self._error_totals: _Tally[str] = _Tally({"timeout": 0})
-
-    def describe(self) -> Iterable[Metric]:
-        """The families collect() yields, without samples (no I/O)."""
-        return [_empty_family(s) for s in METRICS if s.source == "exporter" and not s.optional]
-
-    def collect(self) -> Iterable[Metric]:
-        """Read the queue state now and yield its metric families."""
-        snapshot = self.snapshot()
-        with self._lock:
-            self._error_totals.update(snapshot.errors)
-            totals = dict(self._error_totals)
-        return snapshot.families(totals)
-
-    def snapshot(self) -> QueueSnapshot:
-        """Run one read on the loop and wait for it (bounded)."""
-        started = time.perf_counter()
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop:
-            # Blocking here would deadlock the loop that must do the read.
-            logger.error("QueueCollector.collect() was called on its own event loop")
-            return QueueSnapshot(errors=["same_loop"])
-        future = asyncio.run_coroutine_threadsafe(self.reader.read(), self.loop)
-        try:
-            snapshot: QueueSnapshot = future.result(timeout=self.reader.timeout + 1.0)
-            return snapshot
-        except TimeoutError:
-            future.cancel()
-            reason = "timeout"
-        except Exception as exc:
-            logger.warning("Queue-state read failed: %r", exc)
-            reason = _reason(exc)
-        return QueueSnapshot(errors=[reason], duration=time.perf_counter() - started)
-
-
-def families_of(snapshot: QueueSnapshot) -> Collector:
-    """A collector that yields a fixed snapshot (one-off rendering, benches)."""
-
-    class _Fixed(Collector):
-        def collect(self) -> Iterable[Metric]:
-            return snapshot.families()
-
-    return _Fixed()
