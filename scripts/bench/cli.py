@@ -26,7 +26,9 @@ from types import FrameType
 
 from taskiq_redis_cluster._errors import ClusterError
 
-from .harness import BROKERS, BenchConfig, BenchError, format_report, run_bench
+from .config import BROKERS, BenchConfig
+from .harness import BenchError, run_bench
+from .report import format_report
 
 EXIT_OK = 0
 EXIT_MISSED = 1
