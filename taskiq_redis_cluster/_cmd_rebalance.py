@@ -6,13 +6,17 @@
 
 ``rebalance apply --url URL [--queue NAME ...] [--timeout S] [--max-moves-at-once N] ...``
     Finish unfinished moves, then move shards until every queue is balanced.
+    The rebalancer copies the waiting entries of a moving shard itself
+    (``--max-entries-per-second``), so no worker needs to run.
     A progress line on a terminal, plain log lines otherwise (both on
     stderr); the summary goes to stdout (JSON with ``--json``).
 
 ``rebalance watch --url URL [--poll-interval S] [--settle-polls N] [--once] [--max-runtime S]``
     Poll the topology; once slot migrations have settled (no slot migrating
     and the same slot ownership for ``--settle-polls`` polls) rebalance every
-    queue that needs it. Runs until interrupted, ``--once`` or ``--max-runtime``.
+    queue that needs it. Every poll also sweeps retired shards: entries a
+    stale producer wrote to a removed tag are moved to the live shard.
+    Runs until interrupted, ``--once`` or ``--max-runtime``.
 
 ``rebalance verify --url URL [--queue NAME ...] [--json]``
     Check that every shard is on its planned master, nothing is draining or
@@ -93,8 +97,8 @@ def register(subparsers: Any) -> None:
             type=float,
             default=d.move_timeout,
             metavar="S",
-            help=f"seconds a move may take to drain before it is reverted "
-            f"(default {d.move_timeout:.0f})",
+            help=f"seconds a move may go without progress (entries held by live consumers "
+            f"that never acknowledge) before it is reverted (default {d.move_timeout:.0f})",
         )
         p.add_argument(
             "--max-moves-at-once",
@@ -108,8 +112,32 @@ def register(subparsers: Any) -> None:
             type=float,
             default=d.max_entries_per_second,
             metavar="R",
-            help="cap on dead-letter entries copied per second while cleaning up "
+            help="cap on entries (tasks and dead letters) the rebalancer copies per second "
             f"(default {d.max_entries_per_second:.0f})",
+        )
+        p.add_argument(
+            "--settle-window",
+            type=float,
+            default=None,
+            metavar="S",
+            help="seconds after a plan change until every producer follows it "
+            "(default 2 x --plan-poll-interval + 1; at least --plan-poll-interval)",
+        )
+        p.add_argument(
+            "--idle-timeout",
+            type=float,
+            default=d.idle_timeout,
+            metavar="S",
+            help="seconds after which an entry pending on any consumer of a moving shard is "
+            f"copied; use your brokers' idle_timeout / 1000 (default {d.idle_timeout:.0f})",
+        )
+        p.add_argument(
+            "--consumer-timeout",
+            type=float,
+            default=d.consumer_timeout,
+            metavar="S",
+            help="a consumer that has not read a moving shard for this long counts as dead "
+            f"and its pending entries are copied (default {d.consumer_timeout:.0f})",
         )
         p.add_argument(
             "--plan-poll-interval",
@@ -192,6 +220,9 @@ def _options(args: argparse.Namespace) -> RebalanceOptions:
         move_timeout=args.timeout,
         max_moves_at_once=args.max_moves_at_once,
         max_entries_per_second=args.max_entries_per_second,
+        settle_window=args.settle_window,
+        idle_timeout=args.idle_timeout,
+        consumer_timeout=args.consumer_timeout,
         lease_ttl=args.lease_ttl,
         lock_wait=args.lock_wait,
         check_interval=min(1.0, max(0.1, args.plan_poll_interval / 2)),
@@ -321,6 +352,7 @@ def _handle_apply(args: argparse.Namespace) -> int:
             for r in results:
                 extra = f", resumed {r.resumed}" if r.resumed else ""
                 extra += ", relabelled" if r.relabelled else ""
+                extra += f", swept {r.swept} stranded" if r.swept else ""
                 print(f"queue {r.queue}: {r.moves} move(s){extra}, epoch {r.epoch}")
             _print_statuses(statuses, False, sys.stdout)
         return EXIT_OK if all(s.ok for s in statuses) else EXIT_UNBALANCED
@@ -336,8 +368,7 @@ def _handle_watch(args: argparse.Namespace) -> int:
         rebalancer, events = _rebalancer(client, args, progress)
         server = None
         if args.metrics_port is not None:
-            from ._exporter import start_metrics_server
-            from ._metrics import metrics_registry
+            from ._metrics import metrics_registry, start_metrics_server
 
             server = start_metrics_server(
                 args.metrics_port, host=args.metrics_host, registry=metrics_registry(events)
@@ -499,6 +530,12 @@ class _Progress:
             return f"{where}: planned {event.old_tag} -> {event.new_tag}"
         if kind is RebalanceEventKind.SWITCHED:
             return f"{where}: switched to {event.new_tag} (epoch {event.epoch})"
+        if kind is RebalanceEventKind.COPIED:
+            return f"{where}: copied {event.done} entries from {event.draining_tag}"
+        if kind is RebalanceEventKind.SWEPT:
+            return (
+                f"{where}: swept {event.done} stranded entries {event.old_tag} -> {event.new_tag}"
+            )
         if kind is RebalanceEventKind.QUEUE_DONE:
             return f"{where}: done, {event.done} move(s), epoch {event.epoch}"
         if kind is RebalanceEventKind.RELABELLED:

@@ -3,31 +3,60 @@
 After a reshard, an added master or a failover, the shards of a queue may
 sit on the wrong masters (see :func:`~taskiq_redis_cluster._planner.balance`).
 :class:`Rebalancer` re-plans with the fewest moves
-(:func:`~taskiq_redis_cluster._planner.replan`) and moves each shard by
-*re-tagging* it, never by copying entries:
+(:func:`~taskiq_redis_cluster._planner.replan`) and moves each shard to a
+new hash tag on the target master. The rebalancer copies the waiting
+entries itself, so a move takes time in proportion to the shard's size and
+does not wait for workers to empty the old shard:
 
-1. **switch** (new epoch): the shard's index gets its new tag, on the target
-   master; the old shard goes into ``draining``. Producers follow within one
+1. **planned**: the move is written to the journal.
+2. **pre-copy** (still ``planned``, ``precopy`` set): the old shard's
+   backlog up to the moment the copy starts is copied to the new tag, which
+   nobody reads or writes yet, in order (see *Copying* below).
+3. **switch** (new epoch): the shard's index gets its new tag; the old shard
+   goes into ``draining``. Producers follow within one
    ``plan_poll_interval``; consumers start a reader for the new tag and keep
-   reading the old one (``XREADGROUP`` plus ``XAUTOCLAIM`` of idle entries).
-2. **drained**: wait at least ``2 * plan_poll_interval + settle_margin``
-   after the switch (a producer with a stale plan may still write to the old
-   tag during one poll interval), then until every consumer group of the old
-   stream has nothing undelivered (``lag`` 0, or no entry after its
-   ``last-delivered-id`` when ``lag`` is unknown) and nothing pending, and
-   the old list (list broker) is empty.
-3. **finalized** (new epoch): the old shard leaves ``draining``; consumers
+   reading the old one until it is finalized.
+4. **drained**: after the settle window (``settle``, at least the brokers'
+   ``plan_poll_interval``: a producer with a stale plan may still write to
+   the old tag until then), whatever is left on the old shard is copied,
+   entries pending on dead consumers are reclaimed and copied, and only
+   entries pending on live consumers are waited for.
+5. **finalized** (new epoch): the old shard leaves ``draining``; consumers
    stop its reader within about one poll interval.
-4. **cleaned**: after the same settle window, one Lua script checks the old
-   stream and list once more and deletes them only if still drained (so
-   nothing written late is lost; if something is there, the old shard goes
-   back into ``draining`` and step 2 repeats). The old dead-letter entries
-   are moved to the dead-letter stream of the shard that now holds the index
-   (with ``moved_from``/``moved_from_id`` fields), throttled by
-   ``max_entries_per_second``; then the old dead stream is deleted.
+6. **cleaned**: after the settle window, one Lua script checks the old
+   stream and list once more and deletes them only if still drained (if
+   something arrived, the old shard goes back into ``draining`` and step 4
+   repeats). Dead letters move to the dead-letter stream of the shard that
+   now holds the index; the tag is remembered as *retired*.
 
 Finalizing *before* deleting is deliberate: a draining reader that still ran
 when its stream vanished would get ``NOGROUP`` and recreate the stream.
+
+Copying (crash-safe: a ``kill -9`` anywhere gives duplicates at worst):
+
+* stream with consumer groups: one Lua script claims the next batch into
+  the mover consumer (:data:`MOVER_CONSUMER`, ``XREADGROUP`` in every group
+  that has not had the batch delivered); the entries are ``XADD``-ed to the
+  target stream, then ``XACK``-ed on the old one. A rerun first copies
+  whatever the mover still has pending;
+* stream without a group (no consumer ever read it): ``XRANGE``, ``XADD``
+  to the target, then ``XDEL`` of the copied ids, only while there is still
+  no group (checked atomically);
+* pending entries: those of consumers not seen on the old stream for
+  ``consumer_timeout`` seconds, and entries idle for ``idle_timeout``
+  seconds, are ``XCLAIM``-ed to the mover and copied; those of live
+  consumers are waited for;
+* list (list broker): ``LRANGE`` of the oldest entries, ``LPUSH`` to the new
+  list, then one script removes from the old list whatever of that batch
+  the consumers have not popped meanwhile.
+
+Entries keep their relative order; copies land behind whatever the target
+already holds (nothing, for the pre-copy). Copying is throttled by
+``max_entries_per_second``.
+
+**Retired tags** are swept: :meth:`Rebalancer.sweep` (run by ``apply`` and on
+every ``watch`` pass) copies entries that landed in a retired shard (a stale
+producer recreated it) to the live shard of the same index and deletes it.
 
 Safety:
 
@@ -40,14 +69,15 @@ Safety:
   the journal is reconciled with the stored plan (the plan is the truth:
   a plan with ``draining`` shards is an unfinished move) and the unfinished
   moves are completed before anything new is planned;
-* a move that does not drain within ``move_timeout`` is reverted: the index
-  points at the old tag again and the *new* tag goes into ``draining`` (so
-  whatever was produced to it is still consumed), then
-  :class:`~taskiq_redis_cluster._errors.RebalanceAbortedError` is raised.
-  A later run drains and removes the new tag.
+* a move whose old shard makes no progress for ``move_timeout`` (entries
+  held by live consumers that never acknowledge) is reverted: the index
+  points at the old tag again and the *new* tag goes into ``draining``,
+  then :class:`~taskiq_redis_cluster._errors.RebalanceAbortedError` is
+  raised. A later run drains and removes the new tag.
 
-Delivery stays at least once: nothing is copied, so a move adds no
-duplicates of its own; the usual redelivery after crashes still applies.
+Delivery stays at least once. A move adds duplicates only where a copy was
+interrupted (rerun), where a consumer judged dead was alive, or where
+several consumer groups read one queue at different positions.
 """
 
 from __future__ import annotations
@@ -93,6 +123,10 @@ logger = logging.getLogger("taskiq_redis_cluster.rebalance")
 #: Journal hash field counting completed moves (for metrics).
 MOVES_TOTAL_FIELD = "moves_total"
 _RECORD_PREFIX = "move:"
+_RETIRED_PREFIX = "retired:"
+#: Consumer name the rebalancer claims entries with while it copies them;
+#: whatever it still has pending after a crash is copied again on the rerun.
+MOVER_CONSUMER = "tqrc-rebalancer-mover"
 
 # KEYS[1] lease key; ARGV token, ttl ms. Extend only our own lease.
 _RENEW = """
@@ -152,6 +186,99 @@ end
 return {exists, length, ngroups, undelivered, pending, llen, deleted}
 """
 
+# Stream ids compared exactly (Lua numbers are doubles): by length, then text.
+_ID_LESS = """
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return ms, seq
+end
+local function less(a, b)
+  local am, as = parts(a)
+  local bm, bs = parts(b)
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+"""
+
+# KEYS[1] source stream. ARGV[1] mover consumer, ARGV[2] batch size,
+# ARGV[3] highest id to take ('+' for all).
+# Takes the next batch of entries that some group has not had delivered yet
+# (after the smallest last-delivered-id) and delivers them, in every group
+# that has not had them, to the mover consumer: from then on they sit in
+# the mover's pending list until the caller has copied and acked them.
+# Returns {batch, {group, last-delivered-id before, ...}}; {{}, {}} when
+# there is nothing (or no group: the caller copies ungrouped streams apart).
+_CLAIM_BATCH = (
+    _ID_LESS
+    + """
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok or #groups == 0 then return {{}, {}} end
+local names, lasts, low = {}, {}, nil
+for _, g in ipairs(groups) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] end
+    if g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  names[#names + 1] = name
+  lasts[#lasts + 1] = last
+  if low == nil or less(last, low) then low = last end
+end
+local batch = redis.call('XRANGE', KEYS[1], '(' .. low, ARGV[3], 'COUNT', ARGV[2])
+if #batch == 0 then return {{}, {}} end
+local top = batch[#batch][1]
+local claimed = {}
+for i, name in ipairs(names) do
+  if less(lasts[i], top) then
+    local n = #redis.call('XRANGE', KEYS[1], '(' .. lasts[i], top)
+    if n > 0 then
+      redis.call('XREADGROUP', 'GROUP', name, ARGV[1], 'COUNT', n, 'STREAMS', KEYS[1], '>')
+      claimed[#claimed + 1] = name
+      claimed[#claimed + 1] = lasts[i]
+    end
+  end
+end
+return {batch, claimed}
+"""
+)
+
+# KEYS[1] source stream; ARGV entry ids already copied. Deletes them only
+# while the stream has no consumer group: once a group exists, a deleted
+# entry could be one a consumer holds pending (returns -1; the caller then
+# claims through the group, which at worst copies these again).
+_DELETE_UNGROUPED = """
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok and #groups > 0 then return -1 end
+return redis.call('XDEL', KEYS[1], unpack(ARGV))
+"""
+
+# KEYS[1] source list; ARGV the batch as LRANGE key -n -1 returned it
+# (leftmost first), already pushed to the target list. Consumers pop from
+# the right and producers push on the left, so what is left of the batch is
+# its first j elements at the very right end: remove those (largest j that
+# matches). Returns j.
+_LIST_TAKEN = """
+local n = #ARGV
+local tail = redis.call('LRANGE', KEYS[1], -n, -1)
+local t = #tail
+for j = math.min(n, t), 1, -1 do
+  local same = true
+  for k = 1, j do
+    if tail[t - j + k] ~= ARGV[k] then
+      same = false
+      break
+    end
+  end
+  if same then
+    redis.call('LTRIM', KEYS[1], 0, -(j + 1))
+    return j
+  end
+end
+return 0
+"""
+
 #: Dead-letter entries scanned from the newest end of the target dead
 #: stream to find where an interrupted copy stopped.
 _DEAD_RESUME_SCAN = 1000
@@ -176,13 +303,24 @@ class RebalanceOptions:
     :param plan_poll_interval: the brokers' ``plan_poll_interval`` (seconds);
         use the largest value any producer or consumer of the queue uses.
     :param settle_margin: extra seconds added to ``2 * plan_poll_interval``
-        before a switched or finalized epoch is trusted to be seen by all.
-    :param move_timeout: seconds one move may take to drain (counted from
-        when this run starts driving it; at least the settle window is
-        always waited). On timeout the move is reverted.
+        for the default settle window.
+    :param settle_window: seconds after a plan change until every producer
+        and consumer surely follows it; default ``2 * plan_poll_interval +
+        settle_margin``. It may not be shorter than ``plan_poll_interval``.
+    :param move_timeout: seconds one move may go without progress (nothing
+        copied, nothing acknowledged) before it is reverted.
     :param max_moves_at_once: moves of one queue driven concurrently.
-    :param max_entries_per_second: cap on dead-letter entries copied per
-        second while cleaning up an old shard.
+    :param max_entries_per_second: cap on entries (tasks and dead letters)
+        copied per second.
+    :param copy_batch: entries copied per round trip.
+    :param idle_timeout: seconds after which an entry pending on any
+        consumer is reclaimed and copied (use the brokers' ``idle_timeout``,
+        which is in ms there).
+    :param consumer_timeout: seconds a consumer may go without reading the
+        old stream before it counts as dead and its pending entries are
+        reclaimed and copied. A live broker reads every ``xread_block``
+        while it has room in its prefetch buffer.
+    :param retired_memory: seconds a retired tag is remembered and swept.
     :param check_interval: seconds between two drain checks.
     :param lease_ttl: seconds the lease lives without renewal (it is renewed
         every third of that); a killed rebalancer blocks others this long.
@@ -192,9 +330,14 @@ class RebalanceOptions:
 
     plan_poll_interval: float = 2.0
     settle_margin: float = 1.0
+    settle_window: float | None = None
     move_timeout: float = 600.0
     max_moves_at_once: int = 1
     max_entries_per_second: float = 1000.0
+    copy_batch: int = 100
+    idle_timeout: float = 600.0
+    consumer_timeout: float = 60.0
+    retired_memory: float = 7 * 86400.0
     check_interval: float = 0.5
     lease_ttl: float = 30.0
     lock_wait: float = 0.0
@@ -204,6 +347,9 @@ class RebalanceOptions:
             "plan_poll_interval",
             "move_timeout",
             "max_entries_per_second",
+            "idle_timeout",
+            "consumer_timeout",
+            "retired_memory",
             "check_interval",
             "lease_ttl",
         ):
@@ -212,14 +358,25 @@ class RebalanceOptions:
         for name in ("settle_margin", "lock_wait"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(message=f"{name} must be >= 0")
-        if isinstance(self.max_moves_at_once, bool) or self.max_moves_at_once < 1:
-            raise ConfigurationError(message="max_moves_at_once must be >= 1")
+        for name in ("max_moves_at_once", "copy_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value < 1:
+                raise ConfigurationError(message=f"{name} must be >= 1")
         if self.lease_ttl < 1.0:
             raise ConfigurationError(message="lease_ttl must be >= 1 second")
+        if self.settle_window is not None and self.settle_window < self.plan_poll_interval:
+            # Shorter than one poll interval, a producer that has not polled
+            # yet still writes to the old tag after the window has passed.
+            raise ConfigurationError(
+                message=f"settle_window ({self.settle_window}s) must be at least "
+                f"plan_poll_interval ({self.plan_poll_interval}s)"
+            )
 
     @property
     def settle(self) -> float:
         """Seconds after a plan change until every process surely follows it."""
+        if self.settle_window is not None:
+            return self.settle_window
         return 2 * self.plan_poll_interval + self.settle_margin
 
 
@@ -230,6 +387,10 @@ class RebalanceEventKind(str, enum.Enum):
     RELABELLED = "relabelled"  #: master ids refreshed after a failover, no move
     PLANNED = "planned"
     SWITCHED = "switched"
+    #: entries copied from the draining (or pre-copied) shard to the target
+    COPIED = "copied"
+    #: entries found in a retired shard were moved to the live shard
+    SWEPT = "swept"
     WAITING = "waiting"  #: periodic drain progress (lag, pending)
     DRAINED = "drained"
     #: a move took effect: its old shard left the plan (once per completed move)
@@ -297,7 +458,10 @@ class MoveRecord:
     ``draining`` is the tag being emptied: ``old.tag`` normally, ``new.tag``
     after a revert. ``kind`` is ``"move"`` for a planned move and
     ``"drain"`` for a draining shard found in the plan without a journal
-    entry (it is only drained and removed). Times are Unix seconds.
+    entry (it is only drained and removed). ``precopy`` says the old
+    shard's backlog may already sit in the new tag (so a planned move is
+    never simply forgotten); ``copied`` counts entries copied so far.
+    Times are Unix seconds.
     """
 
     index: int
@@ -308,6 +472,8 @@ class MoveRecord:
     kind: str = "move"
     reverted: bool = False
     redrain: bool = False
+    precopy: bool = False
+    copied: int = 0
     switched_epoch: int | None = None
     switched_at: float | None = None
     finalized_epoch: int | None = None
@@ -346,6 +512,8 @@ class MoveRecord:
             "kind": self.kind,
             "reverted": self.reverted,
             "redrain": self.redrain,
+            "precopy": self.precopy,
+            "copied": self.copied,
             "switched_epoch": self.switched_epoch,
             "switched_at": self.switched_at,
             "finalized_epoch": self.finalized_epoch,
@@ -374,6 +542,8 @@ class MoveRecord:
                 kind=str(raw.get("kind", "move")),
                 reverted=bool(raw.get("reverted", False)),
                 redrain=bool(raw.get("redrain", False)),
+                precopy=bool(raw.get("precopy", False)),
+                copied=int(raw.get("copied", 0)),
                 switched_epoch=_opt_int(raw.get("switched_epoch")),
                 switched_at=_opt_float(raw.get("switched_at")),
                 finalized_epoch=_opt_int(raw.get("finalized_epoch")),
@@ -504,6 +674,8 @@ class RebalanceResult:
     relabelled: bool
     epoch: int
     aborted: str | None = None
+    #: entries moved out of retired shards (a stale producer wrote there)
+    swept: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary."""
@@ -514,6 +686,7 @@ class RebalanceResult:
             "relabelled": self.relabelled,
             "epoch": self.epoch,
             "aborted": self.aborted,
+            "swept": self.swept,
         }
 
 
@@ -650,7 +823,9 @@ class Journal:
     """The rebalancer's journal of one queue: a hash next to the plan record.
 
     Fields: ``move:<index>:<old tag>`` holds a :class:`MoveRecord` as JSON;
-    ``moves_total`` counts completed moves. The hash shares the plan's slot.
+    ``retired:<tag>`` remembers a removed shard tag (``{"index", "at"}``) so
+    entries a stale producer writes there later are swept; ``moves_total``
+    counts completed moves. The hash shares the plan's slot.
     """
 
     def __init__(self, client: RedisCluster, prefix: str, queue: str) -> None:
@@ -681,6 +856,41 @@ class Journal:
     async def remove(self, records: Iterable[MoveRecord]) -> None:
         """Forget ``records``."""
         fields = [_RECORD_PREFIX + r.id for r in records]
+        if fields:
+            await self._client.hdel(self.key, *fields)
+
+    async def retire(self, tag: str, index: int) -> None:
+        """Remember ``tag`` (of shard ``index``) as removed from the plan."""
+        value = json.dumps({"index": index, "at": time.time()}, separators=(",", ":"))
+        await self._client.hset(self.key, _RETIRED_PREFIX + tag, value)
+
+    async def retired(self, *, older_than: float | None = None) -> dict[str, int]:
+        """Retired tags and their shard index; fields older than ``older_than``
+        (Unix seconds) are forgotten on the way."""
+        raw = await self._client.hgetall(self.key)
+        found: dict[str, int] = {}
+        stale: list[str] = []
+        for name, value in raw.items():
+            field = _text(name)
+            if not field.startswith(_RETIRED_PREFIX):
+                continue
+            try:
+                doc = json.loads(value)
+                index, at = int(doc["index"]), float(doc["at"])
+            except (ValueError, KeyError, TypeError):
+                stale.append(field)
+                continue
+            if older_than is not None and at < older_than:
+                stale.append(field)
+                continue
+            found[field[len(_RETIRED_PREFIX) :]] = index
+        if stale:
+            await self._client.hdel(self.key, *stale)
+        return found
+
+    async def forget_retired(self, tags: Iterable[str]) -> None:
+        """Stop sweeping ``tags``."""
+        fields = [_RETIRED_PREFIX + t for t in tags]
         if fields:
             await self._client.hdel(self.key, *fields)
 
@@ -726,6 +936,10 @@ def reconcile(
                 # Switched and already out of the plan: only cleaning is
                 # left, which re-checks (and re-drains) the old shard.
                 active.append(replace(rec, state=MoveState.FINALIZED, finalized_at=None))
+            elif rec.precopy:
+                # Entries may already sit in the new tag, which nobody reads
+                # yet: the move goes on (or its copies are moved back).
+                active.append(rec)
             else:
                 dropped.append(rec)
             continue
@@ -804,6 +1018,8 @@ class Rebalancer:
     :param run_hook: a context manager factory entered around each
         :meth:`apply` run once the lease is held (for example
         ``PrometheusEvents.track_rebalance``).
+    :param store: the plan store to read and swap plans with (default: one
+        on ``client`` with ``prefix`` and its default replica check).
     """
 
     def __init__(
@@ -814,16 +1030,20 @@ class Rebalancer:
         options: RebalanceOptions | None = None,
         on_event: Callable[[RebalanceEvent], None] | None = None,
         run_hook: Callable[[], AbstractContextManager[Any]] | None = None,
+        store: PlanStore | None = None,
     ) -> None:
         self._client = client
         self._run_hook = run_hook
         self.prefix = validate_name(prefix, "prefix")
         self.options = options or RebalanceOptions()
-        self.store = PlanStore(client, prefix=prefix)
+        self.store = store or PlanStore(client, prefix=prefix)
         self._on_event = on_event
         self._lease: RebalanceLease | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._drain_script = client.register_script(_DRAIN_STATE)
+        self._claim_script = client.register_script(_CLAIM_BATCH)
+        self._delete_ungrouped = client.register_script(_DELETE_UNGROUPED)
+        self._list_taken = client.register_script(_LIST_TAKEN)
 
     # ------------------------------------------------------------- reading
     async def queues(self) -> list[str]:
@@ -892,6 +1112,292 @@ class Rebalancer:
             list_length=values[5],
             deleted=values[6] > 0,
         )
+
+    # ------------------------------------------------------------- copying
+    async def copy_entries(
+        self, source: Shard | str, target: Shard | str, *, snapshot: bool = False
+    ) -> int:
+        """Move what is left to consume in shard ``source`` to shard ``target``.
+
+        Streams: first whatever the mover consumer still has pending (an
+        interrupted run), then every entry some group has not had delivered,
+        then entries pending on dead consumers or idle for ``idle_timeout``.
+        Entries pending on live consumers stay. Lists: from the oldest end.
+        Each entry is written to ``target`` before it leaves ``source``, so
+        an interruption gives duplicates, never a loss. With ``snapshot``
+        only what ``source`` held when the call started is taken (the
+        pre-copy, while producers still write to it). Throttled by
+        ``max_entries_per_second``.
+
+        :returns: entries written to ``target``.
+        """
+        src = ShardKeys(self.prefix, source.tag if isinstance(source, Shard) else source)
+        dst = ShardKeys(self.prefix, target.tag if isinstance(target, Shard) else target)
+        if src.tag == dst.tag:
+            raise RebalanceError(message=f"cannot copy shard {src.tag} onto itself")
+        throttle = _Throttle(self.options.max_entries_per_second)
+        copied = await self._copy_stream(src.stream, dst.stream, throttle, snapshot=snapshot)
+        copied += await self._copy_list(src.list, dst.list, throttle, snapshot=snapshot)
+        return copied
+
+    async def _copy_stream(
+        self, source: str, target: str, throttle: _Throttle, *, snapshot: bool
+    ) -> int:
+        client = self._client
+        if _text(await client.type(source)) != "stream":
+            return 0
+        batch = self.options.copy_batch
+        until = "+"
+        if snapshot:
+            last = await client.xrevrange(source, count=1)
+            until = _text(last[0][0]) if last else "0-0"
+        # Bounded: each pass takes up to `batch` entries; producers stopped
+        # writing here (settle window) or `until` caps the range.
+        passes = int(await client.xlen(source)) // batch + 100
+        copied = await self._flush_mover(source, target, throttle)
+        for _ in range(passes):
+            if await client.xinfo_groups(source):
+                break
+            rows: list[Any] = await client.xrange(source, min="-", max=until, count=batch) or []
+            if not rows:
+                break
+            entries: list[tuple[Any, Any]] = [
+                (entry_id, fields) for entry_id, fields in rows if fields
+            ]
+            await self._append(target, entries)
+            copied += len(entries)
+            deleted = await self._delete_ungrouped(
+                keys=[source], args=[entry_id for entry_id, _ in rows]
+            )
+            await throttle(len(entries))
+            if int(deleted) < 0:
+                break  # a group appeared: claimed below, so copied twice at worst
+        for _ in range(passes):
+            reply = await self._claim_script(keys=[source], args=[MOVER_CONSUMER, batch, until])
+            claimed: list[Any] = reply[1]
+            rows = reply[0]
+            if not rows:
+                break
+            entries = [(row[0], _pairs(row[1])) for row in rows]
+            await self._append(target, entries)
+            for i in range(0, len(claimed), 2):
+                after = _id_key(claimed[i + 1])
+                ids = [entry_id for entry_id, _ in entries if _id_key(entry_id) > after]
+                if ids:
+                    await client.xack(source, claimed[i], *ids)
+            copied += len(entries)
+            await throttle(len(entries))
+        copied += await self._reclaim_dead(source, target, throttle)
+        return copied
+
+    async def _reclaim_dead(self, source: str, target: str, throttle: _Throttle) -> int:
+        """Copy entries pending on dead consumers, or idle for ``idle_timeout``."""
+        client = self._client
+        batch = self.options.copy_batch
+        dead_ms = int(self.options.consumer_timeout * 1000)
+        idle_ms = int(self.options.idle_timeout * 1000)
+        copied = 0
+        done: set[bytes] = set()
+        for group in await client.xinfo_groups(source):
+            name, pending = group["name"], int(group["pending"])
+            if not pending:
+                continue
+            for consumer in await client.xinfo_consumers(source, name):
+                if (
+                    _text(consumer["name"]) == MOVER_CONSUMER
+                    or not int(consumer["pending"])
+                    or int(consumer["idle"]) < dead_ms
+                ):
+                    continue
+                logger.info(
+                    "Consumer %s of %s/%s was not seen for %.0fs; copying its %d pending entries",
+                    _text(consumer["name"]),
+                    source,
+                    _text(name),
+                    int(consumer["idle"]) / 1000,
+                    int(consumer["pending"]),
+                )
+                for _ in range(int(consumer["pending"]) // batch + 2):
+                    rows = await client.xpending_range(
+                        source, name, "-", "+", batch, consumername=consumer["name"]
+                    )
+                    if not rows:
+                        break
+                    taken: list[Any] = [row["message_id"] for row in rows]
+                    await client.xclaim(source, name, MOVER_CONSUMER, 0, taken, justid=True)
+                    copied += await self._flush_group(source, target, name, throttle, done)
+            start: Any = "0-0"
+            for _ in range(pending // batch + 2):
+                result = await client.xautoclaim(
+                    source, name, MOVER_CONSUMER, idle_ms, start_id=start, count=batch
+                )
+                copied += await self._flush_group(source, target, name, throttle, done)
+                start = result[0]
+                if _text(start) == "0-0":
+                    break
+        return copied
+
+    async def _flush_mover(self, source: str, target: str, throttle: _Throttle) -> int:
+        """Copy and ack what the mover holds pending (left by an interrupted run)."""
+        copied = 0
+        done: set[bytes] = set()
+        for group in await self._client.xinfo_groups(source):
+            copied += await self._flush_group(source, target, group["name"], throttle, done)
+        return copied
+
+    async def _flush_group(
+        self, source: str, target: str, group: Any, throttle: _Throttle, done: set[bytes]
+    ) -> int:
+        """Copy the mover's pending entries of ``group`` (skipping ids in ``done``), then ack."""
+        client = self._client
+        copied = 0
+        # Bounded: every pass acks what it read, so the pending list shrinks.
+        for _ in range(100_000):
+            rows = await client.xpending_range(
+                source, group, "-", "+", self.options.copy_batch, consumername=MOVER_CONSUMER
+            )
+            if not rows:
+                break
+            ids: list[Any] = [row["message_id"] for row in rows]
+            got: list[Any] = await client.xclaim(source, group, MOVER_CONSUMER, 0, ids) or []
+            fresh = [(i, f) for i, f in got if f and i not in done]
+            await self._append(target, fresh)
+            done.update(i for i, _ in fresh)
+            await client.xack(source, group, *ids)
+            copied += len(fresh)
+            await throttle(len(fresh))
+        return copied
+
+    async def _append(self, stream: str, entries: Sequence[tuple[Any, Any]]) -> None:
+        """XADD ``entries``' fields to ``stream``, in order, in one round trip."""
+        if not entries:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for _, fields in entries:
+            pipe.xadd(stream, fields)
+        await pipe.execute()
+
+    async def _copy_list(
+        self, source: str, target: str, throttle: _Throttle, *, snapshot: bool
+    ) -> int:
+        client = self._client
+        if _text(await client.type(source)) != "list":
+            return 0
+        batch = self.options.copy_batch
+        length = int(await client.llen(source))
+        copied = 0
+        # Bounded: a pass moves up to `batch` entries; with `snapshot` the
+        # total is capped at the length when we started.
+        for _ in range(length // batch + 100):
+            want = batch if not snapshot else min(batch, length - copied)
+            if want <= 0:
+                break
+            items = await client.lrange(source, -want, -1)
+            if not items:
+                break
+            # The right end is the oldest (consumers pop there). LPUSH of the
+            # batch oldest first keeps their order, behind what the target
+            # already holds.
+            await client.lpush(target, *reversed(items))
+            await self._list_taken(keys=[source], args=items)
+            copied += len(items)
+            await throttle(len(items))
+        return copied
+
+    async def _target_tag(self, queue: str, rec: MoveRecord) -> str:
+        """Where a record's draining entries go: the tag that holds its index now."""
+        plan = await self._plan(queue)
+        if not 0 <= rec.index < len(plan.shards):
+            raise RebalanceError(message=f"queue {queue!r} has no shard {rec.index}")
+        tag = plan.shards[rec.index].tag
+        if tag == rec.draining:
+            raise RebalanceError(
+                message=f"shard {rec.draining} of {queue!r} is active again; not copying it"
+            )
+        return tag
+
+    # -------------------------------------------------------------- sweeping
+    async def sweep(self, queues: Sequence[str] | None = None) -> int:
+        """Move entries found in retired shards to the live ones (under the lease).
+
+        :returns: entries moved.
+        :raises RebalanceLockedError: another rebalancer holds the lease.
+        """
+        async with RebalanceLease(
+            self._client, prefix=self.prefix, ttl=self.options.lease_ttl, wait=0.0
+        ) as lease:
+            self._lease = lease
+            try:
+                names = list(queues) if queues is not None else await self.queues()
+                total = 0
+                for queue in names:
+                    total += await self._sweep_queue(
+                        queue, Journal(self._client, self.prefix, queue)
+                    )
+                return total
+            finally:
+                self._lease = None
+
+    async def _sweep_queue(self, queue: str, journal: Journal) -> int:
+        """Retired shards of ``queue`` that received entries are emptied into live ones.
+
+        Only a producer that did not follow the plan (an old version, or
+        one that could not read the plan) still writes to a removed tag;
+        with ``XADD NOMKSTREAM`` a kick never recreates a deleted stream,
+        but a list push always does.
+        """
+        plan = await self._plan(queue)
+        live = {s.tag for s in plan.all_shards()}
+        retired = await journal.retired(older_than=time.time() - self.options.retired_memory)
+        for rec in await journal.records():
+            if rec.finished:
+                retired.setdefault(rec.draining, rec.index)
+        back = [tag for tag in retired if tag in live]
+        if back:
+            # Someone made the tag active again: it is no longer retired.
+            await journal.forget_retired(back)
+        moved = 0
+        for tag, index in retired.items():
+            if tag in live:
+                continue
+            state = await self.drain_state(tag)
+            if not state.exists and not state.list_length:
+                continue
+            if not state.drained:
+                if not 0 <= index < len(plan.shards):
+                    logger.warning("Queue %s: retired shard %s has no index %d", queue, tag, index)
+                    continue
+                target = plan.shards[index]
+                count = await self.copy_entries(tag, target)
+                moved += count
+                logger.warning(
+                    "Queue %s: retired shard %s received entries after it was removed; "
+                    "moved %d to %s",
+                    queue,
+                    tag,
+                    count,
+                    target.tag,
+                )
+                self._emit(
+                    RebalanceEventKind.SWEPT,
+                    queue,
+                    index=index,
+                    old_tag=tag,
+                    new_tag=target.tag,
+                    draining_tag=tag,
+                    done=count,
+                    total=count,
+                )
+            state = await self.drain_state(tag, delete=True)
+            if not state.deleted and not state.drained:
+                logger.warning(
+                    "Queue %s: retired shard %s still has %d pending on live consumers; "
+                    "swept again later",
+                    queue,
+                    tag,
+                    state.pending,
+                )
+        return moved
 
     # ------------------------------------------------------------- applying
     async def apply(self, queues: Sequence[str] | None = None) -> list[RebalanceResult]:
@@ -973,7 +1479,7 @@ class Rebalancer:
         for rec in active:
             await journal.put(rec)
             self._emit(RebalanceEventKind.RESUMED, queue, rec, message=rec.state.value)
-        active += await self._stranded(queue, journal, active)
+        swept = await self._sweep_queue(queue, journal)
         resumed = len(active)
         if active:
             logger.info("Queue %s: resuming %d unfinished move(s)", queue, len(active))
@@ -1004,65 +1510,7 @@ class Rebalancer:
             moves += await self._drive_all(queue, journal, new_records, total=len(new_records))
         plan = await self._plan(queue)
         self._emit(RebalanceEventKind.QUEUE_DONE, queue, epoch=plan.epoch, done=moves, total=moves)
-        return RebalanceResult(queue, moves, resumed, relabelled, plan.epoch)
-
-    async def _stranded(
-        self, queue: str, journal: Journal, active: Sequence[MoveRecord]
-    ) -> list[MoveRecord]:
-        """Old shards of finished moves that received entries after cleanup.
-
-        Only a producer that could not read the plan for longer than the
-        settle window still writes to a removed tag. Such entries are found
-        here (while the journal remembers the move) and the tag is put back
-        into ``draining`` so consumers pick them up.
-        """
-        plan = await self._plan(queue)
-        in_plan = {s.tag for s in plan.all_shards()} | {r.draining for r in active}
-        found: list[MoveRecord] = []
-        for rec in await journal.records():
-            if not rec.finished or rec.draining in in_plan:
-                continue
-            state = await self.drain_state(rec.draining)
-            if state.drained:
-                if state.exists:
-                    # An empty stream recreated by a reader that stopped late.
-                    await self.drain_state(rec.draining, delete=True)
-                continue
-            shard = rec.draining_shard
-
-            def change(current: ShardPlan, shard: Shard = shard) -> ShardPlan | None:
-                if shard.tag in {s.tag for s in current.all_shards()}:
-                    return None
-                return ShardPlan(
-                    queue, current.epoch + 1, current.shards, (*current.draining, shard)
-                )
-
-            stored = await self._mutate(queue, change)
-            again = replace(
-                rec,
-                state=MoveState.SWITCHED,
-                redrain=True,
-                switched_epoch=stored.epoch,
-                switched_at=time.time(),
-            )
-            await journal.put(again)
-            logger.warning(
-                "Queue %s: removed shard %s received %d entries later; draining it again",
-                queue,
-                shard.tag,
-                state.undelivered + state.list_length,
-            )
-            self._emit(
-                RebalanceEventKind.REDRAIN,
-                queue,
-                again,
-                epoch=stored.epoch,
-                undelivered=state.undelivered,
-                pending=state.pending,
-            )
-            in_plan.add(shard.tag)
-            found.append(again)
-        return found
+        return RebalanceResult(queue, moves, resumed, relabelled, plan.epoch, swept=swept)
 
     async def _settled_topology(self) -> Topology:
         """The live topology once no slot is migrating (bounded by move_timeout)."""
@@ -1149,6 +1597,7 @@ class Rebalancer:
             nonlocal done
             async with semaphore:
                 if aborts and rec.state is MoveState.PLANNED:
+                    await self._abandon_precopy(queue, rec)
                     await journal.remove([rec])
                     return
                 try:
@@ -1183,6 +1632,7 @@ class Rebalancer:
         # step; a re-drain loops back at most a few times before the deadline.
         for _ in range(1000):
             if rec.state is MoveState.PLANNED:
+                await self._precopy(queue, journal, rec)
                 if not await self._switch(queue, journal, rec):
                     return False
             elif rec.state is MoveState.SWITCHED:
@@ -1219,6 +1669,7 @@ class Rebalancer:
             logger.warning(
                 "Queue %s: move of shard %d no longer fits the plan; skipped", queue, index
             )
+            await self._abandon_precopy(queue, rec)
             await journal.remove([rec])
             self._emit(RebalanceEventKind.SKIPPED, queue, rec)
             return False
@@ -1236,6 +1687,46 @@ class Rebalancer:
         )
         self._emit(RebalanceEventKind.SWITCHED, queue, rec, epoch=plan.epoch)
         return True
+
+    async def _precopy(self, queue: str, journal: Journal, rec: MoveRecord) -> None:
+        """Copy the old shard's backlog into the new tag before the switch.
+
+        Nobody reads or writes the new tag yet, so the copies keep their
+        order ahead of everything producers send after the switch. The
+        journal says ``precopy`` first: a rerun then never forgets the move
+        while entries may sit in the new tag.
+        """
+        if not rec.precopy:
+            rec.precopy = True
+            await journal.put(rec)
+        copied = await self.copy_entries(rec.old, rec.new, snapshot=True)
+        if copied:
+            rec.copied += copied
+            await journal.put(rec)
+            self._emit(RebalanceEventKind.COPIED, queue, rec, done=copied, total=copied)
+
+    async def _abandon_precopy(self, queue: str, rec: MoveRecord) -> None:
+        """A pre-copied move that will not switch: return its copies to the live shard."""
+        if not rec.precopy:
+            return
+        plan = await self._plan(queue)
+        if rec.new.tag in {s.tag for s in plan.all_shards()}:
+            return  # in the plan after all: consumers read it
+        if not 0 <= rec.index < len(plan.shards):
+            raise RebalanceError(
+                message=f"queue {queue!r} has no shard {rec.index} to return copies to"
+            )
+        target = plan.shards[rec.index]
+        copied = await self.copy_entries(rec.new, target)
+        state = await self.drain_state(rec.new, delete=True)
+        logger.warning(
+            "Queue %s: move of shard %d abandoned; %d pre-copied entries returned to %s%s",
+            queue,
+            rec.index,
+            copied,
+            target.tag,
+            "" if state.drained else " (some still pending)",
+        )
 
     async def _wait_settled(self, since: float | None) -> None:
         """Sleep until ``settle`` seconds after the Unix time ``since``."""
@@ -1262,12 +1753,25 @@ class Rebalancer:
         await self._wait_settled(rec.switched_at)
         # Bounded by the deadline (checked every pass) and a hard count.
         limit = (
-            int((self.options.move_timeout + self.options.settle) / self.options.check_interval)
+            # x10: the deadline moves on while copying or acks make progress.
+            10
+            * int((self.options.move_timeout + self.options.settle) / self.options.check_interval)
             + 10
         )
         state: DrainState | None = None
         for _ in range(limit):
             state = await self.drain_state(rec.draining)
+            if not state.drained:
+                before = state
+                copied = await self.copy_entries(rec.draining, await self._target_tag(queue, rec))
+                state = await self.drain_state(rec.draining)
+                if copied:
+                    rec.copied += copied
+                    await journal.put(rec)
+                    self._emit(RebalanceEventKind.COPIED, queue, rec, done=copied, total=copied)
+                if copied or state.pending < before.pending:
+                    # Progress: the timeout counts time without any.
+                    deadline = max(deadline, time.monotonic() + self.options.move_timeout)
             self._emit(
                 RebalanceEventKind.WAITING,
                 queue,
@@ -1405,6 +1909,7 @@ class Rebalancer:
         await self._move_dead_letters(
             ShardKeys(self.prefix, rec.draining).dead, ShardKeys(self.prefix, target.tag).dead
         )
+        await journal.retire(rec.draining, rec.index)
         rec.state = MoveState.CLEANED
         await journal.put(rec)
         logger.info("Queue %s: removed old shard %s", queue, rec.draining)
@@ -1507,6 +2012,11 @@ class Rebalancer:
         While watching forever, a held lease or an aborted move is logged and
         retried at the next settled check; with ``once`` they are raised.
 
+        Every poll also sweeps retired shards (:meth:`sweep`): entries a
+        stale producer wrote to a removed tag reach a live shard within one
+        ``poll_interval``, not only when ``apply`` runs next. A pass whose
+        lease is held elsewhere skips the sweep.
+
         :returns: how many times :meth:`apply` ran.
         """
         if poll_interval <= 0 or settle_polls < 1:
@@ -1516,6 +2026,12 @@ class Rebalancer:
         stable = 0
         runs = 0
         while max_runtime is None or time.monotonic() - started < max_runtime:
+            try:
+                await self.sweep(queues)
+            except RebalanceLockedError:
+                logger.debug("Sweep skipped: another rebalancer holds the lease")
+            except PlanNotFoundError as exc:
+                logger.warning("Sweep skipped: %s", exc)
             topology = await read_topology(self._client)
             shape = tuple((m.node_id, m.slots) for m in topology.masters)
             if topology.migrating or shape != last:
@@ -1545,6 +2061,26 @@ class Rebalancer:
         return runs
 
 
+class _Throttle:
+    """Sleeps so that at most ``rate`` entries per second pass on average."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._started = time.monotonic()
+        self._count = 0
+
+    async def __call__(self, count: int) -> None:
+        self._count += count
+        ahead = self._count / self._rate - (time.monotonic() - self._started)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
+    it = iter(flat)
+    return dict(zip(it, it, strict=False))
+
+
 def _id_key(entry_id: bytes | str) -> tuple[int, int]:
     text = _text(entry_id)
     ms, _, seq = text.partition("-")
@@ -1552,6 +2088,7 @@ def _id_key(entry_id: bytes | str) -> tuple[int, int]:
 
 
 __all__ = [
+    "MOVER_CONSUMER",
     "DrainState",
     "Journal",
     "MoveRecord",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_message, task_id_of
+from helpers import make_message, take, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, BrokerMessage
 
@@ -46,6 +46,7 @@ from taskiq_redis_cluster._keys import (
     rebalance_journal_key,
     shard_tag,
     shard_tag_slots,
+    slot_of,
 )
 from taskiq_redis_cluster._planner import Shard
 from taskiq_redis_cluster._rebalance import (
@@ -149,6 +150,10 @@ def test_reconcile_follows_the_plan_not_the_journal() -> None:
     active, dropped = reconcile(_plan(1, [a0, a1]), [_rec(a0, n0, MoveState.PLANNED)])
     assert not active
     assert len(dropped) == 1
+    # ... unless its pre-copy started: entries may sit in the new tag.
+    active, dropped = reconcile(_plan(1, [a0, a1]), [_rec(a0, n0, MoveState.PLANNED, precopy=True)])
+    assert [(r.state, r.precopy) for r in active] == [(MoveState.PLANNED, True)]
+    assert not dropped
     # Switched and already out of the plan: only cleaning is left.
     active, _ = reconcile(_plan(3, [n0, a1]), [_rec(a0, n0, MoveState.PLANNED)])
     assert active[0].state is MoveState.FINALIZED
@@ -179,6 +184,13 @@ def test_options_are_validated() -> None:
     with pytest.raises(ConfigurationError):
         RebalanceOptions(plan_poll_interval=0)
     assert RebalanceOptions(plan_poll_interval=2, settle_margin=1).settle == 5
+    # The settle window is configurable but never shorter than the brokers'
+    # poll interval (a producer that has not polled yet still writes there).
+    assert RebalanceOptions(plan_poll_interval=2, settle_window=2.5).settle == 2.5
+    with pytest.raises(ConfigurationError, match="at least plan_poll_interval"):
+        RebalanceOptions(plan_poll_interval=2, settle_window=1.0)
+    with pytest.raises(ConfigurationError):
+        RebalanceOptions(copy_batch=0)
 
 
 # --------------------------------------------------------------------------
@@ -479,7 +491,9 @@ async def test_timeout_reverts_the_move_and_a_later_run_finishes(
     cluster_client: RedisCluster, cluster_url: str, queue: str
 ) -> None:
     plan = await _weighted_plan(cluster_client, queue)
-    # Tasks wait in every shard, but no consumer runs: nothing can drain.
+    # Every task is held by a live consumer that never acknowledges: the
+    # rebalancer may not take them (only a dead consumer's entries are
+    # copied), so nothing can drain.
     producer = ClusterStreamBroker(cluster_url, queue_name=queue, plan_poll_interval=POLL)
     await producer.startup()
     kicked = [f"{queue}-{i}" for i in range(60)]
@@ -488,12 +502,13 @@ async def test_timeout_reverts_the_move_and_a_later_run_finishes(
             await producer.kick(make_message(task_id))
     finally:
         await producer.shutdown()
-    # The group must exist on the old shards, as with real consumers.
+    # The group exists on the old shards, as with real consumers, and the
+    # consumer "holder" has read every entry.
     for shard in plan.shards:
+        stream = ShardKeys(DEFAULT_PREFIX, shard.tag).stream
         with contextlib.suppress(Exception):
-            await cluster_client.xgroup_create(
-                ShardKeys(DEFAULT_PREFIX, shard.tag).stream, "taskiq", id="0", mkstream=True
-            )
+            await cluster_client.xgroup_create(stream, "taskiq", id="0", mkstream=True)
+        await cluster_client.xreadgroup("taskiq", "holder", {stream: ">"})
     events: list[RebalanceEvent] = []
     rebalancer = Rebalancer(
         cluster_client, options=_opts(move_timeout=1.0, max_moves_at_once=1), on_event=events.append
@@ -823,7 +838,8 @@ async def test_fourth_master_gets_its_share_of_shards(tmp_path: Path, unique_nam
             # each source's lowest slots; keeping the shards above them makes
             # the new master start empty, so our rebalancer has to move 3.
             topology = await read_topology(client)
-            store = PlanStore(client)
+            # This small cluster has no replicas to confirm plan changes.
+            store = PlanStore(client, require_replica=False)
             await store.get_or_create(topology, QueueSpec(queue, 12))
             upper = {
                 m.node_id: frozenset(
@@ -880,9 +896,9 @@ async def test_fourth_master_gets_its_share_of_shards(tmp_path: Path, unique_nam
                 new_id = next(m.node_id for m in topology.masters if m.address.port == extra_port)
                 before = (await Rebalancer(client).status(queue, topology)).report.counts
                 assert sorted(before.values()) == [0, 4, 4, 4]
-                results = await Rebalancer(client, options=_opts(max_moves_at_once=3)).apply(
-                    [queue]
-                )
+                results = await Rebalancer(
+                    client, options=_opts(max_moves_at_once=3), store=store
+                ).apply([queue])
                 assert results[0].moves == 3
                 status = await Rebalancer(client).status(queue)
                 assert status.ok, status.to_dict()
@@ -952,15 +968,37 @@ async def test_watch_once_rebalances_and_moves_dead_letters(
         assert [f[b"field:data"] for _, f in entries] == [b"d0", b"d1", b"d2"]
         assert all(f[b"moved_from"] == old_dead.encode() for _, f in entries)
         assert not await cluster_client.exists(old_dead)
-        # A producer with a very stale plan writes to the removed shard: the
-        # next run puts it back into draining, so the task still runs.
+        # A producer with a very stale plan recreates the removed shard: the
+        # balanced queue needs no apply, yet watch sweeps the entry to the
+        # live shard on its next pass, so the task still runs.
         old_stream = ShardKeys(DEFAULT_PREFIX, move.old.tag).stream
         await cluster_client.xadd(old_stream, {b"data": make_message("stranded-1").message})
+        code, out, err = await _run_cli(
+            *_cli_args(cluster_url, queue, "watch"),
+            *_tuning(),
+            "--poll-interval",
+            "0.2",
+            "--max-runtime",
+            "1.5",
+            "--json",
+        )
+        assert code == 0, out + err
+        assert json.loads(out) == {"rebalances": 0}
+        assert not await cluster_client.exists(old_stream)
+        deadline = time.monotonic() + 10
+        while not load.executed["stranded-1"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert load.executed["stranded-1"] == 1
+        # apply sweeps too, before it plans.
+        await cluster_client.xadd(old_stream, {b"data": make_message("stranded-2").message})
         code, out, err = await _run_cli(*_cli_args(cluster_url, queue, "apply"), *_tuning())
         assert code == 0, out + err
-        assert "0 move(s), resumed 1" in out
-        assert load.executed["stranded-1"] == 1
+        assert "0 move(s), swept 1 stranded" in out
         assert not await cluster_client.exists(old_stream)
+        deadline = time.monotonic() + 10
+        while not load.executed["stranded-2"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert load.executed["stranded-2"] == 1
         await load.stop_producing()
         assert not await load.wait_all_executed()
     ok, counts = await _status_ok(cluster_client, queue)
@@ -1008,3 +1046,385 @@ def test_progress_line_on_a_terminal() -> None:
     assert "switched to q/3~4 (epoch 7)" in out.text
     assert "\r\x1b[K[##########..........] 1/2 queue q shard 3: draining q/3~0" in out.text
     assert out.text.endswith("\r\x1b[K")
+
+
+# --------------------------------------------------------------------------
+# Moves without workers: the rebalancer copies (issue 14 parts 1 and 2b)
+# --------------------------------------------------------------------------
+
+
+async def _kick_all(url: str, queue: str, task_ids: Sequence[str], **labels: Any) -> None:
+    producer = ClusterStreamBroker(url, queue_name=queue, plan_poll_interval=POLL)
+    await producer.startup()
+    try:
+        await asyncio.gather(*(producer.kick(make_message(t, **labels)) for t in task_ids))
+    finally:
+        await producer.shutdown()
+
+
+async def _create_groups(client: RedisCluster, tags: Iterable[str], group: str = "taskiq") -> None:
+    """What a worker leaves behind once stopped: the group on every shard stream."""
+    for tag in tags:
+        with contextlib.suppress(Exception):
+            await client.xgroup_create(
+                ShardKeys(DEFAULT_PREFIX, tag).stream, group, id="0", mkstream=True
+            )
+
+
+async def _drain_all(url: str, queue: str, want: int, timeout: float = 60.0) -> Counter[str]:
+    """Start a consumer now and count every task id it gets until ``want`` distinct ones."""
+    broker = ClusterStreamBroker(
+        url, queue_name=queue, plan_poll_interval=POLL, xread_block=200, idle_timeout=60_000
+    )
+    await broker.startup()
+    got: Counter[str] = Counter()
+    gen = broker.listen()
+
+    async def run() -> None:
+        async for msg in gen:
+            assert isinstance(msg, AckableMessage)
+            got[task_id_of(msg.data)] += 1
+            await msg.ack()  # type: ignore[misc]
+            if len(got) >= want:
+                return
+
+    try:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(run(), timeout)
+    finally:
+        await gen.aclose()
+        await broker.shutdown()
+    return got
+
+
+@pytest.mark.cluster
+async def test_move_without_workers_copies_the_backlog_in_order(
+    cluster_client: RedisCluster, cluster_url: str, queue: str
+) -> None:
+    plan = await _weighted_plan(cluster_client, queue)
+    # One partition key: every task lands on one shard, which must move.
+    preview = await Rebalancer(cluster_client).preview(queue)
+    moving = {m.index for m in preview.moves}
+    key = next(f"k{i}" for i in range(10_000) if slot_of(f"k{i}") % 6 in moving)
+    kicked = [f"{queue}-{i:04d}" for i in range(300)]
+    for chunk in range(0, len(kicked), 50):  # in order: one chunk after the other
+        await _kick_all(cluster_url, queue, kicked[chunk : chunk + 50], partition_key=key)
+    # Workers ran before (their groups exist) but none runs now.
+    await _create_groups(cluster_client, plan.tags())
+    events: list[RebalanceEvent] = []
+    started = time.monotonic()
+    results = await Rebalancer(cluster_client, options=_opts(), on_event=events.append).apply(
+        [queue]
+    )
+    took = time.monotonic() - started
+    assert results[0].moves == 2
+    ok, counts = await _status_ok(cluster_client, queue)
+    assert ok, counts
+    copied = sum(e.done for e in events if e.kind is RebalanceEventKind.COPIED)
+    assert copied >= 300
+    # A consumer started afterwards gets everything, and one key's tasks in
+    # the order they were kicked (the copy kept it).
+    broker = ClusterStreamBroker(cluster_url, queue_name=queue, xread_block=200)
+    await broker.startup()
+    try:
+        got = [task_id_of(m.data) for m in await take(broker, len(kicked), timeout=30)]
+    finally:
+        await broker.shutdown()
+    print(f"no workers: 300 entries moved in {took:.1f}s (settle windows included)")
+    assert sorted(got) == kicked
+    chunks = [sorted(kicked[c : c + 50]) for c in range(0, 300, 50)]
+    assert [sorted(got[c : c + 50]) for c in range(0, 300, 50)] == chunks
+
+
+def _tags(queue: str, n: int) -> list[str]:
+    return [shard_tag(queue, i, 0) for i in range(n)]
+
+
+@pytest.mark.cluster
+async def test_copy_takes_each_entry_once_over_groups_and_ungrouped(
+    cluster_client: RedisCluster, unique_name: str
+) -> None:
+    src_tag, dst_tag, bare_tag, bare_dst = _tags(unique_name, 4)
+    src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
+    bare, bare_out = ShardKeys(DEFAULT_PREFIX, bare_tag), ShardKeys(DEFAULT_PREFIX, bare_dst)
+    try:
+        for i in range(100):
+            await cluster_client.xadd(src.stream, {b"data": f"e{i}".encode()})
+            await cluster_client.xadd(bare.stream, {b"data": f"b{i}".encode()})
+        # Two groups at different positions: g2 has had the first 50 and
+        # acknowledged 40 of them; a live consumer of g2 holds the other 10.
+        await cluster_client.xgroup_create(src.stream, "g1", id="0")
+        await cluster_client.xgroup_create(src.stream, "g2", id="0")
+        read = await cluster_client.xreadgroup("g2", "live", {src.stream: ">"}, count=50)
+        ids = [entry_id for entry_id, _ in read[0][1]]
+        await cluster_client.xack(src.stream, "g2", *ids[:40])
+        rebalancer = Rebalancer(cluster_client, options=_opts(copy_batch=30))
+        copied = await rebalancer.copy_entries(src_tag, dst_tag)
+        assert copied == 100
+        out = [f[b"data"] for _, f in await cluster_client.xrange(dst.stream)]
+        # Each entry once, in order: the groups were aligned, not copied apart.
+        assert out == [f"e{i}".encode() for i in range(100)]
+        state = await rebalancer.drain_state(src_tag)
+        assert (state.undelivered, state.pending) == (0, 10)  # the live consumer's
+        # A stream no consumer ever read (no group): copied and deleted.
+        assert await rebalancer.copy_entries(bare_tag, bare_dst) == 100
+        assert await cluster_client.xlen(bare.stream) == 0
+        assert (await rebalancer.drain_state(bare_tag)).drained
+        assert [f[b"data"] for _, f in await cluster_client.xrange(bare_out.stream)] == [
+            f"b{i}".encode() for i in range(100)
+        ]
+    finally:
+        for keys in (src, dst, bare, bare_out):
+            await cluster_client.delete(keys.stream)
+
+
+@pytest.mark.cluster
+async def test_copy_takes_dead_consumers_entries_and_leaves_live_ones(
+    cluster_client: RedisCluster, unique_name: str
+) -> None:
+    src_tag, dst_tag = _tags(unique_name, 2)
+    src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
+    try:
+        await cluster_client.xgroup_create(src.stream, "taskiq", id="0", mkstream=True)
+        for i in range(21):
+            await cluster_client.xadd(src.stream, {b"data": f"e{i}".encode()})
+        await cluster_client.xreadgroup("taskiq", "dead", {src.stream: ">"}, count=10)
+        await cluster_client.xreadgroup("taskiq", "live", {src.stream: ">"}, count=10)
+        await asyncio.sleep(0.6)
+        # "live" reads again, as a working broker reader does (Redis 7.0
+        # counts a consumer's idle time from its last read that got entries;
+        # 7.2+ from its last read attempt).
+        await cluster_client.xreadgroup("taskiq", "live", {src.stream: ">"}, count=1)
+        rebalancer = Rebalancer(cluster_client, options=_opts(consumer_timeout=0.5))
+        assert await rebalancer.copy_entries(src_tag, dst_tag) == 10
+        out = [f[b"data"] for _, f in await cluster_client.xrange(dst.stream)]
+        assert out == [f"e{i}".encode() for i in range(10)]
+        pending = await cluster_client.xpending(src.stream, "taskiq")
+        assert pending["pending"] == 11
+        assert {c["name"]: c["pending"] for c in pending["consumers"]} == {b"live": 11}
+        # Once it has not been seen for long, its entries are taken too.
+        await asyncio.sleep(0.6)
+        assert await rebalancer.copy_entries(src_tag, dst_tag) == 11
+        assert (await rebalancer.drain_state(src_tag)).drained
+    finally:
+        await cluster_client.delete(src.stream, dst.stream)
+
+
+@pytest.mark.cluster
+async def test_interrupted_copy_is_finished_by_the_rerun_from_the_movers_pending(
+    cluster_client: RedisCluster, unique_name: str
+) -> None:
+    from taskiq_redis_cluster._rebalance import MOVER_CONSUMER
+
+    src_tag, dst_tag = _tags(unique_name, 2)
+    src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
+    try:
+        await cluster_client.xgroup_create(src.stream, "taskiq", id="0", mkstream=True)
+        for i in range(50):
+            await cluster_client.xadd(src.stream, {b"data": f"e{i}".encode()})
+        # A mover killed after claiming 20 and copying none of them.
+        await cluster_client.xreadgroup("taskiq", MOVER_CONSUMER, {src.stream: ">"}, count=20)
+        rebalancer = Rebalancer(cluster_client, options=_opts(copy_batch=7))
+        assert await rebalancer.copy_entries(src_tag, dst_tag) == 50
+        out = [f[b"data"] for _, f in await cluster_client.xrange(dst.stream)]
+        assert out == [f"e{i}".encode() for i in range(50)]
+        assert (await rebalancer.drain_state(src_tag)).drained
+    finally:
+        await cluster_client.delete(src.stream, dst.stream)
+
+
+@pytest.mark.cluster
+async def test_list_copy_survives_concurrent_pops_and_keeps_order(
+    cluster_client: RedisCluster, unique_name: str
+) -> None:
+    from taskiq_redis_cluster._rebalance import _LIST_TAKEN
+
+    src_tag, dst_tag = _tags(unique_name, 2)
+    src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
+    taken = cluster_client.register_script(_LIST_TAKEN)
+    try:
+        for i in range(10):
+            await cluster_client.lpush(src.list, f"m{i}")  # as the list broker kicks
+        batch = await cluster_client.lrange(src.list, -4, -1)  # m3 m2 m1 m0
+        # Meanwhile a consumer pops two and a producer pushes one.
+        assert await cluster_client.rpop(src.list) == b"m0"
+        assert await cluster_client.rpop(src.list) == b"m1"
+        await cluster_client.lpush(src.list, "m10")
+        assert await taken(keys=[src.list], args=batch) == 2
+        assert await cluster_client.lrange(src.list, 0, -1) == [
+            f"m{i}".encode() for i in range(10, 3, -1)
+        ]
+        # The whole copy lands behind what the new list already holds,
+        # oldest first.
+        await cluster_client.lpush(dst.list, "newer")
+        rebalancer = Rebalancer(cluster_client, options=_opts(copy_batch=3))
+        assert await rebalancer.copy_entries(src_tag, dst_tag) == 7
+        assert not await cluster_client.exists(src.list)
+        popped = [await cluster_client.rpop(dst.list) for _ in range(8)]
+        assert popped == [b"newer"] + [f"m{i}".encode() for i in range(4, 11)]
+    finally:
+        await cluster_client.delete(src.list, dst.list)
+
+
+@pytest.mark.cluster
+async def test_list_queue_moves_without_workers(
+    cluster_client: RedisCluster, cluster_url: str, queue: str
+) -> None:
+    from taskiq_redis_cluster import ClusterListQueueBroker
+
+    plan = await _weighted_plan(cluster_client, queue)
+    preview = await Rebalancer(cluster_client).preview(queue)
+    move = preview.moves[0]
+    key = next(f"k{i}" for i in range(10_000) if slot_of(f"k{i}") % 6 == move.index)
+    producer = ClusterListQueueBroker(cluster_url, queue_name=queue, plan_poll_interval=POLL)
+    await producer.startup()
+    kicked = [f"{queue}-{i:03d}" for i in range(150)]
+    try:
+        for task_id in kicked:  # one after the other: their order is known
+            await producer.kick(make_message(task_id, partition_key=key))
+        for i in range(60):
+            await producer.kick(make_message(f"{queue}-rr{i}"))
+    finally:
+        await producer.shutdown()
+    results = await Rebalancer(cluster_client, options=_opts()).apply([queue])
+    assert results[0].moves == 2
+    ok, counts = await _status_ok(cluster_client, queue)
+    assert ok, counts
+    final = await PlanStore(cluster_client).load(queue)
+    assert final is not None
+    assert await _old_keys_gone(cluster_client, set(plan.tags()) - set(final.tags()))
+    # Oldest at the right end, where consumers pop: the kick order is kept.
+    moved = ShardKeys(DEFAULT_PREFIX, final.shards[move.index].tag).list
+    keyed = [task_id_of(m) for m in reversed(await cluster_client.lrange(moved, 0, -1))]
+    assert [t for t in keyed if "-rr" not in t] == kicked
+    total = 0
+    for shard in final.shards:
+        total += await cluster_client.llen(ShardKeys(DEFAULT_PREFIX, shard.tag).list)
+    assert total == 210
+
+
+async def _reshard_a_third(
+    client: RedisCluster, queue: str
+) -> tuple[int, str, str, frozenset[int]]:
+    """A 12-shard plan with A's 4 shards in the third of A's slots that moves to B."""
+    topology = await read_topology(client)
+    a = topology.owner_of(0)
+    assert a is not None
+    b = next(m for m in topology.slot_masters if m.node_id != a.node_id)
+    c = next(m for m in topology.slot_masters if m.node_id not in (a.node_id, b.node_id))
+    a_slots = [s for s in range(16384) if topology.slot_owners[s] == a.node_id]
+    low = frozenset(a_slots[: len(a_slots) // 3])
+    wanted = [(a.node_id, low), (b.node_id, None), (c.node_id, None)] * 4
+    store = PlanStore(client)
+    await store.get_or_create(topology, QueueSpec(queue, 12))
+    assert await store.compare_and_swap(_plan_on(topology, queue, 2, wanted), expected_epoch=1)
+    return a.address.port, a.node_id, b.node_id, low
+
+
+@pytest.mark.cluster
+async def test_no_worker_2000_tasks_reshard_then_apply_finishes_fast(
+    healthy_cluster: DevCluster,
+    cluster_client: RedisCluster,
+    cluster_url: str,
+    queue: str,
+) -> None:
+    """Acceptance (issue 14.1): no worker, 2,000 queued, a third of a master resharded."""
+    port, a_id, b_id, low = await _reshard_a_third(cluster_client, queue)
+    plan = await PlanStore(cluster_client).load(queue)
+    assert plan is not None
+    kicked = [f"{queue}-{i}" for i in range(2000)]
+    for chunk in range(0, len(kicked), 250):
+        await _kick_all(cluster_url, queue, kicked[chunk : chunk + 250])
+    await _create_groups(cluster_client, plan.tags())
+    try:
+        await _reshard(port, a_id, b_id, len(low))
+        await healthy_cluster.wait_healthy()
+        # A worker that died with entries in hand, on each shard that will move.
+        preview = await Rebalancer(cluster_client).preview(queue)
+        assert len(preview.moves) == 4
+        for move in preview.moves:
+            stream = ShardKeys(DEFAULT_PREFIX, move.old.tag).stream
+            await cluster_client.xreadgroup("taskiq", "died", {stream: ">"}, count=10)
+        started = time.monotonic()
+        code, out, err = await _run_cli(
+            *_cli_args(cluster_url, queue, "apply"),
+            *_tuning(timeout=120),
+            "--consumer-timeout",
+            "1",
+            "--max-entries-per-second",
+            "5000",
+            timeout=150,
+        )
+        took = time.monotonic() - started
+        assert code == 0, out + err
+        assert took < 120
+        ok, counts = await _status_ok(cluster_client, queue)
+        assert ok, counts
+        assert max(counts.values()) - min(counts.values()) <= 1, counts
+        got = await _drain_all(cluster_url, queue, len(kicked))
+        lost = set(kicked) - set(got)
+        print(
+            f"no worker, 2000 queued: apply took {took:.1f}s (4 moves, 2 at once), "
+            f"lost {len(lost)}, duplicates {sum(c - 1 for c in got.values())}"
+        )
+        assert not lost
+    finally:
+        now = await read_topology(cluster_client)
+        back = [s for s in low if now.slot_owners[s] == b_id]
+        if back:
+            await _reshard(port, b_id, a_id, len(back))
+        await healthy_cluster.wait_healthy()
+
+
+@pytest.mark.cluster
+async def test_kill_9_while_copying_then_rerun_loses_nothing(
+    cluster_client: RedisCluster, cluster_url: str, queue: str
+) -> None:
+    plan = await _weighted_plan(cluster_client, queue)
+    kicked = [f"{queue}-{i}" for i in range(2000)]
+    for chunk in range(0, len(kicked), 250):
+        await _kick_all(cluster_url, queue, kicked[chunk : chunk + 250])
+    await _create_groups(cluster_client, plan.tags())
+    preview = await Rebalancer(cluster_client).preview(queue)
+    new_streams = [ShardKeys(DEFAULT_PREFIX, m.new.tag).stream for m in preview.moves]
+    proc = await asyncio.create_subprocess_exec(
+        *_cli_args(cluster_url, queue, "apply"),
+        *_tuning(),
+        "--max-entries-per-second",
+        "400",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        # Kill once the copy is under way: entries in a new tag, some left.
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.returncode is None, "the rebalancer ended before copying"
+            assert time.monotonic() < deadline, "copying did not start"
+            lengths = [await cluster_client.xlen(s) for s in new_streams]
+            if any(lengths):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    records = await Journal(cluster_client, DEFAULT_PREFIX, queue).records()
+    assert any(r.precopy for r in records)
+    old_left = 0
+    for m in preview.moves:
+        old_left += (await Rebalancer(cluster_client).drain_state(m.old)).undelivered
+    assert old_left > 0, "the kill must land while copying"
+    code, out, err = await _run_cli(
+        *_cli_args(cluster_url, queue, "apply"), *_tuning(), "--lock-wait", "10"
+    )
+    assert code == 0, out + err
+    assert "resumed" in out
+    code, out, err = await _run_cli(*_cli_args(cluster_url, queue, "verify"))
+    assert code == 0, out + err
+    got = await _drain_all(cluster_url, queue, len(kicked))
+    lost = set(kicked) - set(got)
+    duplicates = sum(c - 1 for c in got.values())
+    print(f"kill -9 while copying: left {old_left} to copy, lost {len(lost)}, dups {duplicates}")
+    assert not lost
+    # At most the batch each interrupted copy had claimed but not acked.
+    assert duplicates <= 2 * RebalanceOptions().copy_batch
