@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -17,13 +18,14 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import AuthenticationError, MovedError, RedisError
 
+from taskiq_redis_cluster import testing
 from taskiq_redis_cluster._connection import ConnectionOptions, connect
 from taskiq_redis_cluster._errors import (
     ClusterFormationError,
     PortBusyError,
     RedisServerMissingError,
 )
-from taskiq_redis_cluster.devcluster import (
+from taskiq_redis_cluster.testing import (
     DevCluster,
     Node,
     TLSConfig,
@@ -396,6 +398,69 @@ def test_cli_missing_redis_server(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "apt-get install -y redis-server" in lines[0]
+
+
+# --------------------------------------------------------------------------
+# The public package and its opt-in pytest plugin
+# --------------------------------------------------------------------------
+
+PLUGIN = "taskiq_redis_cluster.testing.pytest_plugin"
+_OUR_FIXTURES = ("redis_cluster", "cluster_url", "cluster_client", "unique_name")
+
+
+def test_testing_exports_are_pinned() -> None:
+    assert testing.__all__ == [
+        "DevCluster",
+        "Node",
+        "NodeStatus",
+        "TLSConfig",
+        "check_redis_server",
+        "find_free_base_port",
+        "format_slots",
+        "kill_from_pid_files",
+        "stop_directory",
+        "throwaway_cluster",
+    ]
+    public = {
+        name
+        for name in dir(testing)
+        if not name.startswith("_") and not isinstance(getattr(testing, name), type(testing))
+    }
+    assert public == set(testing.__all__)
+
+
+def _fixtures_listed(directory: Path) -> set[str]:
+    """Fixture names that ``pytest --fixtures`` shows in a bare project."""
+    # A project of its own: its own ini (so no parent config is found) and
+    # no plugin forced in through the environment.
+    (directory / "pytest.ini").write_text("[pytest]\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_PLUGINS", "PYTEST_ADDOPTS")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--fixtures", "-p", "no:cacheprovider"],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # 5 is "no tests collected", the normal outcome of an empty project.
+    assert result.returncode in (0, 5), result.stdout[-2000:] + result.stderr[-2000:]
+    return {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+
+
+def test_plugin_is_not_loaded_into_unrelated_pytest_runs(
+    tmp_path: Path, request: pytest.FixtureRequest, unique_name: str
+) -> None:
+    listed = _fixtures_listed(tmp_path)
+    # The listing is read correctly: pytest's own fixtures are there ...
+    assert {"tmp_path", "monkeypatch"} <= listed
+    # ... and installing the package put none of ours into an unrelated run
+    # (it used to, through a pytest11 entry point), while this project, which
+    # opts in through conftest.py, has them (this test got ``unique_name``).
+    assert listed.isdisjoint(_OUR_FIXTURES)
+    assert request.config.pluginmanager.has_plugin(PLUGIN)
+    assert unique_name.startswith("t-")
 
 
 # --------------------------------------------------------------------------
