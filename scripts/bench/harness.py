@@ -60,10 +60,11 @@ from typing import Any
 
 from redis.asyncio import RedisCluster
 
+from taskiq_redis_cluster import DevClusterError
 from taskiq_redis_cluster._connection import connect, redact_url
-from taskiq_redis_cluster._errors import DevClusterError
 from taskiq_redis_cluster._keys import DEFAULT_PREFIX, ShardKeys
 from taskiq_redis_cluster._planstore import PlanStore
+from taskiq_redis_cluster.testing import DevCluster, find_free_base_port
 
 from .config import APP_MODULE, ENV_PREFIX, LABELS, BenchConfig
 from .measure import (
@@ -709,8 +710,6 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     :raises BenchError: a child process failed or a wait timed out.
     """
-    from taskiq_redis_cluster.devcluster import DevCluster, find_free_base_port
-
     wall_start = time.time()
     load_start = _loadavg()
     work = Path(tempfile.mkdtemp(prefix="tqrc-bench-"))
