@@ -13,7 +13,7 @@ def test_every_public_name_is_exported() -> None:
     public = {
         name
         for name in dir(taskiq_redis_cluster)
-        if not name.startswith("_") and name not in {"devcluster", "pytest_plugin"}
+        if not name.startswith("_") and name not in {"devcluster", "pytest_plugin", "testing"}
     }
     assert public == set(taskiq_redis_cluster.__all__)
 
