@@ -60,7 +60,7 @@ from taskiq import AsyncBroker, TaskiqEvents, TaskiqMessage, TaskiqState
 from ._connection import connect
 from ._errors import ConfigurationError, KickFailedError
 from ._keys import ShardKeys, slot_of
-from .devcluster import DevCluster, NodeStatus, throwaway_cluster
+from .testing import DevCluster, NodeStatus, throwaway_cluster
 
 logger = logging.getLogger("taskiq_redis_cluster.chaos")
 

@@ -42,7 +42,7 @@ from taskiq_redis_cluster._chaos import (
     skip_reason,
     task_sleep,
 )
-from taskiq_redis_cluster.devcluster import DevCluster
+from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.chaos
 
