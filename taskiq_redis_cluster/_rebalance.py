@@ -1044,6 +1044,8 @@ class Rebalancer:
         self._claim_script = client.register_script(_CLAIM_BATCH)
         self._delete_ungrouped = client.register_script(_DELETE_UNGROUPED)
         self._list_taken = client.register_script(_LIST_TAKEN)
+        # One pace for all moves in flight: the cap is per rebalancer.
+        self._throttle = _Throttle(self.options.max_entries_per_second)
 
     # ------------------------------------------------------------- reading
     async def queues(self) -> list[str]:
@@ -1135,7 +1137,7 @@ class Rebalancer:
         dst = ShardKeys(self.prefix, target.tag if isinstance(target, Shard) else target)
         if src.tag == dst.tag:
             raise RebalanceError(message=f"cannot copy shard {src.tag} onto itself")
-        throttle = _Throttle(self.options.max_entries_per_second)
+        throttle = self._throttle
         copied = await self._copy_stream(src.stream, dst.stream, throttle, snapshot=snapshot)
         copied += await self._copy_list(src.list, dst.list, throttle, snapshot=snapshot)
         return copied
@@ -1636,7 +1638,7 @@ class Rebalancer:
                 if not await self._switch(queue, journal, rec):
                     return False
             elif rec.state is MoveState.SWITCHED:
-                await self._wait_drained(queue, journal, rec, deadline, done, total)
+                deadline = await self._wait_drained(queue, journal, rec, deadline, done, total)
             elif rec.state is MoveState.DRAINED:
                 counted = await self._finalize(queue, journal, rec) or counted
             elif rec.state is MoveState.FINALIZED:
@@ -1744,7 +1746,13 @@ class Rebalancer:
         deadline: float,
         done: int,
         total: int,
-    ) -> None:
+    ) -> float:
+        """Copy and wait until ``rec.draining`` is drained; returns the deadline.
+
+        The deadline moves on with every pass that makes progress (entries
+        copied, or fewer left pending), so only a shard that is stuck times
+        out, however large it is.
+        """
         if rec.switched_at is None:
             # Unknown switch time (killed before the journal said): count
             # the settle window from now, which is later than the real one.
@@ -1759,19 +1767,21 @@ class Rebalancer:
             + 10
         )
         state: DrainState | None = None
+        left: int | None = None
         for _ in range(limit):
             state = await self.drain_state(rec.draining)
             if not state.drained:
-                before = state
                 copied = await self.copy_entries(rec.draining, await self._target_tag(queue, rec))
                 state = await self.drain_state(rec.draining)
                 if copied:
                     rec.copied += copied
                     await journal.put(rec)
                     self._emit(RebalanceEventKind.COPIED, queue, rec, done=copied, total=copied)
-                if copied or state.pending < before.pending:
+                now_left = state.undelivered + state.pending + state.list_length
+                if copied or (left is not None and now_left < left):
                     # Progress: the timeout counts time without any.
                     deadline = max(deadline, time.monotonic() + self.options.move_timeout)
+                left = now_left
             self._emit(
                 RebalanceEventKind.WAITING,
                 queue,
@@ -1785,11 +1795,12 @@ class Rebalancer:
                 rec.state = MoveState.DRAINED
                 await journal.put(rec)
                 self._emit(RebalanceEventKind.DRAINED, queue, rec, done=done, total=total)
-                return
+                return deadline
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(self.options.check_interval)
         await self._timed_out(queue, journal, rec, state)
+        return deadline
 
     async def _timed_out(
         self, queue: str, journal: Journal, rec: MoveRecord, state: DrainState | None
@@ -2062,18 +2073,20 @@ class Rebalancer:
 
 
 class _Throttle:
-    """Sleeps so that at most ``rate`` entries per second pass on average."""
+    """Paces everyone who shares it to ``rate`` entries per second in total.
+
+    Each call books ``count / rate`` seconds after the last booking (or
+    now, if that is past: idle time earns no burst) and sleeps until then.
+    """
 
     def __init__(self, rate: float) -> None:
         self._rate = rate
-        self._started = time.monotonic()
-        self._count = 0
+        self._free_at = 0.0
 
     async def __call__(self, count: int) -> None:
-        self._count += count
-        ahead = self._count / self._rate - (time.monotonic() - self._started)
-        if ahead > 0:
-            await asyncio.sleep(ahead)
+        now = time.monotonic()
+        self._free_at = max(self._free_at, now) + count / self._rate
+        await asyncio.sleep(self._free_at - now)
 
 
 def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:

@@ -1428,3 +1428,18 @@ async def test_kill_9_while_copying_then_rerun_loses_nothing(
     assert not lost
     # At most the batch each interrupted copy had claimed but not acked.
     assert duplicates <= 2 * RebalanceOptions().copy_batch
+
+
+async def test_copy_pace_is_shared_by_every_move_in_flight() -> None:
+    from taskiq_redis_cluster._rebalance import _Throttle
+
+    throttle = _Throttle(2000.0)
+
+    async def mover() -> None:
+        for _ in range(5):
+            await throttle(100)
+
+    started = time.monotonic()
+    await asyncio.gather(mover(), mover())
+    # 1,000 entries at 2,000/s in total: half a second, not a quarter.
+    assert time.monotonic() - started >= 0.45
