@@ -179,11 +179,36 @@ if lt == 'list' then
 elseif lt ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' is a ' .. lt .. ', not a list')
 end
-local deleted = 0
-if ARGV[1] == '1' and undelivered == 0 and pending == 0 and llen == 0 then
-  deleted = redis.call('DEL', KEYS[1], KEYS[2])
+local held = 0
+if redis.call('TYPE', KEYS[3])['ok'] == 'set' then
+  for _, c in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    local p = ARGV[2] .. c
+    if redis.call('TYPE', p)['ok'] == 'list' then held = held + redis.call('LLEN', p) end
+  end
 end
-return {exists, length, ngroups, undelivered, pending, llen, deleted}
+local deleted = 0
+if ARGV[1] == '1' and undelivered == 0 and pending == 0 and llen == 0 and held == 0 then
+  deleted = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+end
+return {exists, length, ngroups, undelivered, pending, llen, deleted, held}
+"""
+
+# KEYS[1] shard list, KEYS[2] its reliable consumers set (same tag).
+# ARGV[1] processing-list key prefix, ARGV[2] heartbeat key prefix.
+# The processing lists of consumers whose heartbeat expired go back to the
+# consuming (right) end of the shard list, as the list broker's own recovery
+# does, so the copy that follows takes them first. Returns entries moved.
+_LIST_RECOVER = """
+if redis.call('TYPE', KEYS[2])['ok'] ~= 'set' then return 0 end
+local moved = 0
+for _, c in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('EXISTS', ARGV[2] .. c) == 0 then
+    local p = ARGV[1] .. c
+    while redis.call('LMOVE', p, KEYS[1], 'LEFT', 'RIGHT') do moved = moved + 1 end
+    redis.call('SREM', KEYS[2], c)
+  end
+end
+return moved
 """
 
 # Stream ids compared exactly (Lua numbers are doubles): by length, then text.
@@ -434,11 +459,19 @@ class DrainState:
     pending: int
     list_length: int
     deleted: bool = False
+    #: entries held in the processing lists of reliable list consumers
+    processing: int = 0
 
     @property
     def drained(self) -> bool:
-        """No group has undelivered or pending entries and the list is empty."""
-        return self.undelivered == 0 and self.pending == 0 and self.list_length == 0
+        """No group has undelivered or pending entries, the list is empty and
+        no reliable list consumer holds any."""
+        return (
+            self.undelivered == 0
+            and self.pending == 0
+            and self.list_length == 0
+            and self.processing == 0
+        )
 
 
 class MoveState(str, enum.Enum):
@@ -1044,6 +1077,7 @@ class Rebalancer:
         self._claim_script = client.register_script(_CLAIM_BATCH)
         self._delete_ungrouped = client.register_script(_DELETE_UNGROUPED)
         self._list_taken = client.register_script(_LIST_TAKEN)
+        self._list_recover = client.register_script(_LIST_RECOVER)
         # One pace for all moves in flight: the cap is per rebalancer.
         self._throttle = _Throttle(self.options.max_entries_per_second)
 
@@ -1102,7 +1136,8 @@ class Rebalancer:
         tag = shard.tag if isinstance(shard, Shard) else shard
         keys = ShardKeys(self.prefix, tag)
         reply = await self._drain_script(
-            keys=[keys.stream, keys.list], args=["1" if delete else "0"]
+            keys=[keys.stream, keys.list, keys.consumers],
+            args=["1" if delete else "0", keys.processing("")],
         )
         values = [int(v) for v in reply]
         return DrainState(
@@ -1113,6 +1148,7 @@ class Rebalancer:
             pending=values[4],
             list_length=values[5],
             deleted=values[6] > 0,
+            processing=values[7],
         )
 
     # ------------------------------------------------------------- copying
@@ -1139,6 +1175,13 @@ class Rebalancer:
             raise RebalanceError(message=f"cannot copy shard {src.tag} onto itself")
         throttle = self._throttle
         copied = await self._copy_stream(src.stream, dst.stream, throttle, snapshot=snapshot)
+        # Reliable list consumers that died hand their processing lists back
+        # first (the broker's own rule: the heartbeat expired).
+        recovered = await self._list_recover(
+            keys=[src.list, src.consumers], args=[src.processing(""), src.heartbeat("")]
+        )
+        if int(recovered):
+            logger.info("Returned %d entries of dead list consumers to %s", recovered, src.list)
         copied += await self._copy_list(src.list, dst.list, throttle, snapshot=snapshot)
         return copied
 
@@ -1322,17 +1365,23 @@ class Rebalancer:
     async def sweep(self, queues: Sequence[str] | None = None) -> int:
         """Move entries found in retired shards to the live ones (under the lease).
 
+        The lease is taken only when some retired shard holds a key, so a
+        ``watch`` that sweeps every poll does not churn it.
+
         :returns: entries moved.
         :raises RebalanceLockedError: another rebalancer holds the lease.
         """
+        names = list(queues) if queues is not None else await self.queues()
+        todo = [queue for queue in names if await self._has_stranded(queue)]
+        if not todo:
+            return 0
         async with RebalanceLease(
             self._client, prefix=self.prefix, ttl=self.options.lease_ttl, wait=0.0
         ) as lease:
             self._lease = lease
             try:
-                names = list(queues) if queues is not None else await self.queues()
                 total = 0
-                for queue in names:
+                for queue in todo:
                     total += await self._sweep_queue(
                         queue, Journal(self._client, self.prefix, queue)
                     )
@@ -1340,14 +1389,8 @@ class Rebalancer:
             finally:
                 self._lease = None
 
-    async def _sweep_queue(self, queue: str, journal: Journal) -> int:
-        """Retired shards of ``queue`` that received entries are emptied into live ones.
-
-        Only a producer that did not follow the plan (an old version, or
-        one that could not read the plan) still writes to a removed tag;
-        with ``XADD NOMKSTREAM`` a kick never recreates a deleted stream,
-        but a list push always does.
-        """
+    async def _retired_tags(self, queue: str, journal: Journal) -> dict[str, int]:
+        """Retired tags of ``queue`` (not in its plan) and their shard index."""
         plan = await self._plan(queue)
         live = {s.tag for s in plan.all_shards()}
         retired = await journal.retired(older_than=time.time() - self.options.retired_memory)
@@ -1358,12 +1401,30 @@ class Rebalancer:
         if back:
             # Someone made the tag active again: it is no longer retired.
             await journal.forget_retired(back)
-        moved = 0
-        for tag, index in retired.items():
-            if tag in live:
-                continue
+        return {tag: index for tag, index in retired.items() if tag not in live}
+
+    async def _has_stranded(self, queue: str) -> bool:
+        """Whether a retired shard of ``queue`` holds entries or a stream (no lease)."""
+        journal = Journal(self._client, self.prefix, queue)
+        for tag in await self._retired_tags(queue, journal):
             state = await self.drain_state(tag)
-            if not state.exists and not state.list_length:
+            if state.exists or state.list_length or state.processing:
+                return True
+        return False
+
+    async def _sweep_queue(self, queue: str, journal: Journal) -> int:
+        """Retired shards of ``queue`` that received entries are emptied into live ones.
+
+        Only a producer that did not follow the plan (an old version, or
+        one that could not read the plan) still writes to a removed tag;
+        with ``XADD NOMKSTREAM`` a kick never recreates a deleted stream,
+        but a list push always does.
+        """
+        plan = await self._plan(queue)
+        moved = 0
+        for tag, index in (await self._retired_tags(queue, journal)).items():
+            state = await self.drain_state(tag)
+            if not state.exists and not state.list_length and not state.processing:
                 continue
             if not state.drained:
                 if not 0 <= index < len(plan.shards):
@@ -1777,7 +1838,7 @@ class Rebalancer:
                     rec.copied += copied
                     await journal.put(rec)
                     self._emit(RebalanceEventKind.COPIED, queue, rec, done=copied, total=copied)
-                now_left = state.undelivered + state.pending + state.list_length
+                now_left = state.undelivered + state.pending + state.list_length + state.processing
                 if copied or (left is not None and now_left < left):
                     # Progress: the timeout counts time without any.
                     deadline = max(deadline, time.monotonic() + self.options.move_timeout)
@@ -1787,7 +1848,7 @@ class Rebalancer:
                 queue,
                 rec,
                 undelivered=state.undelivered,
-                pending=state.pending + state.list_length,
+                pending=state.pending + state.list_length + state.processing,
                 done=done,
                 total=total,
             )
@@ -1807,7 +1868,7 @@ class Rebalancer:
     ) -> None:
         left = (
             f"{state.undelivered} undelivered, {state.pending} pending, "
-            f"{state.list_length} in the list"
+            f"{state.list_length} in the list, {state.processing} held by list consumers"
             if state is not None
             else "unknown"
         )

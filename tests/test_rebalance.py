@@ -1443,3 +1443,42 @@ async def test_copy_pace_is_shared_by_every_move_in_flight() -> None:
     await asyncio.gather(mover(), mover())
     # 1,000 entries at 2,000/s in total: half a second, not a quarter.
     assert time.monotonic() - started >= 0.45
+
+
+@pytest.mark.cluster
+async def test_reliable_list_consumers_dead_ones_are_copied_live_ones_waited_for(
+    cluster_client: RedisCluster, unique_name: str
+) -> None:
+    src_tag, dst_tag = _tags(unique_name, 2)
+    src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
+    keys = [src.list, dst.list, src.consumers, src.processing("dead"), src.processing("live")]
+    keys += [src.heartbeat("live")]
+    try:
+        await cluster_client.lpush(src.list, "q0", "q1")
+        # What the reliable list broker leaves: BLMOVE'd into processing
+        # lists; only "live" still refreshes its heartbeat.
+        await cluster_client.sadd(src.consumers, "dead", "live")
+        await cluster_client.lpush(src.processing("dead"), "d0", "d1", "d2")
+        await cluster_client.lpush(src.processing("live"), "l0", "l1")
+        await cluster_client.set(src.heartbeat("live"), 1, px=60_000)
+        rebalancer = Rebalancer(cluster_client, options=_opts())
+        assert (await rebalancer.drain_state(src_tag)).processing == 5
+        assert await rebalancer.copy_entries(src_tag, dst_tag) == 5
+        state = await rebalancer.drain_state(src_tag, delete=True)
+        assert (state.processing, state.list_length, state.drained) == (2, 0, False)
+        assert not state.deleted  # what a live consumer holds is never deleted
+        assert sorted(await cluster_client.lrange(dst.list, 0, -1)) == [
+            b"d0",
+            b"d1",
+            b"d2",
+            b"q0",
+            b"q1",
+        ]
+        # The live consumer dies too (its heartbeat expires): then it is copied.
+        await cluster_client.delete(src.heartbeat("live"))
+        assert await rebalancer.copy_entries(src_tag, dst_tag) == 2
+        assert (await rebalancer.drain_state(src_tag, delete=True)).drained
+        assert not await cluster_client.exists(src.list, src.consumers, src.processing("live"))
+        assert await cluster_client.llen(dst.list) == 7
+    finally:
+        await cluster_client.delete(*keys)
