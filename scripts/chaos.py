@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 
-from taskiq_redis_cluster._cmd_chaos import main
+from taskiq_redis_cluster._cli._cmd_chaos import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ ensure_venv
 cd "$ROOT"
 
 WORKDIR="$(mktemp -d "${TMPDIR:-/tmp}/tqrc-demo.XXXXXX")"
-PORT="$("$VENV/bin/python" -c 'from taskiq_redis_cluster.devcluster import find_free_base_port; print(find_free_base_port(6))')"
+PORT="$("$VENV/bin/python" -c 'from taskiq_redis_cluster.testing import find_free_base_port; print(find_free_base_port(6))')"
 CLI="$VENV/bin/taskiq-redis-cluster"
 WORKER_PID=""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from taskiq_redis_cluster._cli import main
+from taskiq_redis_cluster._cli._main import main
 
 if __name__ == "__main__":
     sys.exit(main(["rebalance", *sys.argv[1:]]))

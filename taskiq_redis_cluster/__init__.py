@@ -5,7 +5,7 @@ private and may change without notice (except ``devcluster`` and
 ``pytest_plugin``, which are public tools for tests and demos).
 """
 
-from ._connection import ConnectionOptions, connect, redact_url
+from ._brokers import ClusterListQueueBroker, ClusterPubSubBroker, ClusterStreamBroker
 from ._errors import (
     ClusterError,
     ClusterFormationError,
@@ -39,7 +39,6 @@ from ._errors import (
     TopologyError,
 )
 from ._events import BrokerEvents
-from ._list import ClusterListQueueBroker
 from ._metrics import (
     MetricsServer,
     PrometheusEvents,
@@ -53,9 +52,18 @@ from ._metrics import (
     start_metrics_server,
 )
 from ._options import ListOptions, QueueOptions, StreamOptions
-from ._planner import QueueSpec, Shard, ShardPlan, balance, plan_queue, replan
-from ._planstore import PlanStore
-from ._pubsub import ClusterPubSubBroker
+from ._planning import (
+    MasterInfo,
+    PlanStore,
+    QueueSpec,
+    Shard,
+    ShardPlan,
+    Topology,
+    balance,
+    plan_queue,
+    read_topology,
+    replan,
+)
 from ._rebalance import (
     RebalanceEvent,
     RebalanceEventKind,
@@ -65,11 +73,9 @@ from ._rebalance import (
     RebalanceResult,
     RebalanceStatus,
 )
+from ._redis import ConnectionOptions, RetryPolicy, connect, redact_url
 from ._result_backend import ClusterResultBackend
-from ._retry import RetryPolicy
 from ._schedule_source import ClusterListScheduleSource
-from ._stream import ClusterStreamBroker
-from ._topology import MasterInfo, Topology, read_topology
 
 __all__ = [
     "BrokerEvents",

@@ -57,9 +57,9 @@ from typing import Any, TextIO
 from redis.asyncio import RedisCluster
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqMessage, TaskiqState
 
-from ._connection import connect
 from ._errors import ConfigurationError, KickFailedError
 from ._keys import ShardKeys, slot_of
+from ._redis import connect
 from .testing import DevCluster, NodeStatus, throwaway_cluster
 
 logger = logging.getLogger("taskiq_redis_cluster.chaos")
@@ -194,7 +194,7 @@ def make_broker(
 ) -> AsyncBroker:
     """The broker under test, configured the same in workers and producer."""
     if kind == "ours":
-        from ._stream import ClusterStreamBroker
+        from ._brokers import ClusterStreamBroker
 
         extra: dict[str, Any] = {}
         if shards is not None:
@@ -218,7 +218,7 @@ def make_broker(
         )
         return broker
     if kind == "ours-list":
-        from ._list import ClusterListQueueBroker
+        from ._brokers import ClusterListQueueBroker
 
         extra = {} if shards is None else {"shards": shards}
         return ClusterListQueueBroker(url, queue_name=queue, plan_poll_interval=0.5, **extra)
@@ -1022,14 +1022,10 @@ async def _rolling_restart(ctx: ScenarioContext) -> None:
 
 
 def rebalancer_available() -> bool:
-    """True once the ``rebalance`` command exists (written separately)."""
-    from . import _cli
-
-    if "rebalance" not in _cli._COMMAND_MODULES:
-        return False
+    """True when the ``rebalance`` command is installed."""
     import importlib.util
 
-    return importlib.util.find_spec("taskiq_redis_cluster._cmd_rebalance") is not None
+    return importlib.util.find_spec("taskiq_redis_cluster._cli._cmd_rebalance") is not None
 
 
 async def _run_process(
@@ -1129,7 +1125,7 @@ async def _reshard_under_load(ctx: ScenarioContext) -> None:
 
 def _rebalance_command(ctx: ScenarioContext, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "taskiq_redis_cluster._cli", "rebalance", "apply",
+        sys.executable, "-m", "taskiq_redis_cluster._cli._main", "rebalance", "apply",
         "--url", ctx.url, "--queue", ctx.queue, *extra,
     ]  # fmt: skip
 
@@ -1477,8 +1473,7 @@ def producer_broker(url: str, queue: str, config: ChaosConfig) -> AsyncBroker:
 async def stream_keys(producer: AsyncBroker, queue: str) -> list[str]:
     """The keys holding ``queue``'s tasks: one stream (or list) per shard, or
     taskiq-redis's one stream."""
-    from ._list import ClusterListQueueBroker
-    from ._stream import ClusterStreamBroker
+    from ._brokers import ClusterListQueueBroker, ClusterStreamBroker
 
     if isinstance(producer, ClusterStreamBroker):
         plan = await producer.current_plan()
@@ -1491,7 +1486,7 @@ async def stream_keys(producer: AsyncBroker, queue: str) -> list[str]:
 
 async def dead_letter_keys(producer: AsyncBroker) -> list[str]:
     """The dead-letter streams of the producer's queue (ClusterStreamBroker only)."""
-    from ._stream import ClusterStreamBroker
+    from ._brokers import ClusterStreamBroker
 
     if not isinstance(producer, ClusterStreamBroker):
         return []

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import RedisCluster
 
-from ._connection import ConnectionOptions, connect
 from ._errors import LifecycleError
+from ._redis import ConnectionOptions, connect
 
 logger = logging.getLogger("taskiq_redis_cluster")
 

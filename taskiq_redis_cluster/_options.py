@@ -13,9 +13,9 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from ._connection import ConnectionOptions
 from ._errors import ConfigurationError
 from ._keys import DEFAULT_PREFIX, validate_name
+from ._redis import ConnectionOptions
 
 
 def default_consumer_name() -> str:

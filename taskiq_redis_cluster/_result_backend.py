@@ -28,9 +28,9 @@ from taskiq.depends.progress_tracker import TaskProgress
 from taskiq.result import TaskiqResult
 
 from . import _keys
-from ._connection import ConnectionOptions, redact_url, validate_url
 from ._errors import InvalidOptionError, ResultError, ResultNotFoundError
 from ._lifecycle import OwnedClient
+from ._redis import ConnectionOptions, redact_url, validate_url
 from ._serialization import default_serializer, dump_model, load_model
 
 logger = logging.getLogger("taskiq_redis_cluster.result_backend")

@@ -52,9 +52,9 @@ from taskiq.abc.serializer import TaskiqSerializer
 from taskiq.exceptions import ScheduledTaskCancelledError
 
 from . import _keys
-from ._connection import ConnectionOptions, redact_url, validate_url
 from ._errors import CorruptScheduleError, InvalidOptionError
 from ._lifecycle import OwnedClient
+from ._redis import ConnectionOptions, redact_url, validate_url
 from ._serialization import default_serializer, dump_model, load_model
 
 if sys.version_info >= (3, 11):

@@ -307,7 +307,7 @@ def test_cli_parses_the_bench_options() -> None:
 def test_installed_cli_has_no_bench_command() -> None:
     # The bench needs dev dependencies (taskiq-redis): a plain install must
     # not offer a command that fails for lack of them.
-    from taskiq_redis_cluster._cli import build_parser as installed_parser
+    from taskiq_redis_cluster._cli._main import build_parser as installed_parser
 
     with pytest.raises(SystemExit):
         installed_parser().parse_args(["bench", "--quick"])

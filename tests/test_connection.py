@@ -16,7 +16,7 @@ from taskiq_redis_cluster import (
     connect,
     redact_url,
 )
-from taskiq_redis_cluster._connection import validate_url
+from taskiq_redis_cluster._redis._connection import validate_url
 
 
 @pytest.mark.parametrize(

@@ -19,12 +19,12 @@ from redis.crc import key_slot
 from redis.exceptions import AuthenticationError, MovedError, RedisError
 
 from taskiq_redis_cluster import testing
-from taskiq_redis_cluster._connection import ConnectionOptions, connect
 from taskiq_redis_cluster._errors import (
     ClusterFormationError,
     PortBusyError,
     RedisServerMissingError,
 )
+from taskiq_redis_cluster._redis._connection import ConnectionOptions, connect
 from taskiq_redis_cluster.testing import (
     DevCluster,
     Node,
@@ -34,7 +34,7 @@ from taskiq_redis_cluster.testing import (
 
 pytestmark = pytest.mark.cluster
 
-CLI = [sys.executable, "-m", "taskiq_redis_cluster._cli"]
+CLI = [sys.executable, "-m", "taskiq_redis_cluster._cli._main"]
 
 
 def _alive(pid: int) -> bool:

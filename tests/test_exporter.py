@@ -297,7 +297,7 @@ async def test_prometheus_scrapes_the_cli_exporter(
         [
             sys.executable,
             "-m",
-            "taskiq_redis_cluster._cli",
+            "taskiq_redis_cluster._cli._main",
             "exporter",
             "--url",
             cluster_url,
@@ -368,7 +368,7 @@ def test_cli_exporter_reports_an_unreachable_cluster(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "taskiq_redis_cluster._cli",
+            "taskiq_redis_cluster._cli._main",
             "exporter",
             "--url",
             f"redis://user:s3cret@127.0.0.1:{port}",

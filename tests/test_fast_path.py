@@ -13,10 +13,10 @@ from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskiq_redis_cluster import ClusterStreamBroker, ConnectionOptions, connect
-from taskiq_redis_cluster._autopipeline import AutoPipeline, CommandFailure, Unroutable
 from taskiq_redis_cluster._keys import ShardKeys
-from taskiq_redis_cluster._retry import Outcome, write_outcome
-from taskiq_redis_cluster.devcluster import DevCluster
+from taskiq_redis_cluster._redis._autopipeline import AutoPipeline, CommandFailure, Unroutable
+from taskiq_redis_cluster._redis._retry import Outcome, write_outcome
+from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.cluster
 

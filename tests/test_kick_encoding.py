@@ -13,7 +13,7 @@ from taskiq import InMemoryBroker, TaskiqMessage
 from taskiq.serializers import JSONSerializer
 
 from taskiq_redis_cluster import ClusterStreamBroker
-from taskiq_redis_cluster._broker import random_task_id
+from taskiq_redis_cluster._brokers._base import random_task_id
 from taskiq_redis_cluster._serialization import MessageFormatter
 
 _URL = "redis://127.0.0.1:1"  # never connected: no I/O before startup()

@@ -27,7 +27,7 @@ from taskiq import AckableMessage, BrokerMessage
 
 from taskiq_redis_cluster import ClusterListQueueBroker
 from taskiq_redis_cluster._keys import ShardKeys
-from taskiq_redis_cluster._retry import RetryPolicy
+from taskiq_redis_cluster._redis._retry import RetryPolicy
 
 pytestmark = pytest.mark.cluster
 

@@ -27,7 +27,7 @@ from taskiq_redis_cluster import (
     NotAClusterError,
 )
 from taskiq_redis_cluster._keys import ShardKeys, broadcast_channel
-from taskiq_redis_cluster.devcluster import DevCluster
+from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.cluster
 

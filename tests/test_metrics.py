@@ -154,7 +154,7 @@ def test_rebalancer_events_and_runs_are_counted() -> None:
     import dataclasses
 
     from taskiq_redis_cluster import _rebalance
-    from taskiq_redis_cluster._rebalance import RebalanceEvent
+    from taskiq_redis_cluster._rebalance._rebalancer import RebalanceEvent
 
     # The rebalancer's own enum, whatever its name (annotations are strings).
     kind_field = next(f for f in dataclasses.fields(RebalanceEvent) if f.name == "kind")

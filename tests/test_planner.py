@@ -20,7 +20,7 @@ from taskiq_redis_cluster._errors import (
     PlanVersionError,
 )
 from taskiq_redis_cluster._keys import ShardKeys, slot_of
-from taskiq_redis_cluster._planner import (
+from taskiq_redis_cluster._planning._planner import (
     PLAN_FORMAT_VERSION,
     QueueSpec,
     Shard,
@@ -30,7 +30,7 @@ from taskiq_redis_cluster._planner import (
     quotas,
     replan,
 )
-from taskiq_redis_cluster._topology import SLOT_COUNT, Topology
+from taskiq_redis_cluster._planning._topology import SLOT_COUNT, Topology
 
 PROPS = settings(
     max_examples=60,

@@ -21,8 +21,7 @@ from helpers import eventually
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
-from taskiq_redis_cluster._cmd_plan import run_create, run_list, run_show
-from taskiq_redis_cluster._connection import connect
+from taskiq_redis_cluster._cli._cmd_plan import run_create, run_list, run_show
 from taskiq_redis_cluster._errors import (
     CorruptPlanError,
     PlanNotFoundError,
@@ -30,10 +29,16 @@ from taskiq_redis_cluster._errors import (
     PlanVersionError,
 )
 from taskiq_redis_cluster._keys import ShardKeys, plan_key
-from taskiq_redis_cluster._planner import QueueSpec, ShardPlan, plan_queue, replan
-from taskiq_redis_cluster._planstore import PlanFollower, PlanStore, PlanVersion, StoredPlan
-from taskiq_redis_cluster._topology import Topology, read_topology
-from taskiq_redis_cluster.devcluster import DevCluster, Node
+from taskiq_redis_cluster._planning._planner import QueueSpec, ShardPlan, plan_queue, replan
+from taskiq_redis_cluster._planning._planstore import (
+    PlanFollower,
+    PlanStore,
+    PlanVersion,
+    StoredPlan,
+)
+from taskiq_redis_cluster._planning._topology import Topology, read_topology
+from taskiq_redis_cluster._redis._connection import connect
+from taskiq_redis_cluster.testing import DevCluster, Node
 
 pytestmark = pytest.mark.cluster
 
@@ -556,7 +561,7 @@ async def test_cli_entry_point_subprocess(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "taskiq_redis_cluster._cli",
+        "taskiq_redis_cluster._cli._main",
         "plan",
         "show",
         "--url",

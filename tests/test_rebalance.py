@@ -48,8 +48,9 @@ from taskiq_redis_cluster._keys import (
     shard_tag_slots,
     slot_of,
 )
-from taskiq_redis_cluster._planner import Shard
-from taskiq_redis_cluster._rebalance import (
+from taskiq_redis_cluster._planning._planner import Shard
+from taskiq_redis_cluster._planning._topology import Topology
+from taskiq_redis_cluster._rebalance._rebalancer import (
     Journal,
     MoveRecord,
     MoveState,
@@ -60,8 +61,7 @@ from taskiq_redis_cluster._rebalance import (
     Rebalancer,
     reconcile,
 )
-from taskiq_redis_cluster._topology import Topology
-from taskiq_redis_cluster.devcluster import DevCluster, find_free_base_port
+from taskiq_redis_cluster.testing import DevCluster, find_free_base_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "rebalance.py"
@@ -1021,7 +1021,7 @@ class _FakeTTY:
 
 
 def test_progress_line_on_a_terminal() -> None:
-    from taskiq_redis_cluster._cmd_rebalance import _Progress
+    from taskiq_redis_cluster._cli._cmd_rebalance import _Progress
 
     out = _FakeTTY()
     progress = _Progress(out)  # type: ignore[arg-type]
@@ -1214,7 +1214,7 @@ async def test_copy_takes_dead_consumers_entries_and_leaves_live_ones(
 async def test_interrupted_copy_is_finished_by_the_rerun_from_the_movers_pending(
     cluster_client: RedisCluster, unique_name: str
 ) -> None:
-    from taskiq_redis_cluster._rebalance import MOVER_CONSUMER
+    from taskiq_redis_cluster._rebalance._rebalancer import MOVER_CONSUMER
 
     src_tag, dst_tag = _tags(unique_name, 2)
     src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
@@ -1237,7 +1237,7 @@ async def test_interrupted_copy_is_finished_by_the_rerun_from_the_movers_pending
 async def test_list_copy_survives_concurrent_pops_and_keeps_order(
     cluster_client: RedisCluster, unique_name: str
 ) -> None:
-    from taskiq_redis_cluster._rebalance import _LIST_TAKEN
+    from taskiq_redis_cluster._rebalance._rebalancer import _LIST_TAKEN
 
     src_tag, dst_tag = _tags(unique_name, 2)
     src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
@@ -1431,7 +1431,7 @@ async def test_kill_9_while_copying_then_rerun_loses_nothing(
 
 
 async def test_copy_pace_is_shared_by_every_move_in_flight() -> None:
-    from taskiq_redis_cluster._rebalance import _Throttle
+    from taskiq_redis_cluster._rebalance._rebalancer import _Throttle
 
     throttle = _Throttle(2000.0)
 

@@ -28,7 +28,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from taskiq_redis_cluster._autopipeline import _only_pushes_left, _reader, _take_replies
+from taskiq_redis_cluster._redis._autopipeline import _only_pushes_left, _reader, _take_replies
 
 
 def _redis_py_pack(*args: Any) -> bytes:

@@ -20,7 +20,6 @@ from taskiq.result import TaskiqResult
 from taskiq.task import AsyncTaskiqTask
 
 from taskiq_redis_cluster import _keys
-from taskiq_redis_cluster._connection import ConnectionOptions
 from taskiq_redis_cluster._errors import (
     ConfigurationError,
     InvalidOptionError,
@@ -29,6 +28,7 @@ from taskiq_redis_cluster._errors import (
     ResultError,
     ResultNotFoundError,
 )
+from taskiq_redis_cluster._redis._connection import ConnectionOptions
 from taskiq_redis_cluster._result_backend import DEFAULT_RESULT_EX_TIME, ClusterResultBackend
 
 pytestmark = pytest.mark.cluster

@@ -27,7 +27,7 @@ from taskiq.exceptions import ScheduledTaskCancelledError, SendTaskError
 from taskiq_redis_cluster import _keys
 from taskiq_redis_cluster._errors import InvalidNameError, InvalidOptionError, LifecycleError
 from taskiq_redis_cluster._schedule_source import ClusterListScheduleSource
-from taskiq_redis_cluster.devcluster import DevCluster, find_free_base_port
+from taskiq_redis_cluster.testing import DevCluster, find_free_base_port
 
 pytestmark = pytest.mark.cluster
 
@@ -588,7 +588,7 @@ import os
 
 from taskiq import AsyncBroker, TaskiqScheduler
 
-from taskiq_redis_cluster._connection import connect
+from taskiq_redis_cluster._redis._connection import connect
 from taskiq_redis_cluster._schedule_source import ClusterListScheduleSource
 
 URL = os.environ["TQRC_E2E_URL"]

@@ -28,7 +28,7 @@ from taskiq_redis_cluster import (
     StreamOptions,
 )
 from taskiq_redis_cluster._keys import ShardKeys
-from taskiq_redis_cluster.devcluster import DevCluster
+from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -21,7 +21,7 @@ from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 
 from taskiq_redis_cluster import ClusterStreamBroker, PlanStore, Shard, ShardPlan
-from taskiq_redis_cluster._broker import StopSignal
+from taskiq_redis_cluster._brokers._base import StopSignal
 from taskiq_redis_cluster._keys import ShardKeys, shard_tag, tag_slot
 
 pytestmark = pytest.mark.cluster

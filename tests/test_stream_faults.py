@@ -40,8 +40,8 @@ from taskiq_redis_cluster._chaos import (
     stream_keys,
     worker_env,
 )
-from taskiq_redis_cluster._connection import connect
-from taskiq_redis_cluster.devcluster import DevCluster
+from taskiq_redis_cluster._redis._connection import connect
+from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.chaos
 

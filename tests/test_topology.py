@@ -7,7 +7,7 @@ from redis.asyncio import RedisCluster
 
 from taskiq_redis_cluster._errors import TopologyError
 from taskiq_redis_cluster._keys import slot_of
-from taskiq_redis_cluster._topology import (
+from taskiq_redis_cluster._planning._topology import (
     SLOT_COUNT,
     MasterInfo,
     MigratingSlot,
@@ -19,7 +19,7 @@ from taskiq_redis_cluster._topology import (
     parse_cluster_slots,
     read_topology,
 )
-from taskiq_redis_cluster.devcluster import DevCluster
+from taskiq_redis_cluster.testing import DevCluster
 
 A = "a" * 40
 B = "b" * 40

@@ -61,9 +61,9 @@ from typing import Any
 from redis.asyncio import RedisCluster
 
 from taskiq_redis_cluster import DevClusterError
-from taskiq_redis_cluster._connection import connect, redact_url
 from taskiq_redis_cluster._keys import DEFAULT_PREFIX, ShardKeys
-from taskiq_redis_cluster._planstore import PlanStore
+from taskiq_redis_cluster._planning._planstore import PlanStore
+from taskiq_redis_cluster._redis._connection import connect, redact_url
 from taskiq_redis_cluster.testing import DevCluster, find_free_base_port
 
 from .config import APP_MODULE, ENV_PREFIX, LABELS, BenchConfig

@@ -18,8 +18,8 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 
 from taskiq_redis_cluster import ClusterStreamBroker, scrape_once
-from taskiq_redis_cluster._planner import QueueSpec, plan_queue
-from taskiq_redis_cluster._topology import Topology
+from taskiq_redis_cluster._planning._planner import QueueSpec, plan_queue
+from taskiq_redis_cluster._planning._topology import Topology
 
 logger = logging.getLogger("taskiq_redis_cluster.bench")
 

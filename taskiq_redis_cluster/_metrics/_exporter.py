@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import RedisCluster
 
-from .._connection import ConnectionOptions, connect, redact_url
 from .._keys import DEFAULT_PREFIX
+from .._redis import ConnectionOptions, connect, redact_url
 from ._collector import QueueCollector, families_of
 from ._events import metrics_registry, multiprocess_dir
 from ._reader import QueueStateReader

@@ -24,10 +24,8 @@ from redis.exceptions import RedisError
 
 from .._errors import PlanError
 from .._keys import DEFAULT_PREFIX, ShardKeys
-from .._planner import ShardPlan, balance
-from .._planstore import PlanStore
-from .._retry import error_kind
-from .._topology import Topology, read_topology
+from .._planning import PlanStore, ShardPlan, Topology, balance, read_topology
+from .._redis import error_kind
 from ._specs import METRIC_PREFIX, METRICS, SPECS_BY_NAME, empty_family
 
 logger = logging.getLogger("taskiq_redis_cluster.metrics")

@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import RedisCluster
 
-from .._connection import connect
+from .._redis import connect
 from ._cluster import DevCluster, throwaway_cluster
 
 try:

@@ -22,7 +22,7 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError, ResponseError
 
-from ._errors import TopologyError
+from .._errors import TopologyError
 
 logger = logging.getLogger("taskiq_redis_cluster.topology")
 

@@ -25,14 +25,14 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any
 
-from ._errors import (
+from .._errors import (
     CorruptPlanError,
     InvalidShardCountError,
     NoMastersError,
     PlanVersionError,
     TopologyError,
 )
-from ._keys import ShardKeys, shard_tag, shard_tag_slots, tag_slot, validate_name
+from .._keys import ShardKeys, shard_tag, shard_tag_slots, tag_slot, validate_name
 from ._topology import SLOT_COUNT, Topology
 
 #: Version of the plan record layout written by this release.

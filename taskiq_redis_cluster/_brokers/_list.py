@@ -32,13 +32,12 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 
-from ._autopipeline import AutoPipeline, CommandFailure, Unroutable
-from ._broker import ShardedBroker, Sink, StopSignal
-from ._events import BrokerEvents
-from ._keys import ShardKeys
-from ._options import ListOptions, resolve_options
-from ._planner import Shard
-from ._retry import RetryPolicy, error_kind, is_transient
+from .._events import BrokerEvents
+from .._keys import ShardKeys
+from .._options import ListOptions, resolve_options
+from .._planning import Shard
+from .._redis import AutoPipeline, CommandFailure, RetryPolicy, Unroutable, error_kind, is_transient
+from ._base import ShardedBroker, Sink, StopSignal
 
 logger = logging.getLogger("taskiq_redis_cluster")
 

@@ -28,18 +28,25 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
-from ._autopipeline import AutoPipeline, CommandFailure, Reply
-from ._connection import ConnectionOptions, redact_url, validate_url
-from ._errors import KickFailedError, KickOutcomeUnknownError
-from ._events import NULL_EVENTS, BrokerEvents
-from ._keys import ShardKeys, slot_of
-from ._lifecycle import OwnedClient
-from ._options import QueueOptions
-from ._planner import QueueSpec, Shard, ShardPlan
-from ._planstore import PlanFollower, PlanStore
-from ._retry import Outcome, RetryPolicy, error_kind, write_outcome
-from ._serialization import MessageFormatter
-from ._topology import read_topology
+from .._errors import KickFailedError, KickOutcomeUnknownError
+from .._events import NULL_EVENTS, BrokerEvents
+from .._keys import ShardKeys, slot_of
+from .._lifecycle import OwnedClient
+from .._options import QueueOptions
+from .._planning import PlanFollower, PlanStore, QueueSpec, Shard, ShardPlan, read_topology
+from .._redis import (
+    AutoPipeline,
+    CommandFailure,
+    ConnectionOptions,
+    Outcome,
+    Reply,
+    RetryPolicy,
+    error_kind,
+    redact_url,
+    validate_url,
+    write_outcome,
+)
+from .._serialization import MessageFormatter
 
 logger = logging.getLogger("taskiq_redis_cluster")
 

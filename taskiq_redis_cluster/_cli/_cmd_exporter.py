@@ -22,10 +22,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ._connection import redact_url
-from ._errors import ClusterError
-from ._keys import DEFAULT_PREFIX
-from ._metrics import DEFAULT_EXPORTER_PORT, MetricsServer, run_exporter
+from .._errors import ClusterError
+from .._keys import DEFAULT_PREFIX
+from .._metrics import DEFAULT_EXPORTER_PORT, MetricsServer, run_exporter
+from .._redis import redact_url
 
 EXIT_ERROR = 2
 

@@ -22,12 +22,18 @@ from typing import Any
 from redis.asyncio.cluster import ClusterPubSub
 from taskiq import AsyncBroker, BrokerMessage
 
-from ._connection import ConnectionOptions, redact_url, validate_url
-from ._errors import KickFailedError
-from ._events import NULL_EVENTS, BrokerEvents
-from ._keys import DEFAULT_PREFIX, broadcast_channel, validate_name
-from ._lifecycle import OwnedClient
-from ._retry import RetryPolicy, error_kind, is_transient
+from .._errors import KickFailedError
+from .._events import NULL_EVENTS, BrokerEvents
+from .._keys import DEFAULT_PREFIX, broadcast_channel, validate_name
+from .._lifecycle import OwnedClient
+from .._redis import (
+    ConnectionOptions,
+    RetryPolicy,
+    error_kind,
+    is_transient,
+    redact_url,
+    validate_url,
+)
 
 logger = logging.getLogger("taskiq_redis_cluster")
 

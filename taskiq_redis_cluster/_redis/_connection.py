@@ -24,7 +24,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from ._errors import ConfigurationError, ConnectError, InvalidURLError, NotAClusterError
+from .._errors import ConfigurationError, ConnectError, InvalidURLError, NotAClusterError
 
 logger = logging.getLogger("taskiq_redis_cluster")
 

@@ -44,11 +44,10 @@ from typing import Any, TextIO
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
-from ._cmd_plan import _fail
-from ._connection import connect
-from ._errors import ClusterError, RebalanceAbortedError, RebalanceError, RebalanceLockedError
-from ._keys import DEFAULT_PREFIX
-from ._rebalance import (
+from .._errors import ClusterError, RebalanceAbortedError, RebalanceError, RebalanceLockedError
+from .._keys import DEFAULT_PREFIX
+from .._planning import Topology, read_topology
+from .._rebalance import (
     RebalanceEvent,
     RebalanceEventKind,
     RebalanceOptions,
@@ -56,7 +55,8 @@ from ._rebalance import (
     Rebalancer,
     RebalanceStatus,
 )
-from ._topology import Topology, read_topology
+from .._redis import connect
+from ._cmd_plan import _fail
 
 EXIT_OK = 0
 EXIT_UNBALANCED = 1
@@ -311,7 +311,7 @@ def _rebalancer(
     ``PROMETHEUS_MULTIPROC_DIR`` set (see docs/metrics.md), or through
     ``watch --metrics-port``.
     """
-    from ._metrics import default_events
+    from .._metrics import default_events
 
     events = default_events()
 
@@ -368,7 +368,7 @@ def _handle_watch(args: argparse.Namespace) -> int:
         rebalancer, events = _rebalancer(client, args, progress)
         server = None
         if args.metrics_port is not None:
-            from ._metrics import metrics_registry, start_metrics_server
+            from .._metrics import metrics_registry, start_metrics_server
 
             server = start_metrics_server(
                 args.metrics_port, host=args.metrics_host, registry=metrics_registry(events)

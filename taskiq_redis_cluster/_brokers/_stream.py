@@ -33,14 +33,21 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 from taskiq import AckableMessage, BrokerMessage
 
-from ._autopipeline import AutoPipeline, CommandFailure, Reply, Unroutable
-from ._broker import ShardedBroker, Sink, StopSignal
-from ._errors import ConfigurationError, ReplicationTimeoutError
-from ._events import BrokerEvents
-from ._keys import ShardKeys
-from ._options import StreamOptions, resolve_options
-from ._planner import Shard
-from ._retry import RetryPolicy, error_kind, is_transient
+from .._errors import ConfigurationError, ReplicationTimeoutError
+from .._events import BrokerEvents
+from .._keys import ShardKeys
+from .._options import StreamOptions, resolve_options
+from .._planning import Shard
+from .._redis import (
+    AutoPipeline,
+    CommandFailure,
+    Reply,
+    RetryPolicy,
+    Unroutable,
+    error_kind,
+    is_transient,
+)
+from ._base import ShardedBroker, Sink, StopSignal
 
 logger = logging.getLogger("taskiq_redis_cluster")
 

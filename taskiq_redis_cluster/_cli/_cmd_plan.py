@@ -30,12 +30,10 @@ from urllib.parse import urlsplit
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
-from ._connection import connect, redact_url
-from ._errors import ClusterError
-from ._keys import DEFAULT_PREFIX
-from ._planner import QueueSpec, Shard, ShardPlan, balance
-from ._planstore import PlanStore
-from ._topology import Topology, read_topology
+from .._errors import ClusterError
+from .._keys import DEFAULT_PREFIX
+from .._planning import PlanStore, QueueSpec, Shard, ShardPlan, Topology, balance, read_topology
+from .._redis import connect, redact_url
 
 EXIT_OK = 0
 EXIT_UNBALANCED = 1

@@ -100,23 +100,32 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
-from ._errors import (
+from .._errors import (
     ConfigurationError,
     PlanNotFoundError,
     RebalanceAbortedError,
     RebalanceError,
     RebalanceLockedError,
 )
-from ._keys import (
+from .._keys import (
     DEFAULT_PREFIX,
     ShardKeys,
     rebalance_journal_key,
     rebalance_lease_key,
     validate_name,
 )
-from ._planner import BalanceReport, Move, Replan, Shard, ShardPlan, balance, replan
-from ._planstore import PlanStore
-from ._topology import Topology, read_topology
+from .._planning import (
+    BalanceReport,
+    Move,
+    PlanStore,
+    Replan,
+    Shard,
+    ShardPlan,
+    Topology,
+    balance,
+    read_topology,
+    replan,
+)
 
 logger = logging.getLogger("taskiq_redis_cluster.rebalance")
 

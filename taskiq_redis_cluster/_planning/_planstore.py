@@ -62,14 +62,14 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
 
-from ._errors import (
+from .._errors import (
     CorruptPlanError,
     PlanError,
     PlanNotFoundError,
     PlanNotReplicatedError,
     PlanVersionError,
 )
-from ._keys import DEFAULT_PREFIX, plan_key, plans_index_key, validate_name
+from .._keys import DEFAULT_PREFIX, plan_key, plans_index_key, validate_name
 from ._planner import PLAN_FORMAT_VERSION, QueueSpec, ShardPlan, plan_queue
 from ._topology import Topology
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._chaos import (
+from .._chaos import (
     BROKERS,
     CI_SCENARIOS,
     SCENARIOS,
@@ -34,7 +34,7 @@ from ._chaos import (
     run_suite,
     write_json,
 )
-from ._errors import ClusterError
+from .._errors import ClusterError
 
 
 def register(subparsers: Any) -> None:

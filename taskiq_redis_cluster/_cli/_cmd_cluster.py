@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._connection import redact_url
-from ._errors import ClusterError, DevClusterError
-from .testing import DevCluster, TLSConfig, format_slots, stop_directory
-from .testing._model import STATE_FILE
+from .._errors import ClusterError, DevClusterError
+from .._redis import redact_url
+from ..testing import DevCluster, TLSConfig, format_slots, stop_directory
+from ..testing._model import STATE_FILE
 
 _DEFAULT_DIR = ".taskiq-redis-cluster"
 

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
-        module = importlib.import_module(f"taskiq_redis_cluster._cmd_{name}")
+        module = importlib.import_module(f"taskiq_redis_cluster._cli._cmd_{name}")
         module.register(subparsers)
     return parser
 
