@@ -1,8 +1,8 @@
 """taskiq-redis-cluster: cluster-aware sharded taskiq brokers for Redis Cluster.
 
 Everything public is importable from here; the modules behind it are
-private and may change without notice (except ``devcluster`` and
-``pytest_plugin``, which are public tools for tests and demos).
+private and may change without notice, except the ``testing`` package (a
+local dev cluster and an opt-in pytest plugin).
 """
 
 from ._brokers import ClusterListQueueBroker, ClusterPubSubBroker, ClusterStreamBroker
@@ -16,6 +16,7 @@ from ._errors import (
     CrossSlotError,
     DevClusterError,
     InvalidNameError,
+    InvalidOptionError,
     InvalidShardCountError,
     InvalidURLError,
     KickError,
@@ -25,6 +26,7 @@ from ._errors import (
     NoMastersError,
     NotAClusterError,
     PlanError,
+    PlanNotFoundError,
     PlanNotReplicatedError,
     PlanVersionError,
     PortBusyError,
@@ -94,6 +96,7 @@ __all__ = [
     "CrossSlotError",
     "DevClusterError",
     "InvalidNameError",
+    "InvalidOptionError",
     "InvalidShardCountError",
     "InvalidURLError",
     "KickError",
@@ -106,6 +109,7 @@ __all__ = [
     "NoMastersError",
     "NotAClusterError",
     "PlanError",
+    "PlanNotFoundError",
     "PlanNotReplicatedError",
     "PlanStore",
     "PlanVersionError",

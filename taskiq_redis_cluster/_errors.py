@@ -10,7 +10,7 @@ and result failures ``ResultBackendError``, as taskiq expects::
         │   ├── InvalidURLError
         │   ├── InvalidNameError         empty name, or a name with "{" or "}"
         │   ├── InvalidShardCountError   outside 1..16384
-        │   └── InvalidOptionError       a keyword option has a bad value or combination
+        │   └── InvalidOptionError       an option has a bad value or combination (also ValueError)
         ├── ConnectError                 cannot reach or understand the server
         │   └── NotAClusterError         the URL points at a non-cluster Redis
         ├── TopologyError                the live cluster cannot serve a plan
@@ -83,8 +83,12 @@ class InvalidShardCountError(ConfigurationError):
     shards: int
 
 
-class InvalidOptionError(ConfigurationError):
-    """A keyword option has a bad value, or conflicts with another option."""
+class InvalidOptionError(ConfigurationError, ValueError):
+    """An option has a bad value, or conflicts with another option.
+
+    Also a ``ValueError``, which is what such a mistake raised before it was
+    typed, so existing ``except ValueError`` handlers keep working.
+    """
 
     __template__ = "Invalid option {option}: {reason}"
     option: str

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from ._errors import ConfigurationError
+from ._errors import InvalidOptionError, InvalidShardCountError
 from ._keys import DEFAULT_PREFIX, validate_name
 from ._redis import ConnectionOptions
 
@@ -42,8 +42,9 @@ def resolve_options(
     """
     if options is not None:
         if kwargs:
-            raise ConfigurationError(
-                message=f"options= excludes other keyword arguments: {sorted(kwargs)}"
+            raise InvalidOptionError(
+                option="options",
+                reason=f"options= excludes other keyword arguments: {sorted(kwargs)}",
             )
         return options
     names = {f.name for f in fields(cls)}
@@ -57,7 +58,9 @@ def resolve_options(
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigurationError(message=f"{name} must be {'>= 0' if allow_zero else '> 0'}")
+        raise InvalidOptionError(
+            option=name, reason=f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class QueueOptions:
         validate_name(self.queue_name, "queue")
         validate_name(self.prefix, "prefix")
         if self.shards is not None and not 1 <= self.shards <= 16384:
-            raise ConfigurationError(message="shards must be in 1..16384")
+            raise InvalidShardCountError(queue=self.queue_name, shards=self.shards)
         _positive("shards_per_master", self.shards_per_master)
         _positive("plan_poll_interval", self.plan_poll_interval)
 

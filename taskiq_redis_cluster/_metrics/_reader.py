@@ -22,7 +22,7 @@ from prometheus_client.core import Metric
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
-from .._errors import PlanError
+from .._errors import InvalidOptionError, PlanError
 from .._keys import DEFAULT_PREFIX, ShardKeys
 from .._planning import PlanStore, ShardPlan, Topology, balance, read_topology
 from .._redis import error_kind
@@ -221,7 +221,7 @@ class QueueStateReader:
         clock: Callable[[], float] = time.time,
     ) -> None:
         if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+            raise InvalidOptionError(option="timeout", reason=f"must be > 0, got {timeout!r}")
         self.client = client
         self.queues = tuple(queues) if queues else None
         self.prefix = prefix

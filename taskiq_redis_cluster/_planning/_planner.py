@@ -27,6 +27,7 @@ from typing import Any
 
 from .._errors import (
     CorruptPlanError,
+    InvalidOptionError,
     InvalidShardCountError,
     NoMastersError,
     PlanVersionError,
@@ -81,11 +82,18 @@ def _check_weights(weights: Mapping[str, float]) -> Mapping[str, float]:
     checked: dict[str, float] = {}
     for node_id, weight in weights.items():
         if not isinstance(node_id, str) or not node_id:
-            raise ValueError(f"weight keys must be master node ids, got {node_id!r}")
+            raise InvalidOptionError(
+                option="weights", reason=f"keys must be master node ids, got {node_id!r}"
+            )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ValueError(f"weight of {node_id} must be a number, got {weight!r}")
+            raise InvalidOptionError(
+                option="weights", reason=f"weight of {node_id} must be a number, got {weight!r}"
+            )
         if not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"weight of {node_id} must be finite and > 0, got {weight!r}")
+            raise InvalidOptionError(
+                option="weights",
+                reason=f"weight of {node_id} must be finite and > 0, got {weight!r}",
+            )
         checked[node_id] = float(weight)
     return MappingProxyType(checked)
 

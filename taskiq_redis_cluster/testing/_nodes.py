@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .._errors import ClusterFormationError, ConfigurationError, DevClusterError
+from .._errors import ClusterFormationError, DevClusterError, InvalidOptionError
 from ._model import (
     BUS_PORT_OFFSET,
     SLOTS,
@@ -63,18 +63,23 @@ class NodeSet:
         form_timeout: float = 60.0,
     ) -> None:
         if masters < 1 or replicas < 0:
-            raise ConfigurationError(message="masters must be >= 1 and replicas >= 0")
+            raise InvalidOptionError(
+                option="masters/replicas", reason="masters must be >= 1 and replicas >= 0"
+            )
         if masters > SLOTS:
-            raise ConfigurationError(message=f"at most {SLOTS} masters")
+            raise InvalidOptionError(option="masters", reason=f"at most {SLOTS} masters")
         count = masters * (1 + replicas)
         if not (base_port >= 1 and base_port + count - 1 + BUS_PORT_OFFSET <= 65535):
-            raise ConfigurationError(
-                message=f"base port {base_port} leaves no room for {count} nodes and bus ports"
+            raise InvalidOptionError(
+                option="base_port",
+                reason=f"{base_port} leaves no room for {count} nodes and bus ports",
             )
         if username is not None and (not username or any(c.isspace() for c in username)):
-            raise ConfigurationError(message="the ACL user name must be non-empty, no spaces")
+            raise InvalidOptionError(option="username", reason="must be non-empty, no spaces")
         if username is not None and not password:
-            raise ConfigurationError(message="an ACL user (--username) needs a password")
+            raise InvalidOptionError(
+                option="password", reason="an ACL user (--username) needs a password"
+            )
         self.masters_count = masters
         self.replicas_count = replicas
         self.base_port = base_port
