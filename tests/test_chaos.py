@@ -1,4 +1,4 @@
-"""The fault-injection harness (taskiq_redis_cluster._chaos) and its CI subset.
+"""The fault-injection harness (scripts/chaos/) and its CI subset.
 
 The CI subset runs real ``taskiq worker`` processes against a cluster of
 this module's own (the faults are destructive): worker SIGKILL, CLUSTER
@@ -14,6 +14,9 @@ lost, and the stream dead-letters nothing.
 
 Every test is bounded: small task counts, short idle_timeout, and each
 scenario has its own time bound which the harness enforces.
+
+The harness is a dev tool under scripts/ (like the bench), so it is imported
+from there; the installed CLI must not offer it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from taskiq_redis_cluster._chaos import (
+from taskiq_redis_cluster.testing import DevCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+# The chaos harness is a dev tool under scripts/, not part of the installed package.
+if str(ROOT / "scripts") not in sys.path:
+    sys.path.insert(0, str(ROOT / "scripts"))
+
+from chaos.harness import (  # noqa: E402
     CI_SCENARIOS,
     SCENARIOS,
     ChaosConfig,
@@ -42,11 +52,8 @@ from taskiq_redis_cluster._chaos import (
     skip_reason,
     task_sleep,
 )
-from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.chaos
-
-ROOT = Path(__file__).resolve().parent.parent
 
 #: Small and quick: about 10-15 s per scenario on 2 cores.
 CI_CONFIG = ChaosConfig(
@@ -161,6 +168,18 @@ def test_task_sleep_spreads_by_task_id() -> None:
     assert all(0.2 <= s <= 0.5 for s in sleeps)
     assert max(sleeps) - min(sleeps) > 0.25
     assert task_sleep("t1", 0.2, 0.3) == sleeps[1]  # a redelivery sleeps as long
+
+
+def test_installed_cli_has_no_chaos_command(capsys: pytest.CaptureFixture[str]) -> None:
+    # The suite is a dev tool (taskiq-redis, worker subprocesses, a cluster
+    # of its own): a plain install must not offer it. ``main`` is the
+    # console script's entry point (pyproject.toml).
+    from taskiq_redis_cluster._cli import main as installed_main
+
+    with pytest.raises(SystemExit) as exited:
+        installed_main(["chaos", "--all"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'chaos'" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_scenarios() -> None:

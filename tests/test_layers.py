@@ -31,7 +31,6 @@ RANKS = {
     "_metrics": 6,
     "_rebalance": 6,
     "testing": 6,
-    "_chaos": 7,  # leaving the package for scripts/chaos/
     "_cli": 7,
     "__init__": 8,
 }

@@ -1,6 +1,7 @@
 """ClusterStreamBroker with real worker processes under faults (issue 4).
 
-Uses the fault-injection harness (taskiq_redis_cluster._chaos): real
+Uses the fault-injection harness (scripts/chaos/, a dev tool imported from
+there like the bench): real
 ``taskiq worker`` processes, a ledger of executions outside Redis, and a
 cluster of this module's own because the faults are destructive.
 
@@ -14,18 +15,27 @@ harness's CI subset in tests/test_chaos.py, with the same assertions
 
 from __future__ import annotations
 
-import asyncio
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from helpers import eventually
 from redis.asyncio import Redis
 
 from taskiq_redis_cluster import ClusterStreamBroker
-from taskiq_redis_cluster._chaos import (
+from taskiq_redis_cluster._redis._connection import connect
+from taskiq_redis_cluster.testing import DevCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+# The chaos harness is a dev tool under scripts/, not part of the installed package.
+if str(ROOT / "scripts") not in sys.path:
+    sys.path.insert(0, str(ROOT / "scripts"))
+
+from chaos.harness import (  # noqa: E402
     SCENARIOS,
     ChaosConfig,
     WorkerPool,
@@ -40,8 +50,6 @@ from taskiq_redis_cluster._chaos import (
     stream_keys,
     worker_env,
 )
-from taskiq_redis_cluster._redis._connection import connect
-from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.chaos
 
@@ -51,18 +59,6 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Dev
     """A 3+3 cluster of this module only, on free ports."""
     async with chaos_cluster(tmp_path_factory.mktemp("faults-cluster")) as started:
         yield started
-
-
-async def _poll(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Await ``check()`` every 0.25 s until it is true (bounded)."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.25) + 2):
-        if await check():
-            return
-        if time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{what} not reached within {timeout:.0f}s")
 
 
 async def _xadd_calls(cluster: DevCluster, port: int) -> int:
@@ -123,7 +119,7 @@ async def test_worker_sigkill_with_50_slow_tasks_in_flight(
         async def all_in_flight() -> bool:
             return await pending_entries(admin, keys) == 50
 
-        await _poll(all_in_flight, 60, "50 tasks delivered to the worker")
+        await eventually(all_in_flight, "50 tasks delivered to the worker", timeout=60)
         killed_at = time.time()
         pool.kill(0)
         replacement = pool.start(sleep_env(0))
@@ -132,7 +128,7 @@ async def test_worker_sigkill_with_50_slow_tasks_in_flight(
         async def all_ran() -> bool:
             return {e.task_id for e in read_executions(tmp_path)} >= set(ids)
 
-        await _poll(all_ran, 90, "every kicked task executed")
+        await eventually(all_ran, "every kicked task executed", timeout=90)
         runs = read_executions(tmp_path)
         first: dict[str, float] = {}
         for e in runs:

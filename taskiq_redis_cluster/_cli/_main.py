@@ -13,14 +13,14 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-#: Subcommand modules, in the order ``--help`` lists them. The benchmark is a
-#: dev tool that needs dev dependencies: it lives in scripts/bench, not here.
+#: Subcommand modules, in the order ``--help`` lists them. The benchmark and
+#: the fault-injection suite are dev tools that need dev dependencies: they
+#: live in scripts/bench and scripts/chaos, not here.
 _COMMAND_MODULES = (
     "cluster",
     "plan",
     "exporter",
     "rebalance",
-    "chaos",
 )
 
 

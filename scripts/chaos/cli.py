@@ -1,10 +1,10 @@
-"""``taskiq-redis-cluster chaos``: run the fault-injection suite.
+"""``scripts/chaos.py``: run the fault-injection suite.
 
 Starts a throwaway local cluster on free ports, runs the chosen scenarios
-(see :mod:`taskiq_redis_cluster._chaos`) with real ``taskiq worker``
-processes against each chosen broker, prints a table and optionally writes
-JSON. Exit code 0 when every scenario that ran met its acceptance checks,
-1 otherwise, 2 on bad arguments. ``scripts/chaos.py`` is the same command.
+(see :mod:`.harness`) with real ``taskiq worker`` processes against each
+chosen broker, prints a table and optionally writes JSON. Exit code 0 when
+every scenario that ran met its acceptance checks, 1 otherwise, 2 on bad
+arguments. ``python -m chaos`` (from ``scripts/``) is the same command.
 
 An option left out takes the scenario's own default where it has one
 (rolling-restart: 15000 tasks at 1000/s, and more while the restarts
@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from .._chaos import (
+from taskiq_redis_cluster._errors import ClusterError
+
+from .harness import (
     BROKERS,
     CI_SCENARIOS,
     SCENARIOS,
@@ -34,22 +36,10 @@ from .._chaos import (
     run_suite,
     write_json,
 )
-from .._errors import ClusterError
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``chaos`` command."""
-    parser = subparsers.add_parser(
-        "chaos",
-        help="run fault-injection scenarios against a throwaway local cluster",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-    )
-    add_arguments(parser)
-    parser.set_defaults(handler=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options shared by ``scripts/chaos.py`` and the subcommand."""
+    """Add the suite's options to ``parser``."""
     names = ", ".join(SCENARIOS)
     parser.add_argument(
         "--scenario", action="append", default=[], metavar="NAME",
@@ -164,14 +154,21 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r.status in ("ok", "skipped") for r in results) else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/chaos.py``."""
-    import logging
-
-    parser = argparse.ArgumentParser(prog="chaos.py", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``scripts/chaos.py``."""
+    parser = argparse.ArgumentParser(
+        prog="chaos.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/chaos.py``; returns the exit code."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,7 +1,7 @@
 """Fault-injection harness: real workers, a real cluster, real faults.
 
-Shared by ``scripts/chaos.py`` (and ``taskiq-redis-cluster chaos``) and the
-fault tests. One *scenario* runs like this:
+Shared by ``scripts/chaos.py`` and the fault tests; a dev tool run from a
+checkout, not part of the installed package. One *scenario* runs like this:
 
 1. the cluster is healed, a fresh queue name is chosen;
 2. ``N`` ``taskiq worker`` processes start (``--workers 1`` each, own
@@ -57,12 +57,18 @@ from typing import Any, TextIO
 from redis.asyncio import RedisCluster
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqMessage, TaskiqState
 
-from ._errors import ConfigurationError, KickFailedError
-from ._keys import ShardKeys, slot_of
-from ._redis import connect
-from .testing import DevCluster, NodeStatus, throwaway_cluster
+from taskiq_redis_cluster._errors import ConfigurationError, KickFailedError
+from taskiq_redis_cluster._keys import ShardKeys, slot_of
+from taskiq_redis_cluster._redis import connect
+from taskiq_redis_cluster.testing import DevCluster, NodeStatus, throwaway_cluster
 
-logger = logging.getLogger("taskiq_redis_cluster.chaos")
+logger = logging.getLogger(__name__)
+
+#: This package's import name and the directory it is imported from: the
+#: ``taskiq worker`` processes import :func:`worker_broker` from the same
+#: place (the harness is not installed, so they get it on PYTHONPATH).
+_PACKAGE = __name__.rpartition(".")[0]
+_IMPORT_ROOT = Path(__file__).resolve().parents[_PACKAGE.count(".") + 1]
 
 #: Name under which the worker registers the ledger task.
 TASK_NAME = "tqrc_chaos:record"
@@ -194,7 +200,7 @@ def make_broker(
 ) -> AsyncBroker:
     """The broker under test, configured the same in workers and producer."""
     if kind == "ours":
-        from ._brokers import ClusterStreamBroker
+        from taskiq_redis_cluster._brokers import ClusterStreamBroker
 
         extra: dict[str, Any] = {}
         if shards is not None:
@@ -218,7 +224,7 @@ def make_broker(
         )
         return broker
     if kind == "ours-list":
-        from ._brokers import ClusterListQueueBroker
+        from taskiq_redis_cluster._brokers import ClusterListQueueBroker
 
         extra = {} if shards is None else {"shards": shards}
         return ClusterListQueueBroker(url, queue_name=queue, plan_poll_interval=0.5, **extra)
@@ -244,7 +250,7 @@ def _append(path: Path, line: str) -> None:
 
 
 def worker_broker() -> AsyncBroker:
-    """Broker factory for ``taskiq worker taskiq_redis_cluster._chaos:worker_broker``.
+    """Broker factory for ``taskiq worker chaos.harness:worker_broker``.
 
     Reads ``TQRC_CHAOS_URL``, ``_QUEUE``, ``_BROKER``, ``_DIR``, ``_SLEEP``,
     ``_SLEEP_MAX``, ``_IDLE_TIMEOUT``, ``_XREAD_BLOCK``, ``_SHARDS`` and
@@ -376,10 +382,13 @@ class WorkerPool:
         index = len(self._workers)
         label = f"w{index}"
         env = {**os.environ, **self._env, **(extra_env or {}), _ENV + "WORKER": label}
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_IMPORT_ROOT), env.get("PYTHONPATH", "")) if p
+        )
         log = open(self.directory / f"worker-{label}.log", "w")  # noqa: SIM115 - closed in stop_all
         command = [
             sys.executable, "-m", "taskiq", "worker",
-            "taskiq_redis_cluster._chaos:worker_broker",
+            f"{_PACKAGE}.harness:worker_broker",
             "--workers", "1",
             "--log-level", "WARNING",
             *self._args,
@@ -1473,7 +1482,7 @@ def producer_broker(url: str, queue: str, config: ChaosConfig) -> AsyncBroker:
 async def stream_keys(producer: AsyncBroker, queue: str) -> list[str]:
     """The keys holding ``queue``'s tasks: one stream (or list) per shard, or
     taskiq-redis's one stream."""
-    from ._brokers import ClusterListQueueBroker, ClusterStreamBroker
+    from taskiq_redis_cluster._brokers import ClusterListQueueBroker, ClusterStreamBroker
 
     if isinstance(producer, ClusterStreamBroker):
         plan = await producer.current_plan()
@@ -1486,7 +1495,7 @@ async def stream_keys(producer: AsyncBroker, queue: str) -> list[str]:
 
 async def dead_letter_keys(producer: AsyncBroker) -> list[str]:
     """The dead-letter streams of the producer's queue (ClusterStreamBroker only)."""
-    from ._brokers import ClusterStreamBroker
+    from taskiq_redis_cluster._brokers import ClusterStreamBroker
 
     if not isinstance(producer, ClusterStreamBroker):
         return []
