@@ -17,7 +17,7 @@ from redis.asyncio import RedisCluster
 from ._errors import LifecycleError
 from ._redis import ConnectionOptions, connect
 
-logger = logging.getLogger("taskiq_redis_cluster")
+logger = logging.getLogger(__name__)
 
 
 class State(enum.Enum):

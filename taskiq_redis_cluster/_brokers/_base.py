@@ -48,7 +48,7 @@ from .._redis import (
 )
 from .._serialization import MessageFormatter
 
-logger = logging.getLogger("taskiq_redis_cluster")
+logger = logging.getLogger(__name__)
 
 #: Label that pins all tasks with the same value to one shard (keeps order).
 PARTITION_KEY_LABEL = "partition_key"

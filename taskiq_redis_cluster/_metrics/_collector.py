@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from ._reader import QueueSnapshot, QueueStateReader, error_reason
 from ._specs import METRICS, empty_family
 
-logger = logging.getLogger("taskiq_redis_cluster.metrics")
+logger = logging.getLogger(__name__)
 
 
 class QueueCollector(Collector):

@@ -36,7 +36,7 @@ from ._collector import QueueCollector, families_of
 from ._events import metrics_registry, multiprocess_dir
 from ._reader import QueueStateReader
 
-logger = logging.getLogger("taskiq_redis_cluster.exporter")
+logger = logging.getLogger(__name__)
 
 #: Default port of the standalone exporter.
 DEFAULT_EXPORTER_PORT = 9808

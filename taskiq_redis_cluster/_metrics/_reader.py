@@ -28,7 +28,7 @@ from .._planning import PlanStore, ShardPlan, Topology, balance, read_topology
 from .._redis import error_kind
 from ._specs import METRIC_PREFIX, METRICS, SPECS_BY_NAME, empty_family
 
-logger = logging.getLogger("taskiq_redis_cluster.metrics")
+logger = logging.getLogger(__name__)
 
 _P = METRIC_PREFIX
 

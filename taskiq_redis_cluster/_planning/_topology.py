@@ -24,7 +24,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .._errors import TopologyError
 
-logger = logging.getLogger("taskiq_redis_cluster.topology")
+logger = logging.getLogger(__name__)
 
 #: Number of hash slots in a Redis Cluster.
 SLOT_COUNT = 16384

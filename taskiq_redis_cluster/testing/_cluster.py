@@ -28,7 +28,7 @@ from ._process import find_free_base_port
 
 __all__ = ["DevCluster", "throwaway_cluster"]
 
-logger = logging.getLogger("taskiq_redis_cluster.devcluster")
+logger = logging.getLogger(__name__)
 
 
 class DevCluster(Formation, Faults):

@@ -24,7 +24,7 @@ from ._process import Processes, check_redis_server
 
 __all__ = ["Faults"]
 
-logger = logging.getLogger("taskiq_redis_cluster.devcluster")
+logger = logging.getLogger(__name__)
 
 
 class Faults(Processes):

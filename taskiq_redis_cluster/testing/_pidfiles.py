@@ -38,7 +38,7 @@ __all__ = [
     "victims_from_pid_files",
 ]
 
-logger = logging.getLogger("taskiq_redis_cluster.devcluster")
+logger = logging.getLogger(__name__)
 
 #: Seconds a node gets to exit after SIGTERM before it gets SIGKILL.
 TERM_GRACE = 5.0

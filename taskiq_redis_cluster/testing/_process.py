@@ -45,7 +45,7 @@ from ._pidfiles import (
 
 __all__ = ["Processes", "check_redis_server", "find_free_base_port", "write_private"]
 
-logger = logging.getLogger("taskiq_redis_cluster.devcluster")
+logger = logging.getLogger(__name__)
 
 _MIN_VERSION = (7, 0)
 
