@@ -1,4 +1,4 @@
-"""Talking to Redis: client construction, auto-pipelining, retries."""
+"""Talking to Redis: client construction, auto-pipelining, Lua scripts, retries."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ._connection import (
     redact_url,
     validate_url,
 )
+from ._lua import LuaScript, load_script
 from ._retry import (
     Outcome,
     RetryPolicy,
@@ -26,6 +27,7 @@ __all__ = [
     "AutoPipeline",
     "CommandFailure",
     "ConnectionOptions",
+    "LuaScript",
     "Outcome",
     "Reply",
     "RetryPolicy",
@@ -33,6 +35,7 @@ __all__ = [
     "connect",
     "error_kind",
     "is_transient",
+    "load_script",
     "redact_url",
     "validate_url",
     "write_outcome",
