@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._rebalancer import (
+from ._moves import (
     RebalanceEvent,
     RebalanceEventKind,
     RebalanceOptions,
