@@ -33,7 +33,7 @@ from ._lifecycle import OwnedClient
 from ._redis import ConnectionOptions, redact_url, validate_url
 from ._serialization import default_serializer, dump_model, load_model
 
-logger = logging.getLogger("taskiq_redis_cluster.result_backend")
+logger = logging.getLogger(__name__)
 
 _ReturnType = TypeVar("_ReturnType")
 

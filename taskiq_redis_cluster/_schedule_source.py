@@ -35,18 +35,15 @@ duplicate can be recognised downstream.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
 import sys
 import uuid
-from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import NoScriptError
 from taskiq import ScheduledTask, ScheduleSource
 from taskiq.abc.serializer import TaskiqSerializer
 from taskiq.exceptions import ScheduledTaskCancelledError
@@ -54,7 +51,7 @@ from taskiq.exceptions import ScheduledTaskCancelledError
 from . import _keys
 from ._errors import CorruptScheduleError, InvalidOptionError
 from ._lifecycle import OwnedClient
-from ._redis import ConnectionOptions, redact_url, validate_url
+from ._redis import ConnectionOptions, load_script, redact_url, validate_url
 from ._serialization import default_serializer, dump_model, load_model
 
 if sys.version_info >= (3, 11):
@@ -62,7 +59,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     from typing_extensions import Self
 
-logger = logging.getLogger("taskiq_redis_cluster.schedule_source")
+logger = logging.getLogger(__name__)
 
 #: How far ahead one-off schedules are returned. taskiq's scheduler re-reads
 #: sources every ``--update-interval`` (60 s by default) and fires a one-off
@@ -87,107 +84,13 @@ _HAS_TASK_ID = "task_id" in ScheduledTask.model_fields
 #: loop runs late within the same tick still finds the claim.
 _CLAIM_MARGIN_MS = 60_000
 
-# KEYS: schedules, cron, timeline. ARGV: id, payload, score ("" = recurring).
-# Re-adding an id moves it between indexes, so a schedule is never in both.
-_ADD = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[3] == '' then
-  redis.call('SADD', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-else
-  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-  redis.call('SREM', KEYS[2], ARGV[1])
-end
-return 1
-"""
-
-# KEYS: schedules, cron, timeline. ARGV: id. Returns 1 if it existed.
-_DELETE = """
-local n = redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-return n
-"""
-
-# KEYS: schedules, cron, timeline. ARGV: min score, max score.
-# Returns a flat [id, payload, id, payload, ...]; HGET one id at a time
-# because unpacking a large id list into HMGET overflows Lua's C stack.
-# An index entry whose record is gone is dropped (cannot happen through this
-# class, whose writes are atomic, but a hand-edited source heals itself).
-_GET = """
-local out = {}
-local function take(ids)
-  for _, id in ipairs(ids) do
-    local payload = redis.call('HGET', KEYS[1], id)
-    if payload then
-      out[#out + 1] = id
-      out[#out + 1] = payload
-    else
-      redis.call('SREM', KEYS[2], id)
-      redis.call('ZREM', KEYS[3], id)
-    end
-  end
-end
-take(redis.call('SMEMBERS', KEYS[2]))
-take(redis.call('ZRANGEBYSCORE', KEYS[3], ARGV[1], ARGV[2]))
-return out
-"""
-
-# KEYS: cron, timeline, claim. ARGV: id, due ("" = recurring), ttl ms, owner.
-# Returns 1 = claimed, 0 = the schedule is gone (deleted or re-timed),
-# -1 = another scheduler already claimed this firing.
-_CLAIM = """
-if ARGV[2] == '' then
-  if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
-else
-  local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-  if (not score) or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
-end
-if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then return 1 end
-return -1
-"""
-
-# KEYS: schedules, timeline, claim. ARGV: id, due. Marks a one-off firing
-# done: deletes the schedule, unless it was re-added with another time in the
-# meantime, together with its claim (a schedule re-added later under the same
-# id and time is a new firing and must not find the old claim).
-_DONE = """
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('DEL', KEYS[3])
-  return 1
-end
-return 0
-"""
-
-
-class _Script:
-    """A Lua script run by EVALSHA, falling back to EVAL.
-
-    The fallback loads the script on whichever node owns the keys, which
-    also covers a replica that was just promoted with an empty script cache.
-    """
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-
-    async def __call__(
-        self, client: RedisCluster, keys: Sequence[str], args: Sequence[str | int]
-    ) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
-
-
-_ADD_SCRIPT = _Script(_ADD)
-_DELETE_SCRIPT = _Script(_DELETE)
-_GET_SCRIPT = _Script(_GET)
-_CLAIM_SCRIPT = _Script(_CLAIM)
-_DONE_SCRIPT = _Script(_DONE)
+# The source's Lua scripts (every key shares the source's tag; see
+# _redis/scripts/schedule_*.lua for what each takes and returns).
+_ADD_SCRIPT = load_script("schedule_add")
+_DELETE_SCRIPT = load_script("schedule_delete")
+_GET_SCRIPT = load_script("schedule_get")
+_CLAIM_SCRIPT = load_script("schedule_claim")
+_DONE_SCRIPT = load_script("schedule_done")
 
 
 class ClusterListScheduleSource(ScheduleSource):

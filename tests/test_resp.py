@@ -1,7 +1,7 @@
 """The fast path's packing and reply parsing (hiredis), as pure functions: no Redis.
 
 The auto-pipeline packs with ``hiredis.pack_command`` and parses with the
-reader and helpers of ``_autopipeline``; these tests pin what the rest of the
+reader and helpers of ``_redis._resp``; these tests pin what the rest of the
 code relies on: the bytes sent equal redis-py's, every reply type comes out
 as the raw value the brokers read, error replies become redis-py's exception
 classes, push frames are never counted as replies, and any split of the byte
@@ -28,7 +28,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from taskiq_redis_cluster._redis._autopipeline import _only_pushes_left, _reader, _take_replies
+from taskiq_redis_cluster._redis._resp import only_pushes_left, reply_reader, take_replies
 
 
 def _redis_py_pack(*args: Any) -> bytes:
@@ -65,10 +65,10 @@ def test_a_str_that_is_not_utf8_is_refused() -> None:
 
 
 def _read_all(data: bytes, count: int) -> list[Any]:
-    reader = _reader()
+    reader = reply_reader()
     reader.feed(data)
     replies: list[Any] = []
-    _take_replies(reader, replies, count)
+    take_replies(reader, replies, count)
     return replies
 
 
@@ -132,13 +132,13 @@ def test_push_frames_are_skipped_and_not_counted() -> None:
 
 
 def test_push_frames_after_the_last_reply_leave_the_connection_clean() -> None:
-    reader = _reader()
+    reader = reply_reader()
     reader.feed(b"+OK\r\n>2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n")
     replies: list[Any] = []
-    _take_replies(reader, replies, 1)
+    take_replies(reader, replies, 1)
     assert replies == [b"OK"]
     assert reader.has_data()
-    assert _only_pushes_left(reader)
+    assert only_pushes_left(reader)
 
 
 @pytest.mark.parametrize(
@@ -150,31 +150,31 @@ def test_push_frames_after_the_last_reply_leave_the_connection_clean() -> None:
     ],
 )
 def test_anything_but_push_frames_after_the_last_reply_is_flagged(rest: bytes) -> None:
-    reader = _reader()
+    reader = reply_reader()
     reader.feed(b"+OK\r\n" + rest)
     replies: list[Any] = []
-    _take_replies(reader, replies, 1)
+    take_replies(reader, replies, 1)
     assert replies == [b"OK"]
-    assert not _only_pushes_left(reader)
+    assert not only_pushes_left(reader)
 
 
 def test_count_leaves_the_rest_in_the_reader() -> None:
-    reader = _reader()
+    reader = reply_reader()
     reader.feed(b":1\r\n:2\r\n:3\r\n")
     replies: list[Any] = []
-    _take_replies(reader, replies, 2)
+    take_replies(reader, replies, 2)
     assert replies == [1, 2]
-    _take_replies(reader, replies, 5)
+    take_replies(reader, replies, 5)
     assert replies == [1, 2, 3]
     assert not reader.has_data()
 
 
 @pytest.mark.parametrize("garbage", [b"?what\r\n", b"$abc\r\nxyz\r\n", b"*x\r\n"])
 def test_non_resp_bytes_raise_protocol_error(garbage: bytes) -> None:
-    reader = _reader()
+    reader = reply_reader()
     reader.feed(garbage)
     with pytest.raises(hiredis.ProtocolError):
-        _take_replies(reader, [], 1)
+        take_replies(reader, [], 1)
 
 
 # A RESP2 value and its encoding, built together.
@@ -206,14 +206,14 @@ def test_any_split_of_the_byte_stream_gives_the_same_replies(
     expected = [value for value, raw in values if raw is not _PUSH]
     data = b"".join(v[1] for v in values)
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    reader = _reader()
+    reader = reply_reader()
     got: list[Any] = []
     for start, stop in itertools.pairwise(points):
         reader.feed(data[start:stop])
-        _take_replies(reader, got, len(expected))
+        take_replies(reader, got, len(expected))
     assert got == expected
-    # Push frames after the last expected reply stay for _only_pushes_left.
-    assert _only_pushes_left(reader)
+    # Push frames after the last expected reply stay for only_pushes_left.
+    assert only_pushes_left(reader)
     assert not reader.has_data()
 
 
@@ -222,11 +222,11 @@ def _parse_bulk_in_reads(size: int, read: int = 65536) -> float:
     data = b"$%d\r\n%s\r\n" % (size, b"y" * size)
     pieces = [data[i : i + read] for i in range(0, len(data), read)]
     started = time.process_time()
-    reader = _reader()
+    reader = reply_reader()
     replies: list[Any] = []
     for piece in pieces:
         reader.feed(piece)
-        _take_replies(reader, replies, 1)
+        take_replies(reader, replies, 1)
     elapsed = time.process_time() - started
     assert len(replies) == 1
     assert len(replies[0]) == size

@@ -27,6 +27,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -36,55 +37,23 @@ from .._events import BrokerEvents
 from .._keys import ShardKeys
 from .._options import ListOptions, resolve_options
 from .._planning import Shard
-from .._redis import AutoPipeline, CommandFailure, RetryPolicy, Unroutable, error_kind, is_transient
+from .._redis import (
+    AutoPipeline,
+    CommandFailure,
+    RetryPolicy,
+    Unroutable,
+    error_kind,
+    is_transient,
+    load_script,
+)
 from ._base import ShardedBroker, Sink, StopSignal
 
-logger = logging.getLogger("taskiq_redis_cluster")
+logger = logging.getLogger(__name__)
 
-# Hand-back of the default mode: RPUSH to the consuming end, once. The marker
-# makes a retry after an unknown outcome (connection lost after sending)
-# harmless; without it a retried RPUSH could queue a task twice.
-# KEYS: list, marker. ARGV: marker ttl (s), then the messages, last popped first.
-_HAND_BACK = """
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
-    return -1
-end
-return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
-"""
-
-# Hand-back of the reliable mode: each message leaves the processing list and
-# goes to the consuming end of the shard list, atomically; a retry finds it
-# already gone from the processing list and pushes nothing.
-# KEYS: list, processing. ARGV: the messages, last popped first.
-_RELIABLE_HAND_BACK = """
-local moved = 0
-for i = 1, #ARGV do
-    if redis.call('LREM', KEYS[2], 1, ARGV[i]) == 1 then
-        redis.call('RPUSH', KEYS[1], ARGV[i])
-        moved = moved + 1
-    end
-end
-return moved
-"""
-
-# Moves a consumer's processing list back to the consuming end of the shard
-# list and forgets the consumer. The processing list holds the newest pop on
-# the left (BLMOVE ... LEFT), so moving from the left to the list's right end
-# leaves the oldest pop at the right end: popped first again, as before.
-# With ARGV[2] == '1' (recovery) nothing happens while the heartbeat lives.
-# KEYS: list, processing, heartbeat, consumers. ARGV: consumer, check.
-_RETIRE = """
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
-    return -1
-end
-local moved = 0
-while redis.call('LMOVE', KEYS[2], KEYS[1], 'LEFT', 'RIGHT') do
-    moved = moved + 1
-end
-redis.call('DEL', KEYS[3])
-redis.call('SREM', KEYS[4], ARGV[1])
-return moved
-"""
+# The shard's Lua scripts (all keys share the shard's tag; see scripts/*.lua).
+_HAND_BACK = load_script("list_hand_back")
+_RELIABLE_HAND_BACK = load_script("list_reliable_hand_back")
+_RETIRE = load_script("list_retire")
 
 #: Most messages one hand-back script call pushes (Lua's unpack() limit is ~8000).
 _HAND_BACK_CHUNK = 1000
@@ -137,7 +106,8 @@ class ClusterListQueueBroker(ShardedBroker):
         # Popped by a reader after its listen began closing, never buffered.
         self._unread: list[AckableMessage | bytes] = []
         self._pops = itertools.count()
-        self._scripts: dict[str, Any] = {}
+        # The shard scripts bound to the client: called as (keys=, args=).
+        self._scripts: dict[str, Callable[..., Awaitable[Any]]] = {}
         # Reliable mode: shards where this consumer has a processing list, and
         # the task that keeps its heartbeats alive until shutdown.
         self._registered: dict[str, tuple[ShardKeys, int]] = {}
@@ -154,9 +124,9 @@ class ClusterListQueueBroker(ShardedBroker):
 
     async def _after_startup(self, client: RedisCluster) -> None:
         self._scripts = {
-            "hand_back": client.register_script(_HAND_BACK),
-            "reliable_hand_back": client.register_script(_RELIABLE_HAND_BACK),
-            "retire": client.register_script(_RETIRE),
+            "hand_back": functools.partial(_HAND_BACK, client),
+            "reliable_hand_back": functools.partial(_RELIABLE_HAND_BACK, client),
+            "retire": functools.partial(_RETIRE, client),
         }
 
     def _write_command(self, keys: ShardKeys) -> tuple[str, tuple[Any, ...]]:

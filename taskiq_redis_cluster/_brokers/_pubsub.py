@@ -32,10 +32,11 @@ from .._redis import (
     error_kind,
     is_transient,
     redact_url,
+    reinitialize_nodes,
     validate_url,
 )
 
-logger = logging.getLogger("taskiq_redis_cluster")
+logger = logging.getLogger(__name__)
 
 
 class ClusterPubSubBroker(AsyncBroker):
@@ -145,7 +146,7 @@ class ClusterPubSubBroker(AsyncBroker):
     async def _subscribe(self) -> tuple[ClusterPubSub, str]:
         client = self._owned.get("listen()")
         # A fresh slot map first: after a failover the old owner is gone.
-        await client.nodes_manager.initialize()
+        await reinitialize_nodes(client)
         node = client.get_node_from_key(self.channel)
         if node is None:
             raise ConnectionError(f"no node owns the slot of {self.channel}")
@@ -174,7 +175,7 @@ class ClusterPubSubBroker(AsyncBroker):
                     return
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.owner_check_interval
-                await client.nodes_manager.initialize()
+                await reinitialize_nodes(client)
                 owner = client.get_node_from_key(self.channel)
                 if owner is None or owner.name != node_name:
                     logger.info("Slot of %s moved to %s; resubscribing", self.channel,

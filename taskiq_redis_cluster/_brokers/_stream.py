@@ -3,8 +3,8 @@
 Only what is specific to streams lives here; shard planning, plan epochs,
 kick retries and the per-shard reader supervision are in ``_broker``.
 
-Per shard (all keys share the shard's hash tag, so the Lua scripts below
-are legal on a cluster):
+Per shard (all keys share the shard's hash tag, so its Lua scripts,
+``_redis/scripts/stream_*.lua``, are legal on a cluster):
 
 * kick: ``XADD stream NOMKSTREAM * data <message>`` through the
   auto-pipeline; a kick never creates a stream, so one into a shard the
@@ -23,9 +23,10 @@ are legal on a cluster):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,80 +47,18 @@ from .._redis import (
     Unroutable,
     error_kind,
     is_transient,
+    load_script,
 )
 from ._base import ShardedBroker, Sink, StopSignal
 
-logger = logging.getLogger("taskiq_redis_cluster")
+logger = logging.getLogger(__name__)
 
 _DATA = b"data"
 
-# Remove only what every group has both received and acknowledged: the new
-# MINID is the smallest of (oldest pending id, id after last-delivered) over
-# all groups. Ids are compared as strings because Lua numbers are doubles.
-_SAFE_TRIM = """
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if not ok or #groups == 0 then return -1 end
-local function parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return ms, seq
-end
-local function less(a, b)
-  local am, as = parts(a)
-  local bm, bs = parts(b)
-  if #am ~= #bm then return #am < #bm end
-  if am ~= bm then return am < bm end
-  if #as ~= #bs then return #as < #bs end
-  return as < bs
-end
-local minid = nil
-for _, g in ipairs(groups) do
-  local name, last
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] end
-    if g[i] == 'last-delivered-id' then last = g[i + 1] end
-  end
-  local ms, seq = parts(last)
-  local cand = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)
-  local p = redis.call('XPENDING', KEYS[1], name)
-  if p[1] > 0 and less(p[2], cand) then cand = p[2] end
-  if minid == nil or less(cand, minid) then minid = cand end
-end
-return redis.call('XTRIM', KEYS[1], 'MINID', '~', minid)
-"""
-
-# Move one entry to the dead-letter stream and ack it, atomically. Both keys
-# share the shard's tag, so this is one slot.
-_DEAD_LETTER = """
-local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-  'reason', ARGV[3], 'original_id', ARGV[2], 'deliveries', ARGV[4],
-  'stream', KEYS[1], 'dead_at_ms', ARGV[6]}
-for i = 7, #ARGV do args[#args + 1] = ARGV[i] end
-redis.call(unpack(args))
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-"""
-
-
-# Remove consumers that have nothing pending and were idle for long: every
-# restarted worker leaves its old (unique) consumer name behind. Atomic, so a
-# consumer cannot receive an entry between the check and the delete.
-_REMOVE_STALE_CONSUMERS = """
-local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
-if not ok then return 0 end
-local removed = 0
-for _, c in ipairs(consumers) do
-  local name, pending, idle
-  for i = 1, #c, 2 do
-    if c[i] == 'name' then name = c[i + 1] end
-    if c[i] == 'pending' then pending = c[i + 1] end
-    if c[i] == 'idle' then idle = c[i + 1] end
-  end
-  if pending == 0 and idle > tonumber(ARGV[2]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
-    removed = removed + 1
-  end
-end
-return removed
-"""
+# The shard's Lua scripts (all keys share the shard's tag; see scripts/*.lua).
+_SAFE_TRIM = load_script("stream_safe_trim")
+_DEAD_LETTER = load_script("stream_dead_letter")
+_REMOVE_STALE_CONSUMERS = load_script("stream_remove_stale_consumers")
 
 
 @dataclass
@@ -321,7 +260,8 @@ class ClusterStreamBroker(ShardedBroker):
         )
         super().__init__(url, options, events=events, retry=retry)
         self._acks: _AckBatcher | None = None
-        self._scripts: dict[str, Any] = {}
+        # The shard scripts bound to the client: called as (keys=, args=).
+        self._scripts: dict[str, Callable[..., Awaitable[Any]]] = {}
         # Entries delivered to the listen buffer, by id() of their message, so
         # that the ones taskiq never received can be released at shutdown.
         self._unhanded: dict[int, tuple[str, bytes]] = {}
@@ -349,9 +289,9 @@ class ClusterStreamBroker(ShardedBroker):
             max_batch=self.options.max_batch,
         )
         self._scripts = {
-            "trim": client.register_script(_SAFE_TRIM),
-            "stale": client.register_script(_REMOVE_STALE_CONSUMERS),
-            "dead": client.register_script(_DEAD_LETTER),
+            "trim": functools.partial(_SAFE_TRIM, client),
+            "stale": functools.partial(_REMOVE_STALE_CONSUMERS, client),
+            "dead": functools.partial(_DEAD_LETTER, client),
         }
 
     def _handed_out(self, message: AckableMessage | bytes) -> None:

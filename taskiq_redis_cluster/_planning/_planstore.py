@@ -20,8 +20,9 @@ Two rules keep a process from ever routing by an older plan:
   a swap acknowledged by a master that dies before its replica received it
   is lost at the failover, the promoted replica serves the older epoch, and
   kicks already sent by the newer plan would be orphaned. So
-  :meth:`PlanStore.compare_and_swap` sends ``EVAL`` then ``WAIT 1`` in one
-  batch on one connection to the key's master. ``WAIT`` counts replicas up
+  :meth:`PlanStore.compare_and_swap` sends the script (``EVALSHA``, or
+  ``EVAL`` after ``NOSCRIPT``) then ``WAIT 1`` in one batch on one
+  connection to the key's master. ``WAIT`` counts replicas up
   to the replication offset of *its own connection's* last write, so it must
   follow the write on the same connection: on a pooled connection that has
   not written since, it confirms at once while the replica still lacks the
@@ -29,7 +30,9 @@ Two rules keep a process from ever routing by an older plan:
   redis-py's ``ClusterPipeline`` cannot promise that (its retry after a
   connection error re-routes ``WAIT`` to another node), so the batch is
   written on one pooled connection of the node taken from redis-py (which
-  connects, authenticates and does TLS), without a hidden retry. A swap no
+  connects, authenticates and does TLS) by ``_redis.send_batch``, without a
+  hidden retry; redirects and lost connections are retried here, paced by
+  :class:`~taskiq_redis_cluster._redis.RetryPolicy`. A swap no
   replica confirmed raises
   :class:`~taskiq_redis_cluster._errors.PlanNotReplicatedError` instead of
   returning True. Creation does not wait (a startup must work on a cluster
@@ -60,93 +63,35 @@ from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, ResponseError
 
 from .._errors import (
     CorruptPlanError,
+    InvalidOptionError,
     PlanError,
     PlanNotFoundError,
     PlanNotReplicatedError,
     PlanVersionError,
 )
 from .._keys import DEFAULT_PREFIX, plan_key, plans_index_key, validate_name
+from .._redis import RetryPolicy, is_transient, load_script, send_batch
 from ._planner import PLAN_FORMAT_VERSION, QueueSpec, ShardPlan, plan_queue
 from ._topology import Topology
 
-logger = logging.getLogger("taskiq_redis_cluster.planstore")
+logger = logging.getLogger(__name__)
 
-# KEYS[1] plan key; ARGV format, epoch, plan json, generation. Returns 1 if created.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'format', ARGV[1], 'epoch', ARGV[2], 'plan', ARGV[3],
-           'generation', ARGV[4])
-return 1
-"""
-
-# KEYS[1] plan key; ARGV supported format, expected epoch, new epoch, plan
-# json, "1" to check the generation (else "0"), expected generation.
-# Returns {code, detail}: 1 swapped, 2 already stored (the same plan at the
-# new epoch: a repeated call), 0 epoch mismatch (detail = stored epoch), -1
-# missing, -2 corrupt (detail = reason), -3 newer format (detail = stored
-# format), -4 other generation (detail = stored generation). A newer format
-# is never overwritten, and the generation field is never written.
-_CAS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
-if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return {-2, 'not a hash'} end
-local vals = redis.call('HMGET', KEYS[1], 'format', 'epoch', 'generation', 'plan')
-local fmt = tonumber(vals[1])
-if not fmt then return {-2, 'missing or bad format field'} end
-if fmt > tonumber(ARGV[1]) then return {-3, vals[1]} end
-local epoch = tonumber(vals[2])
-if not epoch then return {-2, 'missing or bad epoch field'} end
-local generation = vals[3] or ''
-if ARGV[5] == '1' and generation ~= ARGV[6] then return {-4, generation} end
-if epoch == tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'format', ARGV[1], 'epoch', ARGV[3], 'plan', ARGV[4])
-  return {1, ''}
-end
-if epoch == tonumber(ARGV[3]) and vals[4] == ARGV[4] then
-  -- The swap was applied by an earlier call whose confirmation failed (or
-  -- whose reply was lost). Rewriting a field with its own value is a write
-  -- that replicates after that swap, so the WAIT that follows this script
-  -- on the same connection confirms the swap too.
-  redis.call('HSET', KEYS[1], 'epoch', vals[2])
-  return {2, ''}
-end
-return {0, vals[2]}
-"""
+# Creation and compare-and-swap of the record (see _redis/scripts/plan_*.lua
+# for their arguments and reply codes).
+_CREATE = load_script("plan_create")
+_CAS = load_script("plan_cas")
 
 #: Attempts of get_or_create when the record vanishes between losing the
 #: creation race and reading the winner's plan (someone deleted it).
 _CREATE_ATTEMPTS = 3
 
 #: Attempts of a confirmed write that was redirected (MOVED/ASK/TRYAGAIN) or
-#: lost its connection; a repeat is safe (see _CAS code 2).
+#: lost its connection; a repeat is safe (see plan_cas.lua, code 2).
 _WRITE_ATTEMPTS = 5
-
-
-async def _exchange(node: ClusterNode, commands: Sequence[Sequence[Any]]) -> list[Any]:
-    """Send ``commands`` as one batch on one pooled connection of ``node``.
-
-    Returns one reply per command, an error reply as its ``ResponseError``
-    (MOVED and ASK included), in order. Nothing is retried; a connection
-    failure drops the connection (its stream position is unknown) and raises.
-    """
-    connection = node.acquire_connection()
-    try:
-        await connection.send_packed_command(connection.pack_commands(commands))
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
-    except BaseException:
-        await connection.disconnect(nowait=True)
-        raise
-    finally:
-        node.release(connection)
 
 
 def _text(value: Any) -> str:
@@ -194,6 +139,10 @@ class PlanStore:
         then done when its master has it.
     :param replica_timeout: seconds a swap waits for that replica. Keep it
         below the client's socket timeout, which bounds the whole exchange.
+    :param retry: attempts and backoff of a confirmed swap that was
+        redirected or lost its connection (5 attempts by default).
+
+    :raises InvalidOptionError: for a ``replica_timeout`` that is not > 0.
     """
 
     def __init__(
@@ -203,10 +152,14 @@ class PlanStore:
         prefix: str = DEFAULT_PREFIX,
         require_replica: bool = True,
         replica_timeout: float = 2.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        if replica_timeout <= 0:
-            raise ValueError("replica_timeout must be > 0")
+        if not replica_timeout > 0:  # also rejects NaN
+            raise InvalidOptionError(
+                option="replica_timeout", reason=f"must be > 0, got {replica_timeout}"
+            )
         self._client = client
+        self._retry = retry or RetryPolicy(attempts=_WRITE_ATTEMPTS)
         self.prefix = prefix
         self.require_replica = require_replica
         self.replica_timeout = replica_timeout
@@ -312,15 +265,10 @@ class PlanStore:
             if plan is not None:
                 break
             fresh = plan_queue(topology, spec)
-            created = await self._client.execute_command(
-                "EVAL",
-                _CREATE,
-                1,
-                key,
-                PLAN_FORMAT_VERSION,
-                fresh.epoch,
-                fresh.to_json(),
-                secrets.token_hex(16),
+            created = await _CREATE(
+                self._client,
+                keys=[key],
+                args=[PLAN_FORMAT_VERSION, fresh.epoch, fresh.to_json(), secrets.token_hex(16)],
             )
             if int(created) == 1:
                 logger.info(
@@ -383,22 +331,18 @@ class PlanStore:
                 f"new epoch {new.epoch} must be greater than the expected epoch {expected_epoch}"
             )
         key = self.key(new.queue)
-        command = (
-            "EVAL",
-            _CAS,
-            1,
-            key,
+        args: list[str | int] = [
             PLAN_FORMAT_VERSION,
             expected_epoch,
             new.epoch,
             new.to_json(),
             "0" if expected_generation is None else "1",
             expected_generation or "",
-        )
+        ]
         if self.require_replica:
-            reply, acked, attached = await self._write_confirmed(key, command)
+            reply, acked, attached = await self._write_confirmed(key, args)
         else:
-            reply, acked, attached = await self._client.execute_command(*command), None, 0
+            reply, acked, attached = await _CAS(self._client, keys=[key], args=args), None, 0
         code, detail = int(reply[0]), reply[1]
         if code in (1, 2):
             if acked is None or acked >= 1:
@@ -459,22 +403,24 @@ class PlanStore:
     def _timeout_ms(self) -> int:
         return max(1, round(self.replica_timeout * 1000))
 
-    async def _write_confirmed(
-        self, key: str, command: Sequence[Any]
-    ) -> tuple[Any, int, int]:
-        """Run ``command`` (a write of ``key``) then ``WAIT 1`` on one connection.
+    async def _write_confirmed(self, key: str, args: Sequence[Any]) -> tuple[Any, int, int]:
+        """Run the CAS script on ``key`` then ``WAIT 1`` on one connection.
 
-        Returns the command's reply, the replicas ``WAIT`` counted and the
-        replicas attached to the master (``ROLE``). MOVED, ASK, TRYAGAIN and
-        a lost connection are retried a few times, after letting redis-py's
-        routed path learn the new owner; the command must be safe to repeat.
+        Returns the script's reply, the replicas ``WAIT`` counted and the
+        replicas attached to the master (``ROLE``). MOVED and ASK are
+        followed at once (redis-py's routed path learns the new owner);
+        TRYAGAIN, a lost connection and other transient errors are retried
+        after the retry policy's jittered delay; NOSCRIPT resends the script
+        with ``EVAL``. The swap is safe to repeat (code 2 of plan_cas.lua).
         """
+        policy = self._retry
         node: ClusterNode | None = None
         asking = False
+        use_eval = False
         last: BaseException | None = None
-        for attempt in range(_WRITE_ATTEMPTS):
+        for attempt in range(1, policy.attempts + 1):
             if node is None:
-                if attempt:
+                if attempt > 1:
                     # redis-py's routed path follows MOVED, reloads the slot
                     # map after a connection error, and retries on its own.
                     await self._client.execute_command("EXISTS", key)
@@ -484,32 +430,37 @@ class PlanStore:
                     node = None
                 if node is None:
                     last = RedisError(f"no node serves the slot of {key!r}")
+                    await policy.sleep(policy.delay(attempt))
                     continue
+            script = _CAS.eval_command([key], args) if use_eval else _CAS.command([key], args)
             commands: list[Sequence[Any]] = [("ASKING",)] if asking else []
-            commands += [command, ("WAIT", 1, self._timeout_ms()), ("ROLE",)]
+            commands += [script, ("WAIT", 1, self._timeout_ms()), ("ROLE",)]
             try:
-                replies = await _exchange(node, commands)
+                replies = await send_batch(node, commands)
             except (RedisError, OSError) as exc:
                 # The outcome is unknown; a repeat is recognised (code 2).
                 last, node, asking = exc, None, False
+                await policy.sleep(policy.delay(attempt))
                 continue
             if asking:
                 replies = replies[1:]
             reply, acked, role = replies
-            if isinstance(reply, ResponseError):
-                error = reply
-                last, asking = error, False
-                if isinstance(error, MovedError):
+            if isinstance(reply, RedisError):
+                last, asking = reply, False
+                if isinstance(reply, NoScriptError):
+                    use_eval = True  # nothing ran; EVAL also caches it there
+                elif isinstance(reply, MovedError):
                     node = None
-                elif isinstance(error, AskError):
-                    node = self._client.get_node(host=error.host, port=error.port)
+                elif isinstance(reply, AskError):
+                    node = self._client.get_node(host=reply.host, port=reply.port)
                     asking = node is not None
-                elif isinstance(error, TryAgainError):
-                    await asyncio.sleep(0.05 * (attempt + 1))
+                elif is_transient(reply):  # TRYAGAIN, READONLY, LOADING, CLUSTERDOWN...
+                    node = None
+                    await policy.sleep(policy.delay(attempt))
                 else:
-                    raise error
+                    raise reply
                 continue
-            if isinstance(acked, ResponseError):
+            if isinstance(acked, RedisError):
                 raise acked
             return reply, int(acked), self._attached(role)
         assert last is not None
@@ -564,6 +515,8 @@ class PlanFollower:
     :param initial: a plan already loaded (e.g. from ``get_or_create``).
     :param initial_generation: the generation of ``initial``; when unknown,
         the first poll adopts the stored generation if its epoch is not lower.
+
+    :raises InvalidOptionError: for a negative ``poll_interval``.
     """
 
     def __init__(
@@ -576,8 +529,10 @@ class PlanFollower:
         initial: ShardPlan | None = None,
         initial_generation: str | None = None,
     ) -> None:
-        if poll_interval < 0:
-            raise ValueError("poll_interval must be >= 0")
+        if not poll_interval >= 0:  # also rejects NaN
+            raise InvalidOptionError(
+                option="poll_interval", reason=f"must be >= 0, got {poll_interval}"
+            )
         self._store = store
         self._queue = validate_name(queue, "queue")
         self._interval = poll_interval

@@ -7,6 +7,7 @@ from ._autopipeline import (
     CommandFailure,
     Reply,
     Unroutable,
+    send_batch,
 )
 from ._connection import (
     ConnectionOptions,
@@ -14,6 +15,7 @@ from ._connection import (
     redact_url,
     validate_url,
 )
+from ._internals import reinitialize_nodes
 from ._lua import LuaScript, load_script
 from ._retry import (
     Outcome,
@@ -37,6 +39,8 @@ __all__ = [
     "is_transient",
     "load_script",
     "redact_url",
+    "reinitialize_nodes",
+    "send_batch",
     "validate_url",
     "write_outcome",
 ]

@@ -9,7 +9,9 @@ process reach several times the kick rate of one round trip per kick.
 The batch travels on one of redis-py's pooled connections to that node
 (redis-py connects, authenticates, negotiates the protocol and does TLS),
 but is packed by ``hiredis.pack_command`` and its replies parsed by a
-``hiredis.Reader``, under one progress timeout, instead of through
+``hiredis.Reader`` (``_resp``), under one progress timeout
+(``_internals.exchange``, the one place that touches the connection's
+streams), instead of through
 redis-py's per-command encoder, awaited parser calls and timeout contexts,
 which cost more CPU than the commands themselves. hiredis parses in C and in
 time linear in the reply size, so a message of tens of megabytes is read as
@@ -33,13 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import hiredis
-from redis._parsers.base import BaseParser
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import (
@@ -53,25 +53,10 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _timeout
+from ._internals import exchange, mark_node_failed, must_reinitialize, node_for_slot
+from ._resp import Replies, pack
 
-    def _push_back(scope: Any, when: float) -> None:
-        scope.reschedule(when)
-
-else:  # redis-py depends on async-timeout (4.0.3 or later) below 3.11.3
-    from async_timeout import timeout as _timeout  # type: ignore[import-not-found]
-
-    def _push_back(scope: Any, when: float) -> None:
-        scope.update(when)
-
-
-logger = logging.getLogger("taskiq_redis_cluster")
-
-_READ_SIZE = 65536
-# A payload above this is written in pieces of this size, so the timeout can
-# be pushed back after each piece the server took (see _exchange).
-_WRITE_PIECE = 1 << 20
+logger = logging.getLogger(__name__)
 # Keys are shard keys, a few per queue; the bound only guards against misuse.
 _SLOT_CACHE_SIZE = 4096
 
@@ -160,10 +145,7 @@ class AutoPipeline:
             if len(slots) >= _SLOT_CACHE_SIZE:
                 slots.clear()
             slot = slots[key] = self.client.keyslot(key)
-        try:
-            return self.client.nodes_manager.get_node_from_slot(slot)
-        except Exception:  # slot map being rebuilt: let redis-py route it
-            return None
+        return node_for_slot(self.client, slot)  # None: let redis-py route it
 
     async def call(self, key: str, *args: Any) -> Any:
         """Send one command now, on its own pooled connection; return the raw reply.
@@ -177,19 +159,16 @@ class AutoPipeline:
             (``DataError`` for an argument that cannot be sent).
         """
         node = self._node_of(key)
-        if node is None or self.client._initialize:
+        if node is None or must_reinitialize(self.client):
             raise Unroutable(key)
+        payload = pack([args])
+        replies = Replies(1)
         try:
-            payload = hiredis.pack_command(args)
-        except (TypeError, ValueError) as exc:
-            raise DataError(str(exc)) from None
-        replies: list[Any] = []
-        try:
-            await _exchange(node, payload, 1, [False], replies)
+            await exchange(node, payload, replies, [False])
         except (RedisConnectionError, RedisTimeoutError, OSError):
             self._node_failed(node)
             raise
-        reply = replies[0]
+        reply = replies.values[0]
         if isinstance(reply, RedisError):
             if isinstance(reply, (MovedError, AskError, TryAgainError)):
                 raise Unroutable(key) from reply
@@ -228,7 +207,7 @@ class AutoPipeline:
         # (slot, policy, node) and costs more CPU than the command itself.
         # A client that must re-initialize, or redirected commands, take the
         # ClusterPipeline path, which follows MOVED/ASK/TRYAGAIN.
-        if node is not None and not self.client._initialize:
+        if node is not None and not must_reinitialize(self.client):
             items = await self._run_on_node(node, items)
             if not items:
                 return
@@ -281,10 +260,11 @@ class AutoPipeline:
             parts.append(pack(wait_args))
             count += 1
         written = [False]
-        replies: list[Any] = []
+        sink = Replies(count)
+        replies = sink.values
         failure: BaseException | None = None
         try:
-            await _exchange(node, b"".join(parts), count, written, replies)
+            await exchange(node, b"".join(parts), sink, written)
         except BaseException as exc:
             failure = exc
             if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
@@ -348,8 +328,7 @@ class AutoPipeline:
         # makes the client reload the slot map before the next command. The
         # fast path must do the same, or a producer-only process would keep
         # writing to a dead master after its replica took over.
-        self.client.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
-        self.client._initialize = True
+        mark_node_failed(self.client, node)
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until every submitted command has been answered."""
@@ -365,134 +344,20 @@ class AutoPipeline:
             await asyncio.wait(set(self._inflight), timeout=remaining)
 
 
-# What hiredis.Reader.gets() returns while a reply is incomplete. Its default,
-# False, is also a RESP3 boolean reply, so it cannot be told apart.
-_MORE = object()
-_Push = hiredis.PushNotification
+async def send_batch(node: ClusterNode, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Send ``commands`` as one batch on one pooled connection of ``node``.
 
+    For a write that must be followed by ``WAIT`` on the same connection
+    (redis-py's ``ClusterPipeline`` may resend ``WAIT`` elsewhere after a
+    connection error). Returns one raw reply per command, in order, an error
+    reply as its redis-py exception (``MovedError``, ``NoScriptError``...).
+    Nothing is retried or rerouted.
 
-def _reader() -> hiredis.Reader:
-    """A reply reader for one exchange: raw bytes, redis-py's error classes.
-
-    Error replies come out as the exception redis-py would raise (MovedError,
-    ClusterDownError, ResponseError...), built by its own ``parse_error``, so
-    the fast path and redis-py's path classify errors the same way.
+    :raises DataError: for an argument that cannot be sent (nothing is sent).
+    :raises redis.exceptions.ConnectionError, redis.exceptions.TimeoutError:
+        the batch broke off; whether its commands ran is unknown, and the
+        connection was dropped.
     """
-    return hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE)
-
-
-def _take_replies(reader: hiredis.Reader, replies: list[Any], count: int) -> None:
-    """Move the complete replies in ``reader`` to ``replies``, up to ``count`` in all.
-
-    RESP3 push frames (``>``: keyspace invalidations, pub/sub messages) are
-    out-of-band: no command asked for them, so they are skipped here and
-    never counted as a reply. Nothing in this library subscribes or tracks
-    keys on these pooled connections, so there is no handler to give them to.
-
-    :raises hiredis.ProtocolError: on bytes that are not RESP.
-    """
-    gets = reader.gets
-    while len(replies) < count:
-        value = gets()
-        if value is _MORE:
-            return
-        if value.__class__ is not _Push:
-            replies.append(value)
-
-
-def _only_pushes_left(reader: hiredis.Reader) -> bool:
-    """Skip push frames after the last reply; False if anything else is left.
-
-    Anything else (part of a frame, or a reply nobody asked for) means the
-    next user of the connection would start mid-stream.
-    """
-    try:
-        while reader.has_data():
-            value = reader.gets()
-            if value is _MORE or value.__class__ is not _Push:
-                return False
-    except hiredis.HiredisError:
-        return False
-    return True
-
-
-async def _exchange(
-    node: ClusterNode, payload: bytes, count: int, written: list[bool], replies: list[Any]
-) -> None:
-    """Write ``payload`` on one of ``node``'s pooled connections, read ``count`` replies.
-
-    The connection (connect, AUTH, HELLO, TLS) is redis-py's; only the bytes
-    of this batch bypass its per-command encoder and parser. Replies are
-    appended to ``replies`` as they are parsed, so after a failure the caller
-    still has those that arrived. Any failure drops the connection, since its
-    stream position is then unknown. ``written[0]`` turns True once bytes may
-    have reached the server.
-
-    The socket timeout bounds the time without progress, not the whole
-    exchange: it restarts whenever a piece of the payload was taken or bytes
-    of the reply arrived. A 32 MB reply legitimately takes longer than a
-    timeout sized for a dead server (seconds) on a slow link, and one
-    deadline for the whole exchange would fail it every time, and again on
-    every redelivery. A server that stops sending still fails within one
-    timeout. Blocking commands are unaffected: they send nothing while they
-    block, and the brokers size the socket timeout above their block time.
-    """
-    connection = node.acquire_connection()
-    try:
-        await node.disconnect_if_needed(connection)
-        if not connection.is_connected:
-            await connection.connect()  # type: ignore[no-untyped-call]
-        if connection.health_check_interval:
-            await connection.check_health()  # type: ignore[no-untyped-call]
-        writer, reader = connection._writer, connection._reader
-        assert writer is not None
-        assert reader is not None
-        timeout = connection.socket_timeout
-        loop = asyncio.get_running_loop()
-        parser = _reader()
-        async with _timeout(timeout) as scope:
-            written[0] = True
-            if len(payload) <= _WRITE_PIECE:
-                writer.write(payload)
-                await writer.drain()
-            else:
-                view = memoryview(payload)
-                for start in range(0, len(payload), _WRITE_PIECE):
-                    writer.write(view[start : start + _WRITE_PIECE])
-                    await writer.drain()
-                    if timeout is not None:
-                        _push_back(scope, loop.time() + timeout)
-            while True:
-                data = await reader.read(_READ_SIZE)
-                if not data:
-                    raise RedisConnectionError(
-                        f"Connection closed by {connection.host}:{connection.port}"
-                    )
-                parser.feed(data)
-                _take_replies(parser, replies, count)
-                if len(replies) >= count:
-                    break
-                # Progress: only now push the deadline back, so the common
-                # case (every reply in the first read) never reschedules.
-                if timeout is not None:
-                    _push_back(scope, loop.time() + timeout)
-        if parser.has_data() and not _only_pushes_left(parser):
-            # Every reply is in, so the batch stands; only the connection
-            # cannot be trusted for the next exchange.
-            logger.debug(
-                "Unexpected bytes after %d replies from %s:%s; dropping the connection",
-                count, connection.host, connection.port,
-            )
-            await connection.disconnect(nowait=True)
-    except BaseException as exc:
-        await connection.disconnect(nowait=True)
-        where = f"{connection.host}:{connection.port}"
-        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            raise RedisTimeoutError(f"Timeout reading from {where}") from None
-        if isinstance(exc, hiredis.HiredisError):
-            raise RedisConnectionError(f"Protocol error from {where}: {exc}") from None
-        if isinstance(exc, OSError):
-            raise RedisConnectionError(f"Error while talking to {where}: {exc}") from exc
-        raise
-    finally:
-        node.release(connection)
+    sink = Replies(len(commands))
+    await exchange(node, pack(commands), sink, [False])
+    return sink.values

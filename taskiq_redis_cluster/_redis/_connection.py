@@ -26,7 +26,7 @@ from redis.retry import Retry
 
 from .._errors import ConfigurationError, ConnectError, InvalidURLError, NotAClusterError
 
-logger = logging.getLogger("taskiq_redis_cluster")
+logger = logging.getLogger(__name__)
 
 _SCHEMES = ("redis", "rediss")
 

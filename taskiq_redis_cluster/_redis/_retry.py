@@ -5,6 +5,11 @@ that a non-idempotent XADD is never re-sent behind our back. Idempotent
 operations (reads, XACK, XAUTOCLAIM, group creation, trims) are retried here
 with tenacity; a kick is retried only when the error proves the XADD was
 not applied.
+
+:class:`RetryPolicy` is the one backoff of the package: :meth:`RetryPolicy.call`
+(idempotent operations) and every long-running loop (``delay`` + ``sleep``:
+readers, subscriptions, the plan store's confirmed swap) wait the same
+jittered delays.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-logger = logging.getLogger("taskiq_redis_cluster")
+from .._errors import InvalidOptionError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -148,6 +155,16 @@ class RetryPolicy:
     sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep)
     jitter: Callable[[], float] = field(default=random.random)
 
+    def __post_init__(self) -> None:
+        if not self.attempts >= 1:
+            raise InvalidOptionError(option="attempts", reason=f"must be >= 1, got {self.attempts}")
+        if not self.base > 0:  # also rejects NaN
+            raise InvalidOptionError(option="base", reason=f"must be > 0, got {self.base}")
+        if not self.cap >= self.base:
+            raise InvalidOptionError(
+                option="cap", reason=f"must be >= base ({self.base}), got {self.cap}"
+            )
+
     def retrying(self, on_retry: Callable[[BaseException], None] | None = None) -> AsyncRetrying:
         """A tenacity ``AsyncRetrying`` for transient errors."""
 
@@ -157,10 +174,14 @@ class RetryPolicy:
             if exc is not None and on_retry is not None:
                 on_retry(exc)
 
+        def wait(state: RetryCallState) -> float:
+            # The same jittered delays as every retry loop (see delay()).
+            return self.delay(state.attempt_number)
+
         return AsyncRetrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_attempt(self.attempts),
-            wait=wait_random_exponential(multiplier=self.base, max=self.cap),
+            wait=wait,
             sleep=self.sleep,
             before_sleep=before_sleep,
             reraise=True,
