@@ -50,17 +50,14 @@ from taskiq_redis_cluster._keys import (
 )
 from taskiq_redis_cluster._planning._planner import Shard
 from taskiq_redis_cluster._planning._topology import Topology
-from taskiq_redis_cluster._rebalance._moves import (
-    Journal,
-    MoveRecord,
-    MoveState,
+from taskiq_redis_cluster._rebalance import (
     RebalanceEvent,
     RebalanceEventKind,
-    RebalanceLease,
     RebalanceOptions,
     Rebalancer,
-    reconcile,
 )
+from taskiq_redis_cluster._rebalance._journal import Journal, MoveRecord, MoveState, reconcile
+from taskiq_redis_cluster._rebalance._lease import RebalanceLease
 from taskiq_redis_cluster.testing import DevCluster, find_free_base_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1214,7 +1211,7 @@ async def test_copy_takes_dead_consumers_entries_and_leaves_live_ones(
 async def test_interrupted_copy_is_finished_by_the_rerun_from_the_movers_pending(
     cluster_client: RedisCluster, unique_name: str
 ) -> None:
-    from taskiq_redis_cluster._rebalance._moves import MOVER_CONSUMER
+    from taskiq_redis_cluster._rebalance._copy import MOVER_CONSUMER
 
     src_tag, dst_tag = _tags(unique_name, 2)
     src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
@@ -1237,7 +1234,7 @@ async def test_interrupted_copy_is_finished_by_the_rerun_from_the_movers_pending
 async def test_list_copy_survives_concurrent_pops_and_keeps_order(
     cluster_client: RedisCluster, unique_name: str
 ) -> None:
-    from taskiq_redis_cluster._rebalance._moves import _LIST_TAKEN
+    from taskiq_redis_cluster._rebalance._copy import _LIST_TAKEN
 
     src_tag, dst_tag = _tags(unique_name, 2)
     src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
@@ -1431,7 +1428,7 @@ async def test_kill_9_while_copying_then_rerun_loses_nothing(
 
 
 async def test_copy_pace_is_shared_by_every_move_in_flight() -> None:
-    from taskiq_redis_cluster._rebalance._moves import _Throttle
+    from taskiq_redis_cluster._rebalance._copy import _Throttle
 
     throttle = _Throttle(2000.0)
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from ._moves import (
+from ._options import (
     RebalanceEvent,
     RebalanceEventKind,
     RebalanceOptions,
     RebalancePreview,
-    Rebalancer,
     RebalanceResult,
     RebalanceStatus,
 )
+from ._rebalancer import Rebalancer
 
 __all__ = [
     "RebalanceEvent",
