@@ -38,20 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "scripts") not in sys.path:
     sys.path.insert(0, str(ROOT / "scripts"))
 
-from chaos.harness import (  # noqa: E402
-    CI_SCENARIOS,
-    SCENARIOS,
-    ChaosConfig,
-    Execution,
-    Kick,
-    ScenarioResult,
-    analyse,
-    chaos_cluster,
-    format_table,
-    run_scenario,
-    skip_reason,
-    task_sleep,
-)
+from chaos.config import ChaosConfig  # noqa: E402
+from chaos.harness import chaos_cluster, run_scenario  # noqa: E402
+from chaos.ledger import Execution  # noqa: E402
+from chaos.producer import Kick  # noqa: E402
+from chaos.report import ScenarioResult, analyse, format_table  # noqa: E402
+from chaos.scenarios import CI_SCENARIOS, SCENARIOS, skip_reason  # noqa: E402
+from chaos.worker import task_sleep  # noqa: E402
 
 pytestmark = pytest.mark.chaos
 

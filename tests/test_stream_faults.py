@@ -35,21 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "scripts") not in sys.path:
     sys.path.insert(0, str(ROOT / "scripts"))
 
-from chaos.harness import (  # noqa: E402
-    SCENARIOS,
-    ChaosConfig,
-    WorkerPool,
-    chaos_cluster,
-    format_table,
-    pending_entries,
-    produce,
-    producer_broker,
-    read_executions,
-    run_scenario,
-    sleep_env,
-    stream_keys,
-    worker_env,
-)
+from chaos.config import ChaosConfig  # noqa: E402
+from chaos.harness import chaos_cluster, run_scenario  # noqa: E402
+from chaos.ledger import read_executions  # noqa: E402
+from chaos.probes import pending_entries, stream_keys  # noqa: E402
+from chaos.processes import WorkerPool, sleep_env, worker_env  # noqa: E402
+from chaos.producer import produce, producer_broker  # noqa: E402
+from chaos.report import format_table  # noqa: E402
+from chaos.scenarios import SCENARIOS  # noqa: E402
 
 pytestmark = pytest.mark.chaos
 

@@ -1,7 +1,7 @@
 """``scripts/chaos.py``: run the fault-injection suite.
 
 Starts a throwaway local cluster on free ports, runs the chosen scenarios
-(see :mod:`.harness`) with real ``taskiq worker`` processes against each
+(see scripts/chaos/harness.py) with real ``taskiq worker`` processes against each
 chosen broker, prints a table and optionally writes JSON. Exit code 0 when
 every scenario that ran met its acceptance checks, 1 otherwise, 2 on bad
 arguments. ``python -m chaos`` (from ``scripts/``) is the same command.
@@ -25,17 +25,10 @@ from pathlib import Path
 
 from taskiq_redis_cluster._errors import ClusterError
 
-from .harness import (
-    BROKERS,
-    CI_SCENARIOS,
-    SCENARIOS,
-    ChaosConfig,
-    ScenarioResult,
-    chaos_cluster,
-    format_table,
-    run_suite,
-    write_json,
-)
+from .config import BROKERS, ChaosConfig
+from .harness import chaos_cluster, run_suite
+from .report import ScenarioResult, format_table, write_json
+from .scenarios import CI_SCENARIOS, SCENARIOS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
