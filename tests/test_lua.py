@@ -18,8 +18,10 @@ from redis.asyncio import RedisCluster
 
 import taskiq_redis_cluster
 from taskiq_redis_cluster import CrossSlotError
+from taskiq_redis_cluster._planning import PlanStore, QueueSpec, ShardPlan, read_topology
 from taskiq_redis_cluster._redis import LuaScript, load_script
 from taskiq_redis_cluster._redis._lua import script_names
+from taskiq_redis_cluster.testing import DevCluster
 
 PACKAGE = Path(taskiq_redis_cluster.__file__).parent
 RUNNER = PACKAGE / "_redis" / "_lua.py"
@@ -169,3 +171,27 @@ def test_the_script_files_ship_in_the_wheel() -> None:
     for name in script_names():
         path = f"_redis/scripts/{name}.lua"
         assert any(fnmatch.fnmatch(path, p) for p in patterns), f"{path} is not package data"
+
+
+@pytest.mark.cluster
+async def test_the_plan_store_batch_falls_back_to_eval_after_script_flush(
+    healthy_cluster: DevCluster, cluster_client: RedisCluster, unique_name: str
+) -> None:
+    # The confirmed swap is a raw batch (script, WAIT 1, ROLE) on one
+    # connection, built from script.command(); NOSCRIPT resends it with
+    # script.eval_command() on that same node.
+    store = PlanStore(cluster_client)
+    topology = await read_topology(cluster_client)
+    plan = await store.get_or_create(topology, QueueSpec(unique_name, 3))
+    try:
+        node = cluster_client.get_node_from_key(store.key(unique_name))
+        await cluster_client.execute_command("SCRIPT", "FLUSH", "SYNC", target_nodes=node)
+        before = await cluster_client.info("commandstats", target_nodes=node)
+        new = ShardPlan(plan.queue, plan.epoch + 1, plan.shards, plan.draining)
+        assert await store.compare_and_swap(new, expected_epoch=plan.epoch)
+        after = await cluster_client.info("commandstats", target_nodes=node)
+        assert _calls(after, "evalsha") == _calls(before, "evalsha") + 1
+        assert _calls(after, "eval") == _calls(before, "eval") + 1
+        assert await store.epoch(unique_name) == plan.epoch + 1
+    finally:
+        await store.delete(unique_name)
