@@ -1238,7 +1238,6 @@ async def test_list_copy_survives_concurrent_pops_and_keeps_order(
 
     src_tag, dst_tag = _tags(unique_name, 2)
     src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
-    taken = cluster_client.register_script(_LIST_TAKEN)
     try:
         for i in range(10):
             await cluster_client.lpush(src.list, f"m{i}")  # as the list broker kicks
@@ -1247,7 +1246,7 @@ async def test_list_copy_survives_concurrent_pops_and_keeps_order(
         assert await cluster_client.rpop(src.list) == b"m0"
         assert await cluster_client.rpop(src.list) == b"m1"
         await cluster_client.lpush(src.list, "m10")
-        assert await taken(keys=[src.list], args=batch) == 2
+        assert await _LIST_TAKEN(cluster_client, keys=[src.list], args=batch) == 2
         assert await cluster_client.lrange(src.list, 0, -1) == [
             f"m{i}".encode() for i in range(10, 3, -1)
         ]

@@ -39,6 +39,7 @@ from redis.asyncio import RedisCluster
 from .._errors import RebalanceError
 from .._keys import ShardKeys
 from .._planning import Shard
+from .._redis import load_script
 from ._options import RebalanceOptions
 
 logger = logging.getLogger(__name__)
@@ -47,165 +48,12 @@ logger = logging.getLogger(__name__)
 #: whatever it still has pending after a crash is copied again on the rerun.
 MOVER_CONSUMER = "tqrc-rebalancer-mover"
 
-# KEYS[1] shard stream, KEYS[2] shard list (same tag, so one slot).
-# ARGV[1] '1': delete both, atomically, when nothing is left to consume.
-# Returns {exists, length, groups, undelivered, pending, list_length, deleted};
-# undelivered is the largest group lag (1 when a lag is unknown but an entry
-# after last-delivered-id exists; the stream length when there is no group).
-_DRAIN_STATE = """
-local exists, length, ngroups, undelivered, pending, llen = 0, 0, 0, 0, 0, 0
-local t = redis.call('TYPE', KEYS[1])['ok']
-if t == 'stream' then
-  exists = 1
-  length = redis.call('XLEN', KEYS[1])
-  local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
-  ngroups = #groups
-  if ngroups == 0 then undelivered = length end
-  for _, g in ipairs(groups) do
-    local f = {}
-    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-    pending = pending + tonumber(f['pending'])
-    local lag = f['lag']
-    if type(lag) == 'number' then
-      if lag > undelivered then undelivered = lag end
-    else
-      local after = redis.call('XRANGE', KEYS[1], '(' .. f['last-delivered-id'], '+', 'COUNT', 1)
-      if #after > 0 and undelivered < 1 then undelivered = 1 end
-    end
-  end
-elseif t ~= 'none' then
-  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' is a ' .. t .. ', not a stream')
-end
-local lt = redis.call('TYPE', KEYS[2])['ok']
-if lt == 'list' then
-  llen = redis.call('LLEN', KEYS[2])
-elseif lt ~= 'none' then
-  return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' is a ' .. lt .. ', not a list')
-end
-local held = 0
-if redis.call('TYPE', KEYS[3])['ok'] == 'set' then
-  for _, c in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-    local p = ARGV[2] .. c
-    if redis.call('TYPE', p)['ok'] == 'list' then held = held + redis.call('LLEN', p) end
-  end
-end
-local deleted = 0
-if ARGV[1] == '1' and undelivered == 0 and pending == 0 and llen == 0 and held == 0 then
-  deleted = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-end
-return {exists, length, ngroups, undelivered, pending, llen, deleted, held}
-"""
-
-# KEYS[1] shard list, KEYS[2] its reliable consumers set (same tag).
-# ARGV[1] processing-list key prefix, ARGV[2] heartbeat key prefix.
-# The processing lists of consumers whose heartbeat expired go back to the
-# consuming (right) end of the shard list, as the list broker's own recovery
-# does, so the copy that follows takes them first. Returns entries moved.
-_LIST_RECOVER = """
-if redis.call('TYPE', KEYS[2])['ok'] ~= 'set' then return 0 end
-local moved = 0
-for _, c in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('EXISTS', ARGV[2] .. c) == 0 then
-    local p = ARGV[1] .. c
-    while redis.call('LMOVE', p, KEYS[1], 'LEFT', 'RIGHT') do moved = moved + 1 end
-    redis.call('SREM', KEYS[2], c)
-  end
-end
-return moved
-"""
-
-# Stream ids compared exactly (Lua numbers are doubles): by length, then text.
-_ID_LESS = """
-local function parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return ms, seq
-end
-local function less(a, b)
-  local am, as = parts(a)
-  local bm, bs = parts(b)
-  if #am ~= #bm then return #am < #bm end
-  if am ~= bm then return am < bm end
-  if #as ~= #bs then return #as < #bs end
-  return as < bs
-end
-"""
-
-# KEYS[1] source stream. ARGV[1] mover consumer, ARGV[2] batch size,
-# ARGV[3] highest id to take ('+' for all).
-# Takes the next batch of entries that some group has not had delivered yet
-# (after the smallest last-delivered-id) and delivers them, in every group
-# that has not had them, to the mover consumer: from then on they sit in
-# the mover's pending list until the caller has copied and acked them.
-# Returns {batch, {group, last-delivered-id before, ...}}; {{}, {}} when
-# there is nothing (or no group: the caller copies ungrouped streams apart).
-_CLAIM_BATCH = (
-    _ID_LESS
-    + """
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if not ok or #groups == 0 then return {{}, {}} end
-local names, lasts, low = {}, {}, nil
-for _, g in ipairs(groups) do
-  local name, last
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] end
-    if g[i] == 'last-delivered-id' then last = g[i + 1] end
-  end
-  names[#names + 1] = name
-  lasts[#lasts + 1] = last
-  if low == nil or less(last, low) then low = last end
-end
-local batch = redis.call('XRANGE', KEYS[1], '(' .. low, ARGV[3], 'COUNT', ARGV[2])
-if #batch == 0 then return {{}, {}} end
-local top = batch[#batch][1]
-local claimed = {}
-for i, name in ipairs(names) do
-  if less(lasts[i], top) then
-    local n = #redis.call('XRANGE', KEYS[1], '(' .. lasts[i], top)
-    if n > 0 then
-      redis.call('XREADGROUP', 'GROUP', name, ARGV[1], 'COUNT', n, 'STREAMS', KEYS[1], '>')
-      claimed[#claimed + 1] = name
-      claimed[#claimed + 1] = lasts[i]
-    end
-  end
-end
-return {batch, claimed}
-"""
-)
-
-# KEYS[1] source stream; ARGV entry ids already copied. Deletes them only
-# while the stream has no consumer group: once a group exists, a deleted
-# entry could be one a consumer holds pending (returns -1; the caller then
-# claims through the group, which at worst copies these again).
-_DELETE_UNGROUPED = """
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if ok and #groups > 0 then return -1 end
-return redis.call('XDEL', KEYS[1], unpack(ARGV))
-"""
-
-# KEYS[1] source list; ARGV the batch as LRANGE key -n -1 returned it
-# (leftmost first), already pushed to the target list. Consumers pop from
-# the right and producers push on the left, so what is left of the batch is
-# its first j elements at the very right end: remove those (largest j that
-# matches). Returns j.
-_LIST_TAKEN = """
-local n = #ARGV
-local tail = redis.call('LRANGE', KEYS[1], -n, -1)
-local t = #tail
-for j = math.min(n, t), 1, -1 do
-  local same = true
-  for k = 1, j do
-    if tail[t - j + k] ~= ARGV[k] then
-      same = false
-      break
-    end
-  end
-  if same then
-    redis.call('LTRIM', KEYS[1], 0, -(j + 1))
-    return j
-  end
-end
-return 0
-"""
+# Scripts in _redis/scripts/; each file says what it takes and returns.
+_DRAIN_STATE = load_script("rebalance_drain_state")
+_LIST_RECOVER = load_script("rebalance_list_recover")
+_CLAIM_BATCH = load_script("rebalance_claim_batch")
+_DELETE_UNGROUPED = load_script("rebalance_delete_ungrouped")
+_LIST_TAKEN = load_script("rebalance_list_taken")
 
 #: Dead-letter entries scanned from the newest end of the target dead
 #: stream to find where an interrupted copy stopped.
@@ -255,11 +103,6 @@ class ShardCopier:
         self._client = client
         self.prefix = prefix
         self.options = options
-        self._drain_script = client.register_script(_DRAIN_STATE)
-        self._claim_script = client.register_script(_CLAIM_BATCH)
-        self._delete_ungrouped = client.register_script(_DELETE_UNGROUPED)
-        self._list_taken = client.register_script(_LIST_TAKEN)
-        self._list_recover = client.register_script(_LIST_RECOVER)
         # One pace for all moves in flight: the cap is per rebalancer.
         self._throttle = _Throttle(options.max_entries_per_second)
 
@@ -271,7 +114,8 @@ class ShardCopier:
         """
         tag = shard.tag if isinstance(shard, Shard) else shard
         keys = ShardKeys(self.prefix, tag)
-        reply = await self._drain_script(
+        reply = await _DRAIN_STATE(
+            self._client,
             keys=[keys.stream, keys.list, keys.consumers],
             args=["1" if delete else "0", keys.processing("")],
         )
@@ -313,8 +157,10 @@ class ShardCopier:
         copied = await self._copy_stream(src.stream, dst.stream, throttle, snapshot=snapshot)
         # Reliable list consumers that died hand their processing lists back
         # first (the broker's own rule: the heartbeat expired).
-        recovered = await self._list_recover(
-            keys=[src.list, src.consumers], args=[src.processing(""), src.heartbeat("")]
+        recovered = await _LIST_RECOVER(
+            self._client,
+            keys=[src.list, src.consumers],
+            args=[src.processing(""), src.heartbeat("")],
         )
         if int(recovered):
             logger.info("Returned %d entries of dead list consumers to %s", recovered, src.list)
@@ -347,14 +193,14 @@ class ShardCopier:
             ]
             await self._append(target, entries)
             copied += len(entries)
-            deleted = await self._delete_ungrouped(
-                keys=[source], args=[entry_id for entry_id, _ in rows]
+            deleted = await _DELETE_UNGROUPED(
+                client, keys=[source], args=[entry_id for entry_id, _ in rows]
             )
             await throttle(len(entries))
             if int(deleted) < 0:
                 break  # a group appeared: claimed below, so copied twice at worst
         for _ in range(passes):
-            reply = await self._claim_script(keys=[source], args=[MOVER_CONSUMER, batch, until])
+            reply = await _CLAIM_BATCH(client, keys=[source], args=[MOVER_CONSUMER, batch, until])
             claimed: list[Any] = reply[1]
             rows = reply[0]
             if not rows:
@@ -480,7 +326,7 @@ class ShardCopier:
             # batch oldest first keeps their order, behind what the target
             # already holds.
             await client.lpush(target, *reversed(items))
-            await self._list_taken(keys=[source], args=items)
+            await _LIST_TAKEN(client, keys=[source], args=items)
             copied += len(items)
             await throttle(len(items))
         return copied

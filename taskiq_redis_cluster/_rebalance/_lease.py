@@ -22,24 +22,13 @@ from redis.exceptions import RedisError
 
 from .._errors import RebalanceError, RebalanceLockedError
 from .._keys import DEFAULT_PREFIX, rebalance_lease_key
+from .._redis import load_script
 
 logger = logging.getLogger(__name__)
 
-# KEYS[1] lease key; ARGV token, ttl ms. Extend only our own lease.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# KEYS[1] lease key; ARGV token. Delete only our own lease.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+# Compare-and-extend and compare-and-delete (see the files in _redis/scripts/).
+_RENEW = load_script("rebalance_lease_renew")
+_RELEASE = load_script("rebalance_lease_release")
 
 
 def _text(value: Any) -> str:
@@ -111,7 +100,9 @@ class RebalanceLease:
         while True:
             await asyncio.sleep(interval)
             try:
-                extended = await self._client.eval(_RENEW, 1, self.key, self.token, self._ttl_ms)
+                extended = await _RENEW(
+                    self._client, keys=[self.key], args=[self.token, self._ttl_ms]
+                )
             except (RedisError, OSError) as exc:
                 if time.monotonic() - self._renewed_at > self._ttl_ms / 1000:
                     self._lost = f"could not renew it for {self._ttl_ms} ms ({exc})"
@@ -146,7 +137,7 @@ class RebalanceLease:
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
         try:
-            await self._client.eval(_RELEASE, 1, self.key, self.token)
+            await _RELEASE(self._client, keys=[self.key], args=[self.token])
         except (RedisError, OSError) as exc:  # it expires on its own
             logger.warning("Could not release the rebalance lease (%s); it expires", exc)
         else:
