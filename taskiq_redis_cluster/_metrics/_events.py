@@ -1,11 +1,12 @@
 """Broker and rebalancer counters: the Prometheus :class:`BrokerEvents`.
 
 :class:`PrometheusEvents` counts published/acked/reclaimed/... events and
-the rebalancer's moves and runs. In ``taskiq worker --workers N`` each worker
-is a process, so the counters use prometheus_client's multiprocess mode when
-``PROMETHEUS_MULTIPROC_DIR`` is set (see docs/metrics.md). Nothing is
-registered on prometheus_client's global ``REGISTRY``, and the metric
-objects are built on first use, never at import.
+the rebalancer's moves, copied and swept entries, and runs. In ``taskiq
+worker --workers N`` each worker is a process, so the counters use
+prometheus_client's multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is
+set (see docs/metrics.md). Nothing is registered on prometheus_client's
+global ``REGISTRY``, and the metric objects are built on first use, never
+at import.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class _BrokerMetrics:
         self.nogroup_recoveries = self._counter("nogroup_recoveries_total")
         self.retries = self._counter("retries_total")
         self.rebalance_moves = self._counter("rebalance_moves_total")
+        self.rebalance_copied = self._counter("rebalance_copied_entries_total")
+        self.rebalance_swept = self._counter("rebalance_swept_entries_total")
         spec = SPECS_BY_NAME[METRIC_PREFIX + "rebalance_duration_seconds"]
         self.rebalance_duration = Histogram(
             spec.name, spec.help, spec.labels, registry=registry, buckets=REBALANCE_BUCKETS
@@ -179,8 +182,17 @@ class PrometheusEvents(BrokerEvents):
         """A rebalance of ``queue`` completed: it is balanced or its moves are done."""
         self._m.last_rebalance.labels(queue).set(time.time())
 
+    def rebalance_copied(self, queue: str, count: int) -> None:
+        """The rebalancer copied ``count`` entries of a moving shard of ``queue``."""
+        self._m.rebalance_copied.labels(queue).inc(count)
+
+    def rebalance_swept(self, queue: str, count: int) -> None:
+        """The rebalancer moved ``count`` entries out of retired shards of ``queue``."""
+        self._m.rebalance_swept.labels(queue).inc(count)
+
     def rebalance_event(self, event: Any) -> None:
-        """``on_event`` callback for ``Rebalancer``: counts moves and completed queues.
+        """``on_event`` callback for ``Rebalancer``: counts moves, copied and
+        swept entries, and completed queues.
 
         Example::
 
@@ -195,6 +207,11 @@ class PrometheusEvents(BrokerEvents):
             self.rebalance_moved(event.queue, result)
         elif kind == "queue_done":
             self.rebalance_queue_done(event.queue)
+        elif kind == "copied":
+            # ``done`` is the number of entries of that one copy pass.
+            self.rebalance_copied(event.queue, max(0, int(event.done)))
+        elif kind == "swept":
+            self.rebalance_swept(event.queue, max(0, int(event.done)))
 
     @contextmanager
     def track_rebalance(self) -> Iterator[None]:

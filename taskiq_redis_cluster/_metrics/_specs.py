@@ -273,6 +273,22 @@ METRICS: tuple[MetricSpec, ...] = (
         "rebalancer",
     ),
     MetricSpec(
+        f"{_P}rebalance_copied_entries_total",
+        "counter",
+        ("queue",),
+        "Entries the rebalancer copied from a moving shard (its backlog before the "
+        "switch, and what is left after it) to the shard that takes its index.",
+        "rebalancer",
+    ),
+    MetricSpec(
+        f"{_P}rebalance_swept_entries_total",
+        "counter",
+        ("queue",),
+        "Entries the rebalancer moved out of retired shards, where a producer with a "
+        "stale plan wrote them after the move.",
+        "rebalancer",
+    ),
+    MetricSpec(
         f"{_P}rebalance_duration_seconds",
         "histogram",
         (),
