@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_message, take, task_id_of
+from helpers import eventually, make_message, take, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, BrokerMessage
 
@@ -174,20 +174,75 @@ def test_reconcile_follows_the_plan_not_the_journal() -> None:
 
 
 def test_options_are_validated() -> None:
-    from taskiq_redis_cluster import ConfigurationError
+    from taskiq_redis_cluster import ConfigurationError, InvalidOptionError
 
-    with pytest.raises(ConfigurationError):
-        RebalanceOptions(max_moves_at_once=0)
-    with pytest.raises(ConfigurationError):
-        RebalanceOptions(plan_poll_interval=0)
+    def refused(**kw: Any) -> InvalidOptionError:
+        with pytest.raises(InvalidOptionError) as info:
+            RebalanceOptions(**kw)
+        assert isinstance(info.value, ConfigurationError)
+        return info.value
+
+    assert refused(max_moves_at_once=0).option == "max_moves_at_once"
+    assert refused(plan_poll_interval=0).option == "plan_poll_interval"
+    assert refused(move_timeout=float("nan")).option == "move_timeout"
+    assert refused(lock_wait=-1).option == "lock_wait"
+    assert refused(copy_batch=2.5).option == "copy_batch"
+    assert "got 0" in refused(copy_batch=0).reason
+    assert refused(lease_ttl=0.5).option == "lease_ttl"
     assert RebalanceOptions(plan_poll_interval=2, settle_margin=1).settle == 5
     # The settle window is configurable but never shorter than the brokers'
     # poll interval (a producer that has not polled yet still writes there).
     assert RebalanceOptions(plan_poll_interval=2, settle_window=2.5).settle == 2.5
-    with pytest.raises(ConfigurationError, match="at least plan_poll_interval"):
-        RebalanceOptions(plan_poll_interval=2, settle_window=1.0)
-    with pytest.raises(ConfigurationError):
-        RebalanceOptions(copy_batch=0)
+    error = refused(plan_poll_interval=2, settle_window=1.0)
+    assert error.option == "settle_window"
+    assert "at least plan_poll_interval" in str(error)
+
+
+async def test_watch_refuses_bad_poll_settings() -> None:
+    from taskiq_redis_cluster import InvalidOptionError
+
+    rebalancer = Rebalancer(None)  # type: ignore[arg-type]  # fails before any I/O
+    with pytest.raises(InvalidOptionError) as info:
+        await rebalancer.watch(poll_interval=0)
+    assert info.value.option == "poll_interval"
+    with pytest.raises(InvalidOptionError) as info:
+        await rebalancer.watch(settle_polls=0)
+    assert info.value.option == "settle_polls"
+
+
+def test_rebalance_modules_import_only_downwards() -> None:
+    # The rebalancer's seams, lowest first: each module may import only the
+    # ones before it, so there is no import loop inside _rebalance/.
+    import ast
+
+    import taskiq_redis_cluster
+
+    order = (
+        "_journal",
+        "_options",
+        "_lease",
+        "_copy",
+        "_writer",
+        "_sweep",
+        "_moves",
+        "_rebalancer",
+        "__init__",
+    )
+    folder = Path(taskiq_redis_cluster.__file__).parent / "_rebalance"
+    assert {p.stem for p in folder.glob("*.py")} == set(order), "rank the new module here"
+    wrong = []
+    for rank, name in enumerate(order):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 1
+                and node.module
+                and order.index(node.module) >= rank
+            ):
+                wrong.append(f"{name} imports {node.module}")
+    assert wrong == []
+    assert max(len((folder / f"{n}.py").read_text().splitlines()) for n in order) <= 600
 
 
 # --------------------------------------------------------------------------
@@ -1478,3 +1533,279 @@ async def test_reliable_list_consumers_dead_ones_are_copied_live_ones_waited_for
         assert await cluster_client.llen(dst.list) == 7
     finally:
         await cluster_client.delete(*keys)
+
+
+# --------------------------------------------------------------------------
+# Plan changes no replica confirmed (issue 14)
+# --------------------------------------------------------------------------
+
+
+def _kinds(events: Sequence[RebalanceEvent]) -> list[RebalanceEventKind]:
+    return [e.kind for e in events]
+
+
+async def _paused_replica_setup(
+    cluster: DevCluster, client: RedisCluster, url: str, queue: str
+) -> tuple[ShardPlan, PlanStore, Any, list[str]]:
+    """A weighted plan with 30 waiting tasks, a store with a short replica
+    wait, and the replica of the plan key's master (not paused yet)."""
+    plan = await _weighted_plan(client, queue)
+    kicked = [f"{queue}-{i}" for i in range(30)]
+    await _kick_all(url, queue, kicked)
+    store = PlanStore(client, replica_timeout=0.3)
+    master = await cluster.master_of_key(store.key(queue))
+    replica = await cluster.replica_of(master)
+    return plan, store, replica, kicked
+
+
+async def _finished_without_loss(
+    client: RedisCluster, url: str, queue: str, kicked: Sequence[str], before: ShardPlan
+) -> None:
+    ok, counts = await _status_ok(client, queue)
+    assert ok, counts
+    after = await PlanStore(client).load(queue)
+    assert after is not None
+    assert await _old_keys_gone(client, set(before.tags()) - set(after.tags()))
+    got = await _drain_all(url, queue, len(kicked), timeout=30)
+    assert set(kicked) - set(got) == set()
+
+
+@pytest.mark.cluster
+async def test_unconfirmed_switch_is_repeated_and_acted_on_once_a_replica_has_it(
+    healthy_cluster: DevCluster, cluster_client: RedisCluster, cluster_url: str, queue: str
+) -> None:
+    from taskiq_redis_cluster._redis import RetryPolicy
+
+    plan, store, replica, kicked = await _paused_replica_setup(
+        healthy_cluster, cluster_client, cluster_url, queue
+    )
+    events: list[RebalanceEvent] = []
+    rebalancer = Rebalancer(
+        cluster_client,
+        options=_opts(max_moves_at_once=1),
+        store=store,
+        on_event=events.append,
+        # Enough repeats to outlast the pause below; each waits 0.3 s for WAIT.
+        retry=RetryPolicy(attempts=200, base=0.05, cap=0.2),
+    )
+    # SIGSTOP: the replica stays attached but confirms nothing.
+    await healthy_cluster.pause_node(replica)
+    try:
+        run = asyncio.create_task(rebalancer.apply([queue]))
+
+        async def repeated() -> bool:
+            assert not run.done(), run  # an error would end the run early
+            return _kinds(events).count(RebalanceEventKind.UNCONFIRMED) >= 3
+
+        await eventually(repeated, "three repeats of the unconfirmed switch", timeout=30)
+        # The switch is in force on the master, but the rebalancer does not
+        # act on it: the move is not switched, nothing is drained.
+        assert await store.epoch(queue) == plan.epoch + 1
+        assert await _journal_states(cluster_client, queue) == ["planned", "planned"]
+        assert RebalanceEventKind.SWITCHED not in _kinds(events)
+        assert RebalanceEventKind.WAITING not in _kinds(events)
+        seen = len(events)
+    finally:
+        await healthy_cluster.resume_node(replica)
+    results = await asyncio.wait_for(run, 90)
+    assert results[0].moves == 2
+    after = _kinds(events[seen:])
+    assert after.count(RebalanceEventKind.SWITCHED) == 2
+    assert after.count(RebalanceEventKind.FINALIZED) == 2
+    # The repeated swap was recognised as applied: one epoch per change,
+    # switch and finalize of two moves.
+    assert results[0].epoch == plan.epoch + 4
+    await _finished_without_loss(cluster_client, cluster_url, queue, kicked, plan)
+
+
+@pytest.mark.cluster
+async def test_a_rerun_confirms_an_unconfirmed_switch_before_draining_it(
+    healthy_cluster: DevCluster, cluster_client: RedisCluster, cluster_url: str, queue: str
+) -> None:
+    from taskiq_redis_cluster import PlanNotReplicatedError
+    from taskiq_redis_cluster._redis import RetryPolicy
+
+    plan, store, replica, kicked = await _paused_replica_setup(
+        healthy_cluster, cluster_client, cluster_url, queue
+    )
+    events: list[RebalanceEvent] = []
+    await healthy_cluster.pause_node(replica)
+    try:
+        # A run that gives up: the switch stays unconfirmed on the master.
+        first = Rebalancer(
+            cluster_client,
+            options=_opts(max_moves_at_once=1),
+            store=store,
+            retry=RetryPolicy(attempts=2, base=0.05, cap=0.1),
+        )
+        with pytest.raises(PlanNotReplicatedError) as info:
+            await first.apply([queue])
+        assert info.value.epoch == plan.epoch + 1
+        assert await store.epoch(queue) == plan.epoch + 1
+        assert await _journal_states(cluster_client, queue) == ["planned", "planned"]
+        second = Rebalancer(
+            cluster_client,
+            options=_opts(max_moves_at_once=1),
+            store=store,
+            on_event=events.append,
+            retry=RetryPolicy(attempts=200, base=0.05, cap=0.2),
+        )
+        run = asyncio.create_task(second.apply([queue]))
+
+        async def repeated() -> bool:
+            assert not run.done(), run
+            return _kinds(events).count(RebalanceEventKind.UNCONFIRMED) >= 3
+
+        await eventually(repeated, "three confirmation attempts", timeout=30)
+        # The stored plan says "switched", but nothing is resumed, copied or
+        # drained on its word until a replica has it.
+        assert set(_kinds(events)) == {RebalanceEventKind.UNCONFIRMED}
+    finally:
+        await healthy_cluster.resume_node(replica)
+    results = await asyncio.wait_for(run, 90)
+    assert (results[0].resumed, results[0].moves) == (1, 1)
+    await _finished_without_loss(cluster_client, cluster_url, queue, kicked, plan)
+
+
+async def _replica_epoch(replica: Any, key: str) -> bytes | None:
+    from redis.asyncio import Redis
+
+    async with Redis(host=replica.host, port=replica.port, socket_timeout=5) as r:
+        await r.execute_command("READONLY")
+        value: bytes | None = await r.execute_command("HGET", key, "epoch")
+        return value
+
+
+@pytest.mark.cluster
+async def test_after_an_unconfirmed_epoch_the_next_plan_never_reuses_its_number(
+    healthy_cluster: DevCluster, cluster_client: RedisCluster, queue: str
+) -> None:
+    from taskiq_redis_cluster import PlanNotReplicatedError
+    from taskiq_redis_cluster._keys import tag_slot
+    from taskiq_redis_cluster._planning import PlanFollower
+    from taskiq_redis_cluster._rebalance._options import EventSink
+    from taskiq_redis_cluster._rebalance._writer import PlanWriter
+    from taskiq_redis_cluster._redis import RetryPolicy
+
+    topology = await read_topology(cluster_client)
+    store = PlanStore(cluster_client, replica_timeout=0.2)
+    plan = await store.get_or_create(topology, QueueSpec(queue, 2))
+    key = store.key(queue)
+    master = await healthy_cluster.master_of_key(key)
+    replica = await healthy_cluster.replica_of(master)
+    writer = PlanWriter(
+        store,
+        check_lease=lambda: None,
+        emit=EventSink(None),
+        retry=RetryPolicy(attempts=3, base=0.01, cap=0.02),
+    )
+
+    def draining(salt: int) -> Any:
+        tag = shard_tag(queue, 0, salt)
+        extra = Shard(0, tag, tag_slot(tag), plan.shards[0].master)
+        return lambda current: ShardPlan(queue, 0, current.shards, (extra,))
+
+    follower = PlanFollower(store, queue, poll_interval=0)
+    await healthy_cluster.pause_node(replica)
+    try:
+        with pytest.raises(PlanNotReplicatedError):
+            await writer.mutate(queue, draining(7))
+        # A follower read the unconfirmed epoch 2 on the master ...
+        seen = await follower.refresh()
+        assert (seen.epoch, seen.draining[0].tag) == (2, shard_tag(queue, 0, 7))
+        # ... and a failover lost it: the promoted replica serves epoch 1.
+        await cluster_client.hset(key, mapping={"epoch": "1", "plan": plan.to_json()})
+    finally:
+        await healthy_cluster.resume_node(replica)
+
+    async def caught_up() -> bool:
+        return await _replica_epoch(replica, key) == b"1"
+
+    await eventually(caught_up, "the resumed replica catching up", timeout=20)
+    stored = await writer.mutate(queue, draining(8))
+    # Not 2 again: the follower would keep the lost plan, which has the same
+    # number (followers compare epochs only).
+    assert stored.epoch == 3
+    now = await follower.refresh()
+    assert (now.epoch, now.draining[0].tag) == (3, shard_tag(queue, 0, 8))
+
+
+@pytest.mark.cluster
+async def test_a_plan_created_again_is_not_changed_by_a_run_that_read_the_old_one(
+    cluster_client: RedisCluster, queue: str
+) -> None:
+    from taskiq_redis_cluster import RebalanceError
+    from taskiq_redis_cluster._keys import tag_slot
+    from taskiq_redis_cluster._rebalance._options import EventSink
+    from taskiq_redis_cluster._rebalance._writer import PlanWriter
+    from taskiq_redis_cluster._redis import RetryPolicy
+
+    topology = await read_topology(cluster_client)
+    store = PlanStore(cluster_client)
+    old = await store.get_or_create(topology, QueueSpec(queue, 2))
+    writer = PlanWriter(store, check_lease=lambda: None, emit=EventSink(None), retry=RetryPolicy())
+    assert await writer.begin(queue) == old
+    await store.delete(queue)
+    fresh = await store.get_or_create(topology, QueueSpec(queue, 2))
+    tag = shard_tag(queue, 0, 9)
+    extra = Shard(0, tag, tag_slot(tag), old.shards[0].master)
+    with pytest.raises(RebalanceError, match="created again"):
+        await writer.mutate(queue, lambda p: ShardPlan(queue, 0, p.shards, (extra,)))
+    assert await store.load(queue) == fresh
+    # A new run pins the new generation and may change it.
+    await writer.begin(queue)
+    changed = await writer.mutate(queue, lambda p: ShardPlan(queue, 0, p.shards, (extra,)))
+    assert changed.epoch == fresh.epoch + 1
+    writer.end(queue)
+
+
+@pytest.mark.cluster
+async def test_no_replica_check_option_and_the_hint_that_names_it(
+    cluster_client: RedisCluster, cluster_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from taskiq_redis_cluster import PlanNotReplicatedError
+    from taskiq_redis_cluster._cli import _cmd_rebalance as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers())
+    for command in ("apply", "watch"):
+        for extra, required in (([], True), (["--no-replica-check"], False)):
+            args = parser.parse_args(["rebalance", command, "--url", cluster_url, *extra])
+            rebalancer, _ = cmd._rebalancer(cluster_client, args, cmd._Progress(sys.stderr))
+            assert rebalancer.store.require_replica is required
+
+    def failing(replicas: int) -> Any:
+        async def body(_: RedisCluster) -> int:
+            raise PlanNotReplicatedError(key="k", epoch=3, replicas=replicas, reason="r")
+
+        return body
+
+    args = parser.parse_args(["rebalance", "apply", "--url", cluster_url])
+    # _run owns its event loop (asyncio.run), so it runs in a thread here.
+    assert await asyncio.to_thread(cmd._run, args, failing(0)) == cmd.EXIT_ERROR
+    assert "--no-replica-check" in capsys.readouterr().err
+    assert await asyncio.to_thread(cmd._run, args, failing(1)) == cmd.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "--no-replica-check" not in err
+    assert "confirms the stored plan" in err
+
+
+def test_copied_and_swept_entries_are_counted() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from taskiq_redis_cluster._metrics import PrometheusEvents
+
+    registry = CollectorRegistry()
+    events = PrometheusEvents(registry=registry)
+    for kind, done in (
+        (RebalanceEventKind.COPIED, 40),
+        (RebalanceEventKind.COPIED, 2),
+        (RebalanceEventKind.SWEPT, 5),
+        (RebalanceEventKind.UNCONFIRMED, 1),
+    ):
+        events.rebalance_event(RebalanceEvent(kind=kind, queue="q", done=done, total=done))
+    prefix = "taskiq_redis_cluster_rebalance_"
+    assert registry.get_sample_value(prefix + "copied_entries_total", {"queue": "q"}) == 42
+    assert registry.get_sample_value(prefix + "swept_entries_total", {"queue": "q"}) == 5

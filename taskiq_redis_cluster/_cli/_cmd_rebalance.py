@@ -7,7 +7,9 @@
 ``rebalance apply --url URL [--queue NAME ...] [--timeout S] [--max-moves-at-once N] ...``
     Finish unfinished moves, then move shards until every queue is balanced.
     The rebalancer copies the waiting entries of a moving shard itself
-    (``--max-entries-per-second``), so no worker needs to run.
+    (``--max-entries-per-second``), so no worker needs to run. A plan change
+    counts only once a replica of the plan key's master has it; on a cluster
+    without replicas pass ``--no-replica-check``.
     A progress line on a terminal, plain log lines otherwise (both on
     stderr); the summary goes to stdout (JSON with ``--json``).
 
@@ -26,8 +28,9 @@ Without ``--queue`` every queue that has a plan is handled.
 
 Exit status: 0 ok / balanced; 1 imbalance found (``plan``), verification
 failed, or the rebalance did not reach balance; 2 usage or connection error
-(also a queue without a plan); 3 another rebalancer holds the lease; 4 a move
-was aborted (timeout) and reverted.
+(also a queue without a plan, or a plan change no replica confirmed: it is in
+force on the master, and a rerun confirms it before going on); 3 another
+rebalancer holds the lease; 4 a move was aborted (timeout) and reverted.
 """
 
 from __future__ import annotations
@@ -44,9 +47,15 @@ from typing import Any, TextIO
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
-from .._errors import ClusterError, RebalanceAbortedError, RebalanceError, RebalanceLockedError
+from .._errors import (
+    ClusterError,
+    PlanNotReplicatedError,
+    RebalanceAbortedError,
+    RebalanceError,
+    RebalanceLockedError,
+)
 from .._keys import DEFAULT_PREFIX
-from .._planning import Topology, read_topology
+from .._planning import PlanStore, Topology, read_topology
 from .._rebalance import (
     RebalanceEvent,
     RebalanceEventKind,
@@ -161,6 +170,13 @@ def register(subparsers: Any) -> None:
             metavar="S",
             help="seconds to wait for another rebalancer's lease (default 0: exit 3 at once)",
         )
+        p.add_argument(
+            "--no-replica-check",
+            action="store_true",
+            help="for a cluster without replicas only: a plan change counts once the plan "
+            "key's master has it (default: a replica must confirm it, so that a failover "
+            "cannot undo it)",
+        )
 
     plan = sub.add_parser("plan", help="dry run: show the moves that would restore balance")
     common(plan)
@@ -248,6 +264,21 @@ def _run(args: argparse.Namespace, body: Callable[[RedisCluster], Awaitable[int]
 
     try:
         return asyncio.run(main())
+    except PlanNotReplicatedError as exc:
+        _fail(exc, args.url)
+        if exc.replicas == 0:
+            hint = (
+                "the plan key's master has no replica attached. If the cluster has no "
+                "replicas, rerun with --no-replica-check; otherwise wait until the replica "
+                "is back and rerun"
+            )
+        else:
+            hint = (
+                "no replica confirmed the plan change in time. Rerun once the replicas "
+                "caught up: the rebalancer confirms the stored plan before it goes on"
+            )
+        print(f"hint: {hint}", file=sys.stderr)
+        return EXIT_ERROR
     except RebalanceLockedError as exc:
         _fail(exc, args.url)
         print(
@@ -325,6 +356,9 @@ def _rebalancer(
         options=_options(args),
         on_event=on_event,
         run_hook=events.track_rebalance,
+        store=PlanStore(
+            client, prefix=args.prefix, require_replica=not getattr(args, "no_replica_check", False)
+        ),
     )
     return rebalancer, events
 
@@ -538,6 +572,11 @@ class _Progress:
             )
         if kind is RebalanceEventKind.QUEUE_DONE:
             return f"{where}: done, {event.done} move(s), epoch {event.epoch}"
+        if kind is RebalanceEventKind.UNCONFIRMED:
+            return (
+                f"{where}: plan epoch {event.epoch} is not confirmed by a replica yet "
+                f"({event.message}); repeating the change ({event.done}/{event.total})"
+            )
         if kind is RebalanceEventKind.RELABELLED:
             return f"{where}: master ids refreshed (epoch {event.epoch})"
         detail = f" ({event.message})" if event.message else ""

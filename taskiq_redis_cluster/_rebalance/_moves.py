@@ -91,17 +91,25 @@ class MoveDriver:
 
         Returns the number of completed moves. After the first abort no new
         move starts (planned ones are forgotten); running ones finish, then
-        the abort is raised.
+        the abort is raised. Any other error stops every move (nothing new
+        starts, running ones are cancelled) and is raised.
         """
         if not records:
             return 0
         semaphore = asyncio.Semaphore(self.options.max_moves_at_once)
         aborts: list[RebalanceAbortedError] = []
         done = 0
+        failed = False
 
         async def one(rec: MoveRecord) -> None:
-            nonlocal done
+            nonlocal done, failed
             async with semaphore:
+                if failed:
+                    # Another move failed (e.g. a plan change no replica
+                    # confirmed): start nothing more, the error ends the run.
+                    # The semaphore hands over before that error reaches
+                    # the cancellation below.
+                    return
                 if aborts and rec.state is MoveState.PLANNED:
                     await self._abandon_precopy(queue, rec)
                     await journal.remove([rec])
@@ -111,6 +119,9 @@ class MoveDriver:
                         done += 1
                 except RebalanceAbortedError as exc:
                     aborts.append(exc)
+                except BaseException:
+                    failed = True
+                    raise
 
         tasks = [asyncio.create_task(one(rec)) for rec in records]
         try:

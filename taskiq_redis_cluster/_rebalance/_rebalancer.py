@@ -53,6 +53,7 @@ from redis.asyncio import RedisCluster
 from .._errors import (
     InvalidOptionError,
     PlanNotFoundError,
+    PlanNotReplicatedError,
     RebalanceAbortedError,
     RebalanceError,
     RebalanceLockedError,
@@ -403,8 +404,10 @@ class Rebalancer:
         ``max_runtime`` seconds have passed, or, with ``once``, after the
         first settled check (rebalancing if needed).
 
-        While watching forever, a held lease or an aborted move is logged and
-        retried at the next settled check; with ``once`` they are raised.
+        While watching forever, a held lease, an aborted move or a plan
+        change no replica confirmed is logged and retried at the next
+        settled check (the same instance remembers the unconfirmed epoch, see
+        :mod:`._writer`); with ``once`` they are raised.
 
         Every poll also sweeps retired shards (:meth:`sweep`): entries a
         stale producer wrote to a removed tag reach a live shard within one
@@ -450,7 +453,11 @@ class Rebalancer:
                     try:
                         await self.apply(todo)
                         runs += 1
-                    except (RebalanceLockedError, RebalanceAbortedError) as exc:
+                    except (
+                        RebalanceLockedError,
+                        RebalanceAbortedError,
+                        PlanNotReplicatedError,
+                    ) as exc:
                         if once:
                             raise
                         logger.error("Rebalance did not complete: %s; retrying later", exc)
