@@ -281,6 +281,15 @@ class ClusterStreamBroker(ShardedBroker):
         )
 
     async def _after_startup(self, client: RedisCluster) -> None:
+        # Every shard's stream exists with its group from the start. Kicks
+        # never create a stream (NOMKSTREAM), so without this the first kick
+        # to each shard of a new queue would be refused and sent twice.
+        assert self._follower is not None
+        plan = await self._follower.current()
+        prefix = self.options.prefix
+        await asyncio.gather(
+            *(self._ensure_group(ShardKeys(prefix, s.tag), client) for s in plan.shards)
+        )
         # Acks never WAIT: losing an ack only causes a redelivery.
         self._acks = _AckBatcher(
             AutoPipeline(client, max_batch=self.options.max_batch),
@@ -480,12 +489,16 @@ class ClusterStreamBroker(ShardedBroker):
         text = str(exc)
         return text.startswith("NOGROUP") or text.startswith("UNBLOCKED")
 
-    async def _ensure_group(self, keys: ShardKeys) -> None:
-        """Create the group at id 0 (MKSTREAM); an existing group is fine."""
+    async def _ensure_group(self, keys: ShardKeys, client: RedisCluster | None = None) -> None:
+        """Create the group at id 0 (MKSTREAM); an existing group is fine.
+
+        ``client`` is for startup, before the broker counts as running.
+        """
+        redis = client or self.client
 
         async def create() -> None:
             try:
-                await self.client.xgroup_create(
+                await redis.xgroup_create(
                     keys.stream, self.options.consumer_group_name, id="0", mkstream=True
                 )
             except ResponseError as exc:
