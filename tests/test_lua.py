@@ -26,12 +26,6 @@ from taskiq_redis_cluster.testing import DevCluster
 PACKAGE = Path(taskiq_redis_cluster.__file__).parent
 RUNNER = PACKAGE / "_redis" / "_lua.py"
 
-#: Modules still running Lua their own way, waiting for their conversion to
-#: the runner (the rebalancer is being split by another change). Remove an
-#: entry once its module uses load_script.
-_NOT_YET_CONVERTED = ("_rebalance/",)
-
-
 def _loaded_names() -> dict[str, list[str]]:
     """``load_script("<name>")`` calls in the package: name -> modules."""
     found: dict[str, list[str]] = {}
@@ -81,7 +75,7 @@ def test_no_module_runs_lua_another_way() -> None:
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = str(path.relative_to(PACKAGE))
-        if path == RUNNER or relative.startswith(_NOT_YET_CONVERTED):
+        if path == RUNNER:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):

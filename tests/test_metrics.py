@@ -128,6 +128,8 @@ def test_prometheus_events_expose_exactly_the_declared_metrics() -> None:
     events.nogroup_recovered("q", 0)
     events.retried("moved")
     events.rebalance_moved("q", "done")
+    events.rebalance_copied("q", 5)
+    events.rebalance_swept("q", 1)
     events.rebalance_queue_done("q")
     with events.track_rebalance():
         pass
@@ -154,7 +156,7 @@ def test_rebalancer_events_and_runs_are_counted() -> None:
     import dataclasses
 
     from taskiq_redis_cluster import _rebalance
-    from taskiq_redis_cluster._rebalance._rebalancer import RebalanceEvent
+    from taskiq_redis_cluster._rebalance import RebalanceEvent
 
     # The rebalancer's own enum, whatever its name (annotations are strings).
     kind_field = next(f for f in dataclasses.fields(RebalanceEvent) if f.name == "kind")
