@@ -52,8 +52,24 @@ logger = logging.getLogger(__name__)
 
 #: Label that pins all tasks with the same value to one shard (keeps order).
 PARTITION_KEY_LABEL = "partition_key"
+#: Label that makes a kick idempotent; its key lives in the shard it picks.
+DEDUP_KEY_LABEL = "dedup_key"
+#: Labels that pin a task to one shard, in the order they are looked at:
+#: ordering and deduplication both depend on every kick of a key landing on
+#: the same shard, so such kicks never move to another shard.
+ROUTING_LABELS = (PARTITION_KEY_LABEL, DEDUP_KEY_LABEL)
 
 Sink = Callable[[AckableMessage | bytes], Awaitable[None]]
+
+
+def routing_key(message: BrokerMessage) -> str | None:
+    """The key that pins ``message`` to one shard, or None for a free kick."""
+    labels = message.labels
+    for label in ROUTING_LABELS:
+        value = labels.get(label)
+        if value is not None and value != "":
+            return str(value)
+    return None
 
 
 def random_task_id() -> str:
@@ -239,9 +255,9 @@ class ShardedBroker(AsyncBroker):
         return plan.shards[self._shard_index(plan, message)]
 
     def _shard_index(self, plan: ShardPlan, message: BrokerMessage) -> int:
-        key = message.labels.get(PARTITION_KEY_LABEL)
-        if key is not None and key != "":
-            return slot_of(str(key)) % len(plan.shards)
+        key = routing_key(message)
+        if key is not None:
+            return slot_of(key) % len(plan.shards)
         return next(self._round_robin) % len(plan.shards)
 
     def _targets_of(self, plan: ShardPlan) -> list[tuple[Shard, str, tuple[Any, ...]]]:
