@@ -4,13 +4,27 @@ A component moves NEW -> STARTING -> RUNNING -> STOPPING -> STOPPED; a failed
 startup returns it to NEW so that it can be retried. The guard turns misuse
 (startup twice, use after shutdown) into :class:`LifecycleError` instead of
 an obscure failure deep inside redis-py, and makes ``shutdown()`` idempotent.
+
+Components also start themselves on first use, as taskiq-redis's do (its
+classes build their connection pool in ``__init__``, so a producer never
+calls ``startup()``). :meth:`Lifecycle.ensure_started` is that lazy start,
+written once: the first call that needs the client runs the component's
+public ``startup()`` under one lock, so many concurrent first calls start it
+exactly once and all wait for it (several tasks opening a cluster client at
+the same moment is where redis-py's first-use race bites). Use after
+``shutdown()`` still raises :class:`LifecycleError`; an explicit
+``startup()`` after a lazy start does nothing, since taskiq's
+``AsyncBroker.startup()`` starts the result backend the user may already
+have used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from redis.asyncio import RedisCluster
 
@@ -36,6 +50,14 @@ class Lifecycle:
     def __init__(self, component: str) -> None:
         self.component = component
         self.state = State.NEW
+        # Serialises explicit and lazy starts. asyncio.Lock binds to a loop
+        # only on first contended use, so creating it here is safe.
+        self._start_lock = asyncio.Lock()
+        # The task running a lazy start: its call of the public startup()
+        # must not wait for the lock that task already holds.
+        self._lazy_task: asyncio.Task[Any] | None = None
+        #: True once the component started itself on first use.
+        self.lazily_started = False
 
     def starting(self) -> None:
         """Enter STARTING; raise if the component was started before."""
@@ -81,6 +103,49 @@ class Lifecycle:
     def running(self) -> bool:
         """True between a successful startup and the start of shutdown."""
         return self.state is State.RUNNING
+
+    async def start(self, body: Callable[[], Awaitable[None]]) -> None:
+        """Run a component's startup ``body``, serialised with lazy starts.
+
+        Components call this from their public ``startup()``. It waits for a
+        lazy start in progress, and does nothing once the component started
+        itself on first use; otherwise ``body`` runs, and its call of
+        :meth:`starting` raises for a second explicit startup.
+        """
+        if self._lazy_task is not None and self._lazy_task is asyncio.current_task():
+            await body()  # called by ensure_started(), which holds the lock
+            return
+        async with self._start_lock:
+            if self.state is State.RUNNING and self.lazily_started:
+                return
+            await body()
+
+    async def ensure_started(self, startup: Callable[[], Awaitable[None]], action: str) -> None:
+        """Start the component on first use; raise after ``shutdown()``.
+
+        ``startup`` is the component's public ``startup()`` (so overrides and
+        taskiq's own startup work run as usual). Concurrent first calls all
+        wait for one start; a start that fails raises to the call that ran
+        it and leaves the component NEW, so the next call tries again.
+        """
+        if self.state is State.RUNNING:
+            return
+        if self.state in (State.STOPPING, State.STOPPED):
+            self.require_running(action)
+        async with self._start_lock:
+            if self.state is State.RUNNING:
+                return
+            if self.state in (State.STOPPING, State.STOPPED):
+                self.require_running(action)
+            logger.debug("%s: %s before startup(); starting it now", self.component, action)
+            self._lazy_task = asyncio.current_task()
+            try:
+                await startup()
+            finally:
+                self._lazy_task = None
+            self.lazily_started = self.state is State.RUNNING
+        # A startup() override that did not reach RUNNING must not pass as one.
+        self.require_running(action)
 
     def require_running(self, action: str = "this call") -> None:
         """Raise unless the component is RUNNING."""
@@ -134,6 +199,16 @@ class OwnedClient:
         finally:
             await self._close()
             self.lifecycle.stopped()
+
+    async def ready(self, startup: Callable[[], Awaitable[None]], action: str) -> RedisCluster:
+        """The client, starting the component first if it is still NEW.
+
+        :raises LifecycleError: after ``shutdown()``.
+        """
+        if self.lifecycle.state is not State.RUNNING:
+            await self.lifecycle.ensure_started(startup, action)
+        assert self._client is not None  # set by open(), checked by RUNNING
+        return self._client
 
     def get(self, action: str = "this call") -> RedisCluster:
         """The client; raises :class:`LifecycleError` unless running."""

@@ -173,18 +173,40 @@ class ShardedBroker(AsyncBroker):
         return self.options.queue_name
 
     async def current_plan(self) -> ShardPlan:
-        """The plan in force, re-read cheaply when the epoch changes."""
-        self._lifecycle.require_running("current_plan()")
+        """The plan in force, re-read cheaply when the epoch changes.
+
+        Starts the broker first if it was not started yet.
+        """
+        if not self._lifecycle.running:
+            await self._lifecycle.ensure_started(self.startup, "current_plan()")
         assert self._follower is not None
         return await self._follower.current()
+
+    @property
+    def redis(self) -> RedisCluster:
+        """The broker's cluster client, under taskiq-redis's attribute name.
+
+        Read-only and only while running (:class:`LifecycleError` otherwise):
+        the broker owns the client and closes it in ``shutdown()``, so do not
+        close it yourself, and keep it for single-key commands (the queue's
+        own keys are sharded; see ``docs/brokers.md``).
+        """
+        return self._owned.get("redis")
 
     # ------------------------------------------------------------- lifecycle
     async def startup(self) -> None:
         """Connect, load or create the queue's plan, then run taskiq's startup.
 
-        :raises LifecycleError: if called twice.
+        Optional for producers: the first ``kick()``, ``listen()`` or
+        ``current_plan()`` starts the broker. After such a lazy start this
+        does nothing.
+
+        :raises LifecycleError: if called twice, or after ``shutdown()``.
         :raises NotAClusterError: if the URL is not a cluster node.
         """
+        await self._lifecycle.start(self._start)
+
+    async def _start(self) -> None:
         client = await self._owned.open(self.url, self._connection_options())
         try:
             self._pipeline = self._make_pipeline(client)
@@ -277,14 +299,16 @@ class ShardedBroker(AsyncBroker):
         A kick is retried only when the error proves the write was not
         applied (redirect, cluster down, failed connect).
 
-        :raises LifecycleError: before ``startup()`` or after ``shutdown()``.
+        :raises LifecycleError: after ``shutdown()`` (before ``startup()`` the
+            first kick starts the broker).
         :raises KickFailedError: the task was certainly not enqueued.
         :raises KickOutcomeUnknownError: the connection broke after sending;
             the task may be enqueued. Retrying may duplicate it.
         :raises ReplicationTimeoutError: enqueued, but ``wait_replicas`` were
             not reached in time.
         """
-        self._lifecycle.require_running("kick()")
+        if not self._lifecycle.running:
+            await self._lifecycle.ensure_started(self.startup, "kick()")
         follower, pipeline = self._follower, self._pipeline
         assert follower is not None
         assert pipeline is not None
@@ -379,7 +403,8 @@ class ShardedBroker(AsyncBroker):
         feeds a small bounded buffer, so no shard starves and a worker never
         holds more than about ``prefetch`` unprocessed messages.
         """
-        self._lifecycle.require_running("listen()")
+        if not self._lifecycle.running:
+            await self._lifecycle.ensure_started(self.startup, "listen()")
         assert self._follower is not None
         buffer: asyncio.Queue[AckableMessage | bytes] = asyncio.Queue(maxsize=self._prefetch())
         unsent: list[AckableMessage | bytes] = []
