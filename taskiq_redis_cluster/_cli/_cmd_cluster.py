@@ -1,7 +1,9 @@
 """``taskiq-redis-cluster cluster up|down|status``: a local dev cluster.
 
 ``up`` starts ``redis-server`` processes on loopback, forms the cluster,
-prints its URL on stdout and exits, leaving the nodes running; ``down`` stops
+prints its URL on stdout and exits, leaving the nodes running (with
+``--password-file`` the printed URL has no password: pass the same file to
+the other commands);  ``down`` stops
 exactly those nodes (found through the pid files in ``--dir``); ``status``
 prints one line per node. Errors print one line on stderr and exit non-zero.
 """
@@ -13,11 +15,13 @@ import asyncio
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from .._errors import ClusterError, DevClusterError
 from .._redis import redact_url
 from ..testing import DevCluster, TLSConfig, format_slots, stop_directory
 from ..testing._model import STATE_FILE
+from ._common import TargetError, add_password_file_argument, password_from
 
 _DEFAULT_DIR = ".taskiq-redis-cluster"
 
@@ -38,7 +42,12 @@ def register(subparsers: Any) -> None:
     up.add_argument(
         "--node-timeout", type=int, default=1500, metavar="MS", help="cluster-node-timeout"
     )
-    up.add_argument("--password", help="require this password (also used by replication)")
+    up.add_argument(
+        "--password",
+        help="require this password (also used by replication); visible in the process "
+        "list, prefer --password-file",
+    )
+    add_password_file_argument(up, what="the password to require (also used by replication)")
     up.add_argument("--username", help="create this ACL user (needs --password)")
     up.add_argument("--tls-cert-file", type=Path, help="serve TLS with this certificate")
     up.add_argument("--tls-key-file", type=Path, help="private key of --tls-cert-file")
@@ -95,6 +104,13 @@ def _up(args: argparse.Namespace) -> int:
         else None
     )
     try:
+        from_file = password_from(args)
+    except TargetError as exc:
+        return _fail(exc)
+    if from_file is not None and args.password is not None:
+        return _fail(ValueError("give --password or --password-file, not both"))
+    password = from_file if from_file is not None else args.password
+    try:
         cluster = DevCluster(
             masters=args.masters,
             replicas=args.replicas,
@@ -102,7 +118,7 @@ def _up(args: argparse.Namespace) -> int:
             node_timeout_ms=args.node_timeout,
             directory=args.dir,
             username=args.username,
-            password=args.password,
+            password=password,
             tls=tls,
             redis_server=args.redis_server,
             form_timeout=args.timeout,
@@ -110,15 +126,23 @@ def _up(args: argparse.Namespace) -> int:
         asyncio.run(cluster.start())
     except ClusterError as exc:
         return _fail(exc)
-    # The URL is the user's own, so it is printed in full on stdout; only
-    # the stderr note is redacted.
-    print(cluster.url)
+    # A password given on the command line is the user's own and already
+    # public, so the URL is printed in full on stdout (only the stderr note
+    # is redacted); one read from a file stays out of the output.
+    print(_without_password(cluster.url) if from_file is not None else cluster.url)
     print(
         f"cluster ready: {len(cluster.ports)} nodes, {redact_url(cluster.url)}; "
         f"stop it with: taskiq-redis-cluster cluster down --dir {args.dir}",
         file=sys.stderr,
     )
     return 0
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    netloc = f"{user}{parts.hostname}:{parts.port}"
+    return urlunsplit(SplitResult(parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _load(args: argparse.Namespace) -> DevCluster:

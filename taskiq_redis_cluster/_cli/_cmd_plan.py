@@ -1,5 +1,9 @@
 """``taskiq-redis-cluster plan``: inspect and create shard plans.
 
+Every subcommand takes the URL from ``--url`` or ``$TQRC_URL`` and the
+password from ``--password-file`` or ``$TQRC_PASSWORD_FILE`` (see
+``_common``).
+
 ``plan show --url URL --queue NAME [--queue NAME ...] [--json] [--prefix P]``
     One row per shard (index, tag, slot, planned master, actual master now,
     OK/MISPLACED/ORPHANED), the draining shards, shards per master and the
@@ -25,7 +29,6 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
@@ -33,7 +36,8 @@ from redis.exceptions import RedisError
 from .._errors import ClusterError
 from .._keys import DEFAULT_PREFIX
 from .._planning import PlanStore, QueueSpec, Shard, ShardPlan, Topology, balance, read_topology
-from .._redis import connect, redact_url
+from .._redis import connect
+from ._common import Target, TargetError, add_connection_arguments, print_error, resolve_target
 
 EXIT_OK = 0
 EXIT_UNBALANCED = 1
@@ -50,7 +54,7 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="plan_command", metavar="SUBCOMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", required=True, help="cluster URL, e.g. redis://127.0.0.1:7000")
+        add_connection_arguments(p)
         p.add_argument(
             "--prefix", default=DEFAULT_PREFIX, help=f"key prefix (default {DEFAULT_PREFIX})"
         )
@@ -86,40 +90,36 @@ def register(subparsers: Any) -> None:
 
 
 def _handle_show(args: argparse.Namespace) -> int:
-    return _run(run_show(args.url, args.queue, prefix=args.prefix, as_json=args.json), args.url)
+    return _run(args, lambda t: run_show(t, args.queue, prefix=args.prefix, as_json=args.json))
 
 
 def _handle_create(args: argparse.Namespace) -> int:
-    return _run(run_create(args.url, args.queue, args.shards, prefix=args.prefix), args.url)
+    return _run(args, lambda t: run_create(t, args.queue, args.shards, prefix=args.prefix))
 
 
 def _handle_list(args: argparse.Namespace) -> int:
-    return _run(run_list(args.url, prefix=args.prefix), args.url)
+    return _run(args, lambda t: run_list(t, prefix=args.prefix))
 
 
-def _run(coro: Coroutine[Any, Any, int], url: str) -> int:
+def _run(args: argparse.Namespace, make: Callable[[Target], Coroutine[Any, Any, int]]) -> int:
     try:
-        return asyncio.run(coro)
+        target = resolve_target(args)
+    except TargetError as exc:
+        print_error(exc, None)
+        return EXIT_ERROR
+    try:
+        return asyncio.run(make(target))
     except (ClusterError, RedisError, OSError) as exc:  # run_* report most errors themselves
-        _fail(exc, url)
+        print_error(exc, target)
         return EXIT_ERROR
 
 
-def _fail(exc: BaseException, url: str, err: TextIO | None = None) -> None:
-    """Print ``exc`` as one line on stderr, with the URL's password removed."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    text = text.replace(url, redact_url(url))
-    if password:
-        text = text.replace(password, "***")
-    print(f"error: {text}", file=err or sys.stderr)
+def _target(target: Target | str) -> Target:
+    return target if isinstance(target, Target) else Target(target)
 
 
-async def _with_client(url: str, body: Callable[[RedisCluster], Awaitable[int]]) -> int:
-    client = await connect(url)
+async def _with_client(target: Target, body: Callable[[RedisCluster], Awaitable[int]]) -> int:
+    client = await connect(target.url, target.options())
     try:
         return await body(client)
     finally:
@@ -127,7 +127,7 @@ async def _with_client(url: str, body: Callable[[RedisCluster], Awaitable[int]])
 
 
 async def run_show(
-    url: str,
+    url: Target | str,
     queues: list[str],
     *,
     prefix: str = DEFAULT_PREFIX,
@@ -174,15 +174,16 @@ async def run_show(
             _print_cluster_notes(topology, out)
         return status
 
+    target = _target(url)
     try:
-        return await _with_client(url, body)
+        return await _with_client(target, body)
     except (ClusterError, RedisError, OSError) as exc:
-        _fail(exc, url, err)
+        print_error(exc, target, err)
         return EXIT_ERROR
 
 
 async def run_create(
-    url: str,
+    url: Target | str,
     queue: str,
     shards: int,
     *,
@@ -196,7 +197,7 @@ async def run_create(
     try:
         spec = QueueSpec(queue, shards)
     except ClusterError as exc:
-        _fail(exc, url, err)
+        print_error(exc, _target(url), err)
         return EXIT_ERROR
 
     async def body(client: RedisCluster) -> int:
@@ -212,15 +213,20 @@ async def run_create(
         _print_report(describe(plan, topology), out)
         return EXIT_OK
 
+    target = _target(url)
     try:
-        return await _with_client(url, body)
+        return await _with_client(target, body)
     except (ClusterError, RedisError, OSError) as exc:
-        _fail(exc, url, err)
+        print_error(exc, target, err)
         return EXIT_ERROR
 
 
 async def run_list(
-    url: str, *, prefix: str = DEFAULT_PREFIX, out: TextIO | None = None, err: TextIO | None = None
+    url: Target | str,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
 ) -> int:
     """Body of ``plan list``."""
     out = out or sys.stdout
@@ -230,10 +236,11 @@ async def run_list(
             print(name, file=out)
         return EXIT_OK
 
+    target = _target(url)
     try:
-        return await _with_client(url, body)
+        return await _with_client(target, body)
     except (ClusterError, RedisError, OSError) as exc:
-        _fail(exc, url, err or sys.stderr)
+        print_error(exc, target, err or sys.stderr)
         return EXIT_ERROR
 
 

@@ -24,7 +24,9 @@
     Check that every shard is on its planned master, nothing is draining or
     half-moved and masters differ by at most one shard.
 
-Without ``--queue`` every queue that has a plan is handled.
+Without ``--queue`` every queue that has a plan is handled. The URL comes
+from ``--url`` or ``$TQRC_URL``, the password from ``--password-file`` or
+``$TQRC_PASSWORD_FILE`` (see ``_common``).
 
 Exit status: 0 ok / balanced; 1 imbalance found (``plan``), verification
 failed, or the rebalance did not reach balance; 2 usage or connection error
@@ -65,7 +67,7 @@ from .._rebalance import (
     RebalanceStatus,
 )
 from .._redis import connect
-from ._cmd_plan import _fail
+from ._common import TargetError, add_connection_arguments, print_error, resolve_target
 
 EXIT_OK = 0
 EXIT_UNBALANCED = 1
@@ -88,7 +90,7 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="rebalance_command", metavar="SUBCOMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", required=True, help="cluster URL, e.g. redis://127.0.0.1:7000")
+        add_connection_arguments(p)
         p.add_argument(
             "--queue",
             action="append",
@@ -254,9 +256,14 @@ def _quiet_library_logs(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace, body: Callable[[RedisCluster], Awaitable[int]]) -> int:
     """Connect, run ``body`` and map errors to exit codes (module doc)."""
+    try:
+        target = resolve_target(args)
+    except TargetError as exc:
+        print_error(exc, None)
+        return EXIT_ERROR
 
     async def main() -> int:
-        client = await connect(args.url)
+        client = await connect(target.url, target.options())
         try:
             return await body(client)
         finally:
@@ -265,7 +272,7 @@ def _run(args: argparse.Namespace, body: Callable[[RedisCluster], Awaitable[int]
     try:
         return asyncio.run(main())
     except PlanNotReplicatedError as exc:
-        _fail(exc, args.url)
+        print_error(exc, target)
         if exc.replicas == 0:
             hint = (
                 "the plan key's master has no replica attached. If the cluster has no "
@@ -280,7 +287,7 @@ def _run(args: argparse.Namespace, body: Callable[[RedisCluster], Awaitable[int]
         print(f"hint: {hint}", file=sys.stderr)
         return EXIT_ERROR
     except RebalanceLockedError as exc:
-        _fail(exc, args.url)
+        print_error(exc, target)
         print(
             "hint: wait for the other rebalancer to finish (or for its lease to expire "
             "if it was killed), or pass --lock-wait",
@@ -288,13 +295,13 @@ def _run(args: argparse.Namespace, body: Callable[[RedisCluster], Awaitable[int]
         )
         return EXIT_LOCKED
     except RebalanceAbortedError as exc:
-        _fail(exc, args.url)
+        print_error(exc, target)
         return EXIT_ABORTED
     except RebalanceError as exc:
-        _fail(exc, args.url)
+        print_error(exc, target)
         return EXIT_UNBALANCED
     except (ClusterError, RedisError, OSError) as exc:
-        _fail(exc, args.url)
+        print_error(exc, target)
         return EXIT_ERROR
 
 

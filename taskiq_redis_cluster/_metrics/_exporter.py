@@ -18,15 +18,16 @@ hosts, which is not for every network.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hmac
 import logging
-import socket
 import threading
-from collections.abc import Callable, Sequence
-from socketserver import ThreadingMixIn
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import RedisCluster
 
@@ -41,54 +42,147 @@ logger = logging.getLogger(__name__)
 #: Default port of the standalone exporter.
 DEFAULT_EXPORTER_PORT = 9808
 
+#: The paths served; any other answers 404.
+METRICS_PATH = "/metrics"
+HEALTH_PATH = "/healthz"
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+_StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+_App = Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        # wsgiref writes every request to stderr; keep it at debug level.
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("metrics request from %s: %s", self.address_string(), format % args)
+@dataclass(frozen=True)
+class TLSFiles:
+    """TLS for the metrics server, as prometheus_client's server takes it.
+
+    :param certfile: the server certificate (PEM).
+    :param keyfile: its private key (PEM).
+    :param client_cafile: when set, scrapers must present a certificate
+        signed by this CA (mutual TLS).
+    """
+
+    certfile: str
+    keyfile: str
+    client_cafile: str | None = None
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    """HTTP basic auth for ``/metrics`` (``/healthz`` stays open for probes).
+
+    prometheus_client's server has no basic auth of its own, so the check is
+    a thin WSGI layer in front of its app. The password never shows in
+    ``repr``.
+    """
+
+    username: str
+    password: str = field(repr=False)
+
+    def allows(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header carries these credentials."""
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        user, sep, password = decoded.partition(b":")
+        # Both compared in constant time, and both always compared, so the
+        # answer's timing tells nothing about which part was wrong.
+        user_ok = hmac.compare_digest(user, self.username.encode())
+        password_ok = hmac.compare_digest(password, self.password.encode())
+        return bool(sep) and user_ok and password_ok
+
+
+def _routed(metrics: _App, auth: BasicAuth | None) -> _App:
+    """prometheus_client's app on ``/metrics`` only, a cheap ``/healthz``, 404 elsewhere.
+
+    prometheus_client serves its metrics on every path (for backwards
+    compatibility); a scraper pointed at a wrong path should get an error,
+    not a page that looks right.
+    """
+
+    def app(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path == HEALTH_PATH:
+            # No cluster read: a liveness probe must not load Redis, and
+            # must not fail because Redis is slow.
+            if method not in ("GET", "HEAD"):
+                start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+                return [b""]
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"ok\n" if method == "GET" else b""]
+        if path != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found; metrics are at {METRICS_PATH}\n".encode()]
+        if auth is not None and not auth.allows(environ.get("HTTP_AUTHORIZATION")):
+            start_response(
+                "401 Unauthorized",
+                [
+                    ("WWW-Authenticate", 'Basic realm="taskiq-redis-cluster"'),
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                ],
+            )
+            return [b"unauthorized\n"]
+        return metrics(environ, start_response)
+
+    return app
 
 
 class MetricsServer:
-    """A ``/metrics`` HTTP server running in a daemon thread.
+    """prometheus_client's HTTP server for one registry, in a daemon thread.
+
+    ``/metrics`` serves the registry, ``/healthz`` answers 200 without
+    touching it, any other path 404. TLS (and mutual TLS) are
+    prometheus_client's own options; basic auth guards ``/metrics``.
 
     :ivar host: the address it listens on.
     :ivar port: the bound port (useful after asking for port 0).
+    :raises OSError: if the port cannot be bound.
     """
 
-    def __init__(self, registry: CollectorRegistry, *, port: int, host: str = "127.0.0.1") -> None:
-        server_class = _Server6 if ":" in host else _Server
-        self._httpd = make_server(
-            host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        port: int,
+        host: str = "127.0.0.1",
+        tls: TLSFiles | None = None,
+        auth: BasicAuth | None = None,
+    ) -> None:
+        # The server starts serving the registry it is given at once; an
+        # empty one stands in for the microseconds until the routed app is
+        # installed, so no request can see metrics on a wrong path or
+        # without credentials.
+        self._httpd, self._thread = start_http_server(
+            port,
+            addr=host,
+            registry=CollectorRegistry(),
+            certfile=tls.certfile if tls else None,
+            keyfile=tls.keyfile if tls else None,
+            client_cafile=tls.client_cafile if tls else None,
+            client_auth_required=bool(tls and tls.client_cafile),
         )
+        self._httpd.set_app(_routed(make_wsgi_app(registry), auth))
+        self._thread.name = f"tqrc-metrics-{self._httpd.server_address[1]}"
         self.host = host
         self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name=f"tqrc-metrics-{self.port}", daemon=True
-        )
-        self._thread.start()
+        self.scheme = "https" if tls else "http"
         self._closed = False
+        self._close_lock = threading.Lock()
 
     @property
     def url(self) -> str:
-        """``http://host:port/metrics``."""
+        """``http(s)://host:port/metrics``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"{self.scheme}://{host}:{self.port}{METRICS_PATH}"
 
     def close(self) -> None:
         """Stop serving and release the port; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5.0)
@@ -134,7 +228,11 @@ def start_metrics_server(
 
 
 def exporter_registry(
-    reader: QueueStateReader, loop: asyncio.AbstractEventLoop, *, multiprocess: bool = True
+    reader: QueueStateReader,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    multiprocess: bool = True,
+    min_interval: float = 0.0,
 ) -> CollectorRegistry:
     """A registry with the queue collector, plus the multiprocess counters.
 
@@ -142,20 +240,21 @@ def exporter_registry(
     is set (workers on this host write there).
     """
     registry = CollectorRegistry()
-    registry.register(QueueCollector(reader, loop))
+    registry.register(QueueCollector(reader, loop, min_interval=min_interval))
     path = multiprocess_dir()
     if multiprocess and path is not None:
         MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     return registry
 
 
-def _client_options(timeout: float) -> ConnectionOptions:
+def _client_options(timeout: float, password: str | None = None) -> ConnectionOptions:
     # A scrape must answer within its timeout even if a node hangs.
     return ConnectionOptions(
         max_connections=16,
         socket_timeout=timeout,
         socket_connect_timeout=min(timeout, 5.0),
         retries=1,
+        password=password,
     )
 
 
@@ -171,6 +270,10 @@ async def run_exporter(
     per_consumer: bool = False,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[MetricsServer], None] | None = None,
+    password: str | None = None,
+    min_interval: float = 0.0,
+    tls: TLSFiles | None = None,
+    auth: BasicAuth | None = None,
 ) -> None:
     """Serve queue metrics until ``stop`` is set (or the task is cancelled).
 
@@ -178,10 +281,16 @@ async def run_exporter(
         looked up at each scrape.
     :param timeout: seconds one scrape may spend reading Redis.
     :param on_ready: called with the server once it listens.
+    :param password: the cluster password, passed to redis-py as a keyword
+        (keeps it out of the URL).
+    :param min_interval: seconds a read is served again to later scrapes
+        (concurrent scrapes always share one read).
+    :param tls: serve HTTPS with these files.
+    :param auth: require basic auth on ``/metrics``.
     :raises ConnectError, NotAClusterError: if the cluster cannot be reached.
     :raises OSError: if the port cannot be bound.
     """
-    client = await connect(url, _client_options(timeout))
+    client = await connect(url, _client_options(timeout, password))
     server: MetricsServer | None = None
     try:
         reader = QueueStateReader(
@@ -192,8 +301,8 @@ async def run_exporter(
             timeout=timeout,
             per_consumer=per_consumer,
         )
-        registry = exporter_registry(reader, asyncio.get_running_loop())
-        server = MetricsServer(registry, port=port, host=host)
+        registry = exporter_registry(reader, asyncio.get_running_loop(), min_interval=min_interval)
+        server = MetricsServer(registry, port=port, host=host, tls=tls, auth=auth)
         logger.info(
             "Exporting metrics of %s (queues: %s) on %s",
             redact_url(url),
