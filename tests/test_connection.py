@@ -16,7 +16,7 @@ from taskiq_redis_cluster import (
     connect,
     redact_url,
 )
-from taskiq_redis_cluster._redis._connection import validate_url
+from taskiq_redis_cluster._redis._connection import scrub, validate_url
 
 
 @pytest.mark.parametrize(
@@ -25,10 +25,54 @@ from taskiq_redis_cluster._redis._connection import validate_url
         ("redis://user:s3cret@127.0.0.1:7000/0", "redis://user:***@127.0.0.1:7000/0"),
         ("rediss://:s3cret@[::1]:7000", "rediss://:***@[::1]:7000"),
         ("redis://127.0.0.1:7000", "redis://127.0.0.1:7000"),
+        # redis-py reads ?password= (and ssl_password, the TLS key's passphrase)
+        ("redis://127.0.0.1:7000/?password=s3cret", "redis://127.0.0.1:7000/?password=***"),
+        (
+            "rediss://h:7000/0?ssl_password=s3cret&socket_timeout=2",
+            "rediss://h:7000/0?ssl_password=***&socket_timeout=2",
+        ),
+        ("redis://h:7000?Auth_Token=s3cret", "redis://h:7000?Auth_Token=***"),
+        # percent-encoded in the userinfo and in the query
+        ("redis://u:p%40s3cret@h:7000", "redis://u:***@h:7000"),
+        ("redis://:s3cret@h:7000/?password=p%40s3cret", "redis://:***@h:7000/?password=***"),
+        # an unencoded "@" in the password: urllib splits at the last "@"
+        ("redis://u:p@s3cret@h:7000", "redis://u:***@h:7000"),
+        # an unencoded "#", "?" or "/" ends the authority early: nothing is shown
+        ("redis://:s3#cret@h:7000", "<unparseable URL>"),
+        ("redis://:12?s3cret@h:7000", "<unparseable URL>"),
+        ("redis://u:s3/cret@h:7000", "<unparseable URL>"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "extra", "expected"),
+    [
+        # redis-py decodes before it echoes: the decoded form is scrubbed too
+        ("bad password p@ss", "redis://u:p%40ss@h:7000", None, "bad password ***"),
+        ("auth p@ss", "redis://h:7000/?password=p%40ss", None, "auth ***"),
+        ("auth s3cret", "redis://h:7000", "s3cret", "auth ***"),
+        (
+            "no node redis://:pw@h:7000",
+            "redis://:pw@h:7000",
+            None,
+            "no node redis://:***@h:7000",
+        ),
+    ],
+)
+def test_scrub_removes_every_form(text: str, url: str, extra: str | None, expected: str) -> None:
+    assert scrub(text, url, extra) == expected
+
+
+def test_connection_options_carry_a_password_that_repr_hides() -> None:
+    options = ConnectionOptions(password="s3cret", extra={"ssl_password": "k3y"})
+    assert options.client_kwargs()["password"] == "s3cret"
+    assert "s3cret" not in repr(options)
+    assert "k3y" not in repr(options)
+    assert "password='***'" in repr(options)
+    assert "password=None" in repr(ConnectionOptions())
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ def redact_url(url: str) -> str:
     # the authority early (e.g. "redis://:pa#ss@h:7000"): the password then
     # sits in the path, query or fragment where no rule below would find it.
     if "@" in parts.path + parts.query + parts.fragment:
-        return f"{parts.scheme}://{_UNPARSEABLE}" if parts.scheme else _UNPARSEABLE
+        return _UNPARSEABLE
     netloc = parts.netloc
     if parts.password is not None:
         user = parts.username or ""
