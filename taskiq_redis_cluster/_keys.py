@@ -5,6 +5,8 @@ every key of one shard lands in the shard's single slot)::
 
     P:{T}:stream        the shard's stream; its consumer group lives inside it
     P:{T}:dead          the shard's dead-letter stream
+    P:{T}:delayed       the shard's delayed tasks (sorted set, score = due ms)
+    P:{T}:dedup:K       the shard's marker of dedup key K (value: first task id)
     P:{T}:list          the shard's list (list broker)
     P:{T}:processing:C  list broker, reliable mode: consumer C's popped messages
     P:{T}:heartbeat:C   list broker, reliable mode: C is alive while this exists
@@ -104,6 +106,16 @@ class ShardKeys:
     @property
     def dead(self) -> str:
         return f"{self.prefix}:{{{self.tag}}}:dead"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set of delayed messages, scored by due time (Unix ms)."""
+        return f"{self.prefix}:{{{self.tag}}}:delayed"
+
+    def dedup(self, key: str) -> str:
+        """Marker of dedup key ``key``; the shard's tag comes first, so a
+        brace inside ``key`` cannot move it to another slot."""
+        return f"{self.prefix}:{{{self.tag}}}:dedup:{key}"
 
     @property
     def list(self) -> str:

@@ -314,12 +314,18 @@ class ShardedBroker(AsyncBroker):
         assert pipeline is not None
         plan = follower.fresh() or await follower.current()
         index = self._shard_index(plan, message)
+        # Task controls (delay, dedup) take a script; a kick without labels
+        # pays one truth test and keeps the cached command.
+        controls = self._controls(message) if message.labels else None
         attempt = 0
         while True:
             attempt += 1
             shard, key, command = self._targets_of(plan)[index]
             try:
-                reply = await pipeline.submit(key, *command, message.message)
+                if controls is None:
+                    reply = await pipeline.submit(key, *command, message.message)
+                else:
+                    reply = await self._write_controlled(pipeline, shard, message, controls)
             except CommandFailure as failure:
                 outcome = write_outcome(failure.error, sent=failure.sent)
                 kind = error_kind(failure.error)
@@ -386,6 +392,28 @@ class ShardedBroker(AsyncBroker):
 
     def _check_reply(self, message: BrokerMessage, reply: Reply) -> None:
         """Hook: inspect a successful write (e.g. the WAIT replica count)."""
+
+    def _controls(self, message: BrokerMessage) -> Any:
+        """Hook: the task controls ``message``'s labels ask for, or None.
+
+        None keeps the plain, cached write command. A broker without task
+        controls leaves their labels alone, as before they existed.
+
+        :raises InvalidOptionError: for a control label with a bad value.
+        """
+        return None
+
+    async def _write_controlled(
+        self, pipeline: AutoPipeline, shard: Shard, message: BrokerMessage, controls: Any
+    ) -> Reply:
+        """Hook: write ``message`` to ``shard`` as ``controls`` (from ``_controls``) say.
+
+        Its reply is judged like the plain write's: ``_landed`` (nil when the
+        shard's key is gone), then ``_check_reply``.
+
+        :raises CommandFailure: as the auto-pipeline raises it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no task controls")
 
     @abstractmethod
     def _write_command(self, keys: ShardKeys) -> tuple[str, tuple[Any, ...]]:

@@ -25,18 +25,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from taskiq import AckableMessage, BrokerMessage
 
-from .._errors import ConfigurationError, ReplicationTimeoutError
+from .._errors import ConfigurationError, InvalidOptionError, ReplicationTimeoutError
 from .._events import BrokerEvents
-from .._keys import ShardKeys
+from .._keys import ShardKeys, slot_of
 from .._options import StreamOptions, resolve_options
 from .._planning import Shard
 from .._redis import (
@@ -49,7 +50,8 @@ from .._redis import (
     is_transient,
     load_script,
 )
-from ._base import ShardedBroker, Sink, StopSignal
+from ._base import DEDUP_KEY_LABEL, ShardedBroker, Sink, StopSignal
+from ._delayed import DelayedPromoter, start_promoter
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,50 @@ _DATA = b"data"
 _SAFE_TRIM = load_script("stream_safe_trim")
 _DEAD_LETTER = load_script("stream_dead_letter")
 _REMOVE_STALE_CONSUMERS = load_script("stream_remove_stale_consumers")
+_KICK_CONTROLLED = load_script("stream_kick_controlled")
+
+#: Label: seconds (int, float or a numeric string) before the task may run.
+DELAY_LABEL = "delay"
+#: Label: seconds a ``dedup_key`` blocks other kicks with the same key.
+DEDUP_TTL_LABEL = "dedup_ttl"
+#: Longest accepted delay or dedup TTL (ten years), so a typo in the unit
+#: is refused instead of parking a task forever.
+_MAX_CONTROL_SECONDS = 10 * 365 * 86_400
+_DUPLICATE = b"duplicate"
+
+
+@dataclass(frozen=True)
+class TaskControls:
+    """What a kick's labels ask for beyond a plain XADD (ms; key as text)."""
+
+    delay_ms: int
+    dedup_key: str | None
+    dedup_ttl_ms: int
+
+
+def _label_ms(label: str, value: Any, *, allow_zero: bool) -> int:
+    """Seconds given in a label, as whole ms rounded up (never early).
+
+    :raises InvalidOptionError: for anything but a finite, non-negative
+        number of seconds (a bool, NaN, a word...), before any I/O.
+    """
+    seconds: float | None = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = None
+    if seconds is None or not math.isfinite(seconds):
+        raise InvalidOptionError(
+            option=f"{label} label", reason=f"must be a number of seconds, got {value!r}"
+        )
+    if seconds < 0 or (seconds == 0 and not allow_zero) or seconds > _MAX_CONTROL_SECONDS:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InvalidOptionError(
+            option=f"{label} label",
+            reason=f"must be {bound} and at most {_MAX_CONTROL_SECONDS} seconds, got {value!r}",
+        )
+    return math.ceil(seconds * 1000)
 
 
 @dataclass
@@ -355,12 +401,85 @@ class ClusterStreamBroker(ShardedBroker):
         return self.options.xread_count
 
     # ----------------------------------------------------------------- kick
+    #: Seconds a ``dedup_key`` blocks later kicks with the same key, for
+    #: kicks without a ``dedup_ttl`` label; set it on the broker to change it.
+    dedup_ttl: float = 3600.0
+
+    def _trim_args(self) -> tuple[Any, ...]:
+        if self.options.maxlen is None:
+            return ()
+        return ("MAXLEN", "~" if self.options.approximate else "=", self.options.maxlen)
+
     def _write_command(self, keys: ShardKeys) -> tuple[str, tuple[Any, ...]]:
         stream = keys.stream
-        trim: tuple[Any, ...] = ()
-        if self.options.maxlen is not None:
-            trim = ("MAXLEN", "~" if self.options.approximate else "=", self.options.maxlen)
-        return stream, ("XADD", stream, "NOMKSTREAM", *trim, "*", _DATA)
+        return stream, ("XADD", stream, "NOMKSTREAM", *self._trim_args(), "*", _DATA)
+
+    def _controls(self, message: BrokerMessage) -> TaskControls | None:
+        """The ``delay``/``dedup_key`` a message asks for; None for a plain XADD.
+
+        :raises InvalidOptionError: for a bad ``delay`` or ``dedup_ttl``.
+        """
+        labels = message.labels
+        delay = labels.get(DELAY_LABEL)
+        dedup = labels.get(DEDUP_KEY_LABEL)
+        delay_ms = 0 if delay is None else _label_ms(DELAY_LABEL, delay, allow_zero=True)
+        if dedup is None or dedup == "":
+            return TaskControls(delay_ms, None, 0) if delay_ms else None
+        ttl = labels.get(DEDUP_TTL_LABEL)
+        ttl_ms = _label_ms(
+            DEDUP_TTL_LABEL, self.dedup_ttl if ttl is None else ttl, allow_zero=False
+        )
+        return TaskControls(delay_ms, str(dedup), ttl_ms)
+
+    async def _write_controlled(
+        self, pipeline: AutoPipeline, shard: Shard, message: BrokerMessage, controls: Any
+    ) -> Reply:
+        """Delay and/or deduplicate a kick in one atomic script on its shard.
+
+        A duplicate (the key was kicked within its TTL) writes nothing and is
+        not an error: the kick returns normally, as the first one did, and
+        :meth:`dedup_task_id` tells the task id whose result to look for.
+        """
+        assert isinstance(controls, TaskControls)
+        keys = ShardKeys(self.options.prefix, shard.tag)
+        script_keys = [keys.stream, keys.delayed]
+        if controls.dedup_key is not None:
+            script_keys.append(keys.dedup(controls.dedup_key))
+        args = [message.message, controls.delay_ms, controls.dedup_ttl_ms, message.task_id,
+                *self._trim_args()]
+        try:
+            reply = await pipeline.submit(keys.stream, *_KICK_CONTROLLED.command(script_keys, args))
+        except CommandFailure as failure:
+            if not isinstance(failure.error, NoScriptError):
+                raise
+            # Nothing ran (a restarted or promoted master); EVAL also caches it.
+            reply = await pipeline.submit(
+                keys.stream, *_KICK_CONTROLLED.eval_command(script_keys, args)
+            )
+        value = reply.value
+        if isinstance(value, list) and value and value[0] == _DUPLICATE:
+            original = value[1].decode() if isinstance(value[1], bytes) else str(value[1])
+            logger.debug("Task %s not queued: dedup key %r of %s is held by task %s",
+                         message.task_id, controls.dedup_key, self.queue_name, original)
+        return reply
+
+    async def dedup_task_id(
+        self, dedup_key: str, *, partition_key: str | None = None
+    ) -> str | None:
+        """The task id that holds ``dedup_key``, or None once its TTL ran out.
+
+        That is the task that was queued; a duplicate kick's own task id
+        never gets a result. Pass the ``partition_key`` the kicks carried, if
+        any: it, not the dedup key, picks their shard.
+        """
+        plan = await self.current_plan()
+        routing = partition_key if partition_key not in (None, "") else dedup_key
+        shard = plan.shards[slot_of(str(routing)) % len(plan.shards)]
+        marker = ShardKeys(self.options.prefix, shard.tag).dedup(str(dedup_key))
+        value = await self._idempotent(lambda: self.client.get(marker))
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     def _landed(self, reply: Reply) -> bool:
         # NOMKSTREAM answers nil, writing nothing, when the stream is missing.
@@ -388,6 +507,8 @@ class ClusterStreamBroker(ShardedBroker):
         keys = ShardKeys(self.options.prefix, shard.tag)
         opts = self.options
         await self._ensure_group(keys)
+        # Due delayed tasks of this shard go into its stream while it is read.
+        start_promoter(DelayedPromoter(self.client, keys, self._trim_args()))
         read_args = (
             "XREADGROUP", "GROUP", opts.consumer_group_name, opts.consumer_name,
             "COUNT", count, "BLOCK", opts.xread_block, "STREAMS", keys.stream, ">",

@@ -1,0 +1,141 @@
+"""Delayed tasks: moving them from a shard's delayed set into its stream.
+
+A kick with a ``delay`` label is held in the shard's delayed set (a sorted
+set in the shard's slot, scored by its due time in the master's clock) by
+``stream_kick_controlled.lua``. Every listening worker runs one
+:class:`DelayedPromoter` per shard it reads; it runs
+``stream_promote_delayed.lua``, which adds what is due to the stream and
+removes it from the set in one atomic step, so any number of workers may
+run it at once and each message still reaches the stream exactly once.
+
+No polling storm: a promoter sleeps until the earliest due time the script
+reported (the set's first score), at least ``min_interval`` and at most
+``max_sleep``, plus a random jitter, so workers do not wake together. While
+nothing is due, each worker sends one short script per shard every
+``max_sleep`` seconds; the cap bounds how late a task is that was kicked,
+with a delay shorter than the cap, while every promoter slept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import RedisCluster
+
+from .._keys import ShardKeys
+from .._redis import error_kind, is_transient, load_script
+
+logger = logging.getLogger(__name__)
+
+_PROMOTE = load_script("stream_promote_delayed")
+
+
+@dataclass(frozen=True)
+class PromoterTiming:
+    """How a promoter paces itself (seconds; ``batch`` in messages).
+
+    :param max_sleep: longest sleep between two looks at the set.
+    :param min_interval: shortest sleep after a look that moved less than
+        a full batch (so many workers waking on one due time cost little).
+    :param jitter: a random share of this is added to every sleep.
+    :param batch: most messages one script call moves; a full batch is
+        followed at once by the next.
+    """
+
+    max_sleep: float = 0.5
+    min_interval: float = 0.05
+    jitter: float = 0.05
+    batch: int = 200
+
+
+class DelayedPromoter:
+    """Moves the due delayed messages of one shard into its stream, forever.
+
+    :param client: the broker's cluster client.
+    :param keys: the shard's keys.
+    :param trim: XADD trim arguments (``MAXLEN ~ n``) or none.
+    :param on_moved: called with the number of messages each call moved.
+    """
+
+    def __init__(
+        self,
+        client: RedisCluster,
+        keys: ShardKeys,
+        trim: tuple[Any, ...] = (),
+        *,
+        timing: PromoterTiming | None = None,
+        on_moved: Callable[[int], None] | None = None,
+    ) -> None:
+        self._client = client
+        self.keys = keys
+        self.timing = timing or PromoterTiming()
+        self._args: list[Any] = [self.timing.batch, *trim]
+        self._on_moved = on_moved
+        self._random = random.Random()
+
+    async def step(self) -> float:
+        """Move what is due once; return how long to sleep before the next step."""
+        timing = self.timing
+        reply = await _PROMOTE(
+            self._client, keys=[self.keys.stream, self.keys.delayed], args=self._args
+        )
+        moved, next_due, now = int(reply[0]), int(reply[1]), int(reply[2])
+        if moved > 0 and self._on_moved is not None:
+            self._on_moved(moved)
+        if moved >= timing.batch:
+            return 0.0  # more may be due right now
+        if moved < 0:
+            # The stream is gone: its reader recreates it (NOGROUP path);
+            # the delayed messages wait in the set meanwhile.
+            wait = timing.max_sleep
+        elif next_due < 0:
+            wait = timing.max_sleep
+        else:
+            wait = min(timing.max_sleep, max(timing.min_interval, (next_due - now) / 1000))
+        return wait + self._random.random() * timing.jitter
+
+    async def run(self) -> None:
+        """Promote until cancelled; errors are logged and retried, never raised."""
+        failures = 0
+        while True:
+            try:
+                wait = await self.step()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                # Transient errors (failover, slot move) heal by themselves;
+                # anything else is worth an error once, then quieter.
+                if is_transient(exc):
+                    log = logger.debug if failures > 1 else logger.info
+                else:
+                    log = logger.error if failures in (1, 10) else logger.debug
+                log("Promoting delayed tasks of %s failed (%s: %s); retrying",
+                    self.keys.delayed, error_kind(exc), exc)
+                wait = min(5.0, self.timing.max_sleep * 2 ** min(failures, 4))
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+
+def start_promoter(promoter: DelayedPromoter) -> asyncio.Task[None]:
+    """Run ``promoter`` for as long as the calling task (a shard reader) lives.
+
+    The promoter is cancelled when the reader ends, however it ends (stop,
+    error, cancel), so a reader restarted by the supervisor never leaves a
+    second promoter behind. The reader's done-callback also holds the only
+    reference the promoter's task needs until then.
+    """
+    reader = asyncio.current_task()
+    task = asyncio.create_task(promoter.run(), name=f"tqrc-promoter-{promoter.keys.tag}")
+    if reader is not None:
+        reader.add_done_callback(lambda _: task.cancel())
+    return task
+
+
+__all__ = ["DelayedPromoter", "PromoterTiming", "start_promoter"]

@@ -1,0 +1,36 @@
+-- A kick with task controls (a delay, a dedup key, or both), atomic on one shard.
+-- KEYS[1] shard stream, KEYS[2] shard delayed set, KEYS[3] dedup marker (only
+-- with a dedup key); all share the shard's hash tag.
+-- ARGV[1] message, ARGV[2] delay in ms (0: none), ARGV[3] dedup TTL in ms,
+-- ARGV[4] task id (the marker's value), ARGV[5..] XADD trim arguments, if any.
+-- Returns nil when the stream is missing, writing nothing (a retired shard or
+-- a lost key: the caller re-reads the plan, as for XADD NOMKSTREAM); else
+-- {'queued', entry id}, {'delayed', due time in Unix ms} or
+-- {'duplicate', task id of the kick that set the marker}.
+-- The due time is this master's clock, the one the promoter compares with,
+-- so producers' clocks do not matter.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return false
+end
+if #KEYS >= 3 then
+  -- The check and the write are this one script: two racing kicks of one
+  -- key queue it once.
+  if not redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then
+    return {'duplicate', redis.call('GET', KEYS[3]) or ''}
+  end
+end
+local delay = tonumber(ARGV[2])
+if delay > 0 then
+  local t = redis.call('TIME')
+  local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + delay
+  redis.call('ZADD', KEYS[2], due, ARGV[1])
+  return {'delayed', due}
+end
+local xadd = {'XADD', KEYS[1], 'NOMKSTREAM'}
+for i = 5, #ARGV do
+  xadd[#xadd + 1] = ARGV[i]
+end
+xadd[#xadd + 1] = '*'
+xadd[#xadd + 1] = 'data'
+xadd[#xadd + 1] = ARGV[1]
+return {'queued', redis.call(unpack(xadd))}
