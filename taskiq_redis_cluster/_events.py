@@ -29,6 +29,9 @@ class BrokerEvents:
     def nogroup_recovered(self, queue: str, shard: int) -> None:
         """A lost consumer group (NOGROUP/UNBLOCKED) was recreated."""
 
+    def rerouted(self, queue: str, shard: int) -> None:
+        """A kick left ``shard`` (its master failing) for a healthy shard."""
+
     def retried(self, kind: str) -> None:
         """A Redis operation was retried or redirected; ``kind`` is the error kind."""
 

@@ -122,6 +122,7 @@ def test_prometheus_events_expose_exactly_the_declared_metrics() -> None:
     events = PrometheusEvents(registry=registry)
     events.published("q", 0, 3)
     events.publish_error("q", "timeout")
+    events.rerouted("q", 4)
     events.acked("q", 1, 2)
     events.reclaimed("q", 2)
     events.dead_lettered("q", 0, "unknown task 'app")

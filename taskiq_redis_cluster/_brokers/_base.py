@@ -47,6 +47,7 @@ from .._redis import (
     write_outcome,
 )
 from .._serialization import MessageFormatter
+from ._routing import FailingShards, master_trouble
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class ShardedBroker(AsyncBroker):
         self._pipeline: AutoPipeline | None = None
         self._follower: PlanFollower | None = None
         self._round_robin = itertools.count()
+        self._failing = FailingShards()
         # Per plan: for each shard, the routing key and the write command
         # without the message, so a kick builds no key strings.
         self._targets: tuple[ShardPlan | None, list[tuple[Shard, str, tuple[Any, ...]]]] = (
@@ -313,7 +315,12 @@ class ShardedBroker(AsyncBroker):
         assert follower is not None
         assert pipeline is not None
         plan = follower.fresh() or await follower.current()
-        index = self._shard_index(plan, message)
+        routing = routing_key(message)
+        # A routed kick keeps its shard (order, dedup); a free one avoids
+        # shards whose master is failing.
+        index = (
+            self._free_index(plan) if routing is None else slot_of(routing) % len(plan.shards)
+        )
         # Task controls (delay, dedup) take a script; a kick without labels
         # pays one truth test and keeps the cached command.
         controls = self._controls(message) if message.labels else None
@@ -331,6 +338,16 @@ class ShardedBroker(AsyncBroker):
                 kind = error_kind(failure.error)
                 if outcome is Outcome.NOT_APPLIED and attempt < self.retry.attempts:
                     self.events.retried(kind)
+                    if routing is None and master_trouble(failure.error):
+                        # Nothing was written, and any shard will do: go to
+                        # one whose master is not failing instead of waiting.
+                        self._mark_failing(plan, shard)
+                        rerouted = self._free_index(plan)
+                        if not self._failing.failing(plan.shards[rerouted].tag):
+                            self.events.rerouted(self.queue_name, shard.index)
+                            index = rerouted
+                            continue
+                        index = rerouted
                     await self.retry.sleep(self.retry.delay(attempt))
                     continue
                 self.events.publish_error(self.queue_name, kind)
@@ -345,9 +362,39 @@ class ShardedBroker(AsyncBroker):
                 plan = await self._shard_missing(plan, shard, attempt)
                 index %= len(plan.shards)
                 continue
+            if self._failing:
+                self._failing.recovered(shard.tag)
             self._check_reply(message, reply)
             self.events.published(self.queue_name, shard.index)
             return
+
+    def _free_index(self, plan: ShardPlan) -> int:
+        """Round robin over the shards, skipping those cooling down.
+
+        When every shard is cooling down, the next one in turn is used: the
+        kick then waits and retries there as before.
+        """
+        count = len(plan.shards)
+        index = next(self._round_robin) % count
+        if not self._failing:
+            return index
+        for _ in range(count):
+            if not self._failing.failing(plan.shards[index].tag):
+                return index
+            index = next(self._round_robin) % count
+        return index
+
+    def _mark_failing(self, plan: ShardPlan, shard: Shard) -> None:
+        """Cool down ``shard`` and every shard of the plan on the same master."""
+        assert self._pipeline is not None
+        node = self._pipeline.node_name(self._targets_of(plan)[shard.index][1])
+        tags = [shard.tag]
+        if node is not None:
+            tags += [
+                s.tag for s, key, _ in self._targets_of(plan)
+                if s.tag != shard.tag and self._pipeline.node_name(key) == node
+            ]
+        self._failing.mark(tags)
 
     async def _shard_missing(self, plan: ShardPlan, shard: Shard, attempt: int) -> ShardPlan:
         """The write found no key for ``shard`` and wrote nothing: where to retry.

@@ -62,6 +62,7 @@ class _BrokerMetrics:
         self.registry = registry
         self.published = self._counter("published_total")
         self.publish_errors = self._counter("publish_errors_total")
+        self.kicks_rerouted = self._counter("kicks_rerouted_total")
         self.acked = self._counter("acked_total")
         self.reclaimed = self._counter("reclaimed_total")
         self.dead_lettered = self._counter("dead_lettered_total")
@@ -157,6 +158,9 @@ class PrometheusEvents(BrokerEvents):
 
     def publish_error(self, queue: str, reason: str) -> None:
         self._m.publish_errors.labels(queue, _label(reason)).inc()
+
+    def rerouted(self, queue: str, shard: int) -> None:
+        self._m.kicks_rerouted.labels(queue).inc()
 
     def acked(self, queue: str, shard: int, count: int = 1) -> None:
         self._m.acked.labels(queue).inc(count)

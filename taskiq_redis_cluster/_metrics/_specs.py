@@ -78,6 +78,14 @@ METRICS: tuple[MetricSpec, ...] = (
         "Entries in the shard's dead-letter stream (XLEN).",
         "exporter",
     ),
+    MetricSpec(
+        f"{_P}delayed",
+        "gauge",
+        _STREAM,
+        "Tasks kicked with a delay label that are not due yet, held in the shard's "
+        "delayed set (ZCARD).",
+        "exporter",
+    ),
     # ------------------------------------------------ exporter: per shard and group
     MetricSpec(
         f"{_P}group_lag",
@@ -232,6 +240,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "counter",
         ("queue", "reason"),
         "Kicks that failed, by error kind.",
+        "broker",
+    ),
+    MetricSpec(
+        f"{_P}kicks_rerouted_total",
+        "counter",
+        ("queue",),
+        "Kicks without a routing key moved off a shard whose master was failing.",
         "broker",
     ),
     MetricSpec(f"{_P}acked_total", "counter", ("queue",), "Deliveries acknowledged.", "broker"),

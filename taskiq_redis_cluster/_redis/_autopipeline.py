@@ -147,6 +147,11 @@ class AutoPipeline:
             slot = slots[key] = self.client.keyslot(key)
         return node_for_slot(self.client, slot)  # None: let redis-py route it
 
+    def node_name(self, key: str) -> str | None:
+        """``host:port`` of the master that owns ``key`` in the cached slot map."""
+        node = self._node_of(key)
+        return node.name if node is not None else None
+
     async def call(self, key: str, *args: Any) -> Any:
         """Send one command now, on its own pooled connection; return the raw reply.
 
