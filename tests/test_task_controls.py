@@ -32,9 +32,12 @@ from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 from taskiq.kicker import AsyncKicker
 
-from taskiq_redis_cluster import ClusterStreamBroker, InvalidOptionError
+from taskiq_redis_cluster import ClusterStreamBroker, InvalidOptionError, PlanStore
 from taskiq_redis_cluster._brokers._delayed import PromoterTiming
-from taskiq_redis_cluster._keys import ShardKeys, slot_of
+from taskiq_redis_cluster._keys import DEFAULT_PREFIX, ShardKeys, slot_of
+from taskiq_redis_cluster._metrics import METRIC_PREFIX, QueueStateReader
+from taskiq_redis_cluster._planning import QueueSpec, read_topology
+from taskiq_redis_cluster._rebalance import RebalanceOptions, Rebalancer
 
 pytestmark = pytest.mark.cluster
 
@@ -468,3 +471,54 @@ async def test_worker_runs_five_kicks_of_one_dedup_key_once(
     runs = {i: len(worker.lines(f"stamp dup-{i}")) for i in range(5)}
     assert runs == {0: 1, 1: 0, 2: 0, 3: 0, 4: 0}, runs
     assert len(worker.lines("stamp dup-other")) == 1
+
+
+# ------------------------------------------------- metrics and rebalancing
+async def test_delayed_tasks_show_per_shard_in_the_metrics(
+    cluster_client: RedisCluster, broker: ClusterStreamBroker
+) -> None:
+    keys = await _shard_keys(broker)
+    home = next(i for i in range(len(keys)) if keys[i] == keys[slot_of("m") % len(keys)])
+    for i in range(4):
+        await broker.kick(make_message(f"m{i}", partition_key="m", delay=60))
+    snap = await QueueStateReader(cluster_client, queues=[broker.queue_name]).read()
+    name = METRIC_PREFIX + "delayed"
+    values = {labels[1]: v for labels, v in snap.samples.items(name)}
+    assert values == {str(i): (4 if i == home else 0) for i in range(len(keys))}
+
+
+async def test_a_rebalance_move_takes_the_delayed_tasks_along(
+    cluster_client: RedisCluster, cluster_url: str, unique_name: str
+) -> None:
+    """Delayed tasks of moving shards end in the new shards' sets, and all run."""
+    topology = await read_topology(cluster_client)
+    heavy = topology.slot_masters[0].node_id
+    spec = QueueSpec(unique_name, 6, weights={heavy: 4.0})  # crowded: shards must move
+    before = await PlanStore(cluster_client).get_or_create(topology, spec)
+    producer = await _started(cluster_url, unique_name)
+    try:
+        for i in range(30):
+            await producer.kick(make_message(f"mv{i}", partition_key=f"k{i}", delay=1.0))
+    finally:
+        await producer.shutdown()
+    old = [ShardKeys(DEFAULT_PREFIX, s.tag) for s in before.shards]
+    assert (await _counts(cluster_client, old))[1] == 30
+    options = RebalanceOptions(plan_poll_interval=0.5, settle_margin=0.5, move_timeout=60.0,
+                               check_interval=0.2, lease_ttl=5.0, max_moves_at_once=3)
+    results = await Rebalancer(cluster_client, options=options).apply([unique_name])
+    assert results[0].moves >= 1
+    after = await PlanStore(cluster_client).load(unique_name)
+    assert after is not None
+    moved = {s.tag for s in before.shards} - {s.tag for s in after.shards}
+    assert moved, "the test needs a shard that moved"
+    new = [ShardKeys(DEFAULT_PREFIX, s.tag) for s in after.shards]
+    assert (await _counts(cluster_client, new))[1] == 30
+    for tag in moved:
+        assert int(await cluster_client.zcard(ShardKeys(DEFAULT_PREFIX, tag).delayed)) == 0
+    worker = await _started(cluster_url, unique_name)
+    receiver = _Receiver(worker)
+    try:
+        await eventually(lambda: _true(len(receiver.at) == 30), "the 30 moved delayed tasks")
+    finally:
+        await receiver.close()
+        await worker.shutdown()

@@ -332,21 +332,25 @@ class QueueStateReader:
     async def _round_streams(
         self, snap: QueueSnapshot, shards: list[_ShardRef], deadline: float
     ) -> list[_GroupState]:
-        """XINFO STREAM, XINFO GROUPS and the dead-letter XLEN of every shard."""
+        """XINFO STREAM, XINFO GROUPS, the dead-letter XLEN and the delayed
+        ZCARD of every shard."""
         commands: list[tuple[_ShardRef, _Command]] = []
         for ref in shards:
-            stream, dead = ref.keys.stream, ref.keys.dead
+            stream, dead, delayed = ref.keys.stream, ref.keys.dead, ref.keys.delayed
             commands.append((ref, _Command(stream, "xinfo_stream", (stream,))))
             commands.append((ref, _Command(stream, "xinfo_groups", (stream,))))
             commands.append((ref, _Command(dead, "xlen", (dead,))))
+            commands.append((ref, _Command(delayed, "zcard", (delayed,))))
         replies, reasons = await self._pipelined([c for _, c in commands], deadline)
         snap.errors.extend(reasons)
         states: list[_GroupState] = []
-        for i in range(0, len(commands), 3):
+        for i in range(0, len(commands), 4):
             ref = commands[i][0]
-            info, groups, dead = replies[i], replies[i + 1], replies[i + 2]
+            info, groups, dead, delayed = replies[i : i + 4]
             if isinstance(dead, int):
                 snap.samples.add(f"{_P}dead_letter_length", ref.stream_labels, dead)
+            if isinstance(delayed, int):
+                snap.samples.add(f"{_P}delayed", ref.stream_labels, delayed)
             if _missing_key(info):
                 # The stream does not exist yet (nothing kicked, no reader).
                 snap.samples.add(f"{_P}stream_length", ref.stream_labels, 0)

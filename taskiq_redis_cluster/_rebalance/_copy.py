@@ -17,7 +17,11 @@ is written to the target before it leaves the source.
   consumers are waited for;
 * list (list broker): ``LRANGE`` of the oldest entries, ``LPUSH`` to the new
   list, then one script removes from the old list whatever of that batch
-  the consumers have not popped meanwhile.
+  the consumers have not popped meanwhile;
+* delayed set (delayed tasks of the stream broker): members with their due
+  times, ``ZADD`` to the new shard's set before ``ZREM`` from the old one. A
+  worker still promoting the old shard may meanwhile move a member to the
+  old stream: that task then runs twice, never zero times.
 
 Entries keep their relative order; copies land behind whatever the target
 already holds. Copying is throttled by ``max_entries_per_second``, one pace
@@ -78,16 +82,19 @@ class DrainState:
     deleted: bool = False
     #: entries held in the processing lists of reliable list consumers
     processing: int = 0
+    #: delayed tasks not due yet, in the shard's delayed set
+    delayed: int = 0
 
     @property
     def drained(self) -> bool:
-        """No group has undelivered or pending entries, the list is empty and
-        no reliable list consumer holds any."""
+        """No group has undelivered or pending entries, the list is empty, no
+        reliable list consumer holds any and no delayed task waits."""
         return (
             self.undelivered == 0
             and self.pending == 0
             and self.list_length == 0
             and self.processing == 0
+            and self.delayed == 0
         )
 
 
@@ -116,7 +123,7 @@ class ShardCopier:
         keys = ShardKeys(self.prefix, tag)
         reply = await _DRAIN_STATE(
             self._client,
-            keys=[keys.stream, keys.list, keys.consumers],
+            keys=[keys.stream, keys.list, keys.consumers, keys.delayed],
             args=["1" if delete else "0", keys.processing("")],
         )
         values = [int(v) for v in reply]
@@ -129,6 +136,7 @@ class ShardCopier:
             list_length=values[5],
             deleted=values[6] > 0,
             processing=values[7],
+            delayed=values[8],
         )
 
     # ------------------------------------------------------------- copying
@@ -165,6 +173,31 @@ class ShardCopier:
         if int(recovered):
             logger.info("Returned %d entries of dead list consumers to %s", recovered, src.list)
         copied += await self._copy_list(src.list, dst.list, throttle, snapshot=snapshot)
+        copied += await self._copy_delayed(src.delayed, dst.delayed, throttle)
+        return copied
+
+    async def _copy_delayed(self, source: str, target: str, throttle: _Throttle) -> int:
+        """Move the delayed tasks of ``source`` (a shard's delayed set), due times kept.
+
+        Each batch is added to ``target`` before it leaves ``source``: an
+        interruption leaves a task in both sets (run twice at worst), never
+        in neither. The new shard's workers promote them when due.
+        """
+        client = self._client
+        if _text(await client.type(source)) != "zset":
+            return 0
+        batch = self.options.copy_batch
+        copied = 0
+        # Bounded: every pass removes what it copied; late kicks into the
+        # old shard (stale producers) are few and taken by the next pass.
+        for _ in range(int(await client.zcard(source)) // batch + 100):
+            rows: list[Any] = await client.zrange(source, 0, batch - 1, withscores=True)
+            if not rows:
+                break
+            await client.zadd(target, {member: score for member, score in rows})
+            await client.zrem(source, *[member for member, _ in rows])
+            copied += len(rows)
+            await throttle(len(rows))
         return copied
 
     async def _copy_stream(

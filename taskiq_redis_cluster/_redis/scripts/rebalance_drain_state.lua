@@ -1,11 +1,14 @@
 -- What is left to consume in one shard, and optionally delete it when drained.
--- KEYS: shard stream, shard list, reliable list consumers set (one tag, one slot).
+-- KEYS: shard stream, shard list, reliable list consumers set, and optionally
+-- the shard's delayed set (one tag, one slot).
 -- ARGV[1] '1': delete the three keys, atomically, when nothing is left to
 -- consume; ARGV[2] processing-list key prefix of the list consumers.
 -- Returns {exists, length, groups, undelivered, pending, list_length,
 -- deleted, held}; undelivered is the largest group lag (1 when a lag is
 -- unknown but an entry after last-delivered-id exists; the stream length when
 -- there is no group); held counts entries in consumers' processing lists.
+-- A 9th value, delayed, counts tasks waiting in the delayed set: a shard that
+-- holds any is not drained, so its stream is never deleted under them.
 local exists, length, ngroups, undelivered, pending, llen = 0, 0, 0, 0, 0, 0
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t == 'stream' then
@@ -42,8 +45,18 @@ if redis.call('TYPE', KEYS[3])['ok'] == 'set' then
     if redis.call('TYPE', p)['ok'] == 'list' then held = held + redis.call('LLEN', p) end
   end
 end
+local delayed = 0
+if KEYS[4] then
+  local zt = redis.call('TYPE', KEYS[4])['ok']
+  if zt == 'zset' then
+    delayed = redis.call('ZCARD', KEYS[4])
+  elseif zt ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[4] .. ' is a ' .. zt .. ', not a zset')
+  end
+end
 local deleted = 0
-if ARGV[1] == '1' and undelivered == 0 and pending == 0 and llen == 0 and held == 0 then
+if ARGV[1] == '1' and undelivered == 0 and pending == 0 and llen == 0 and held == 0
+    and delayed == 0 then
   deleted = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 end
-return {exists, length, ngroups, undelivered, pending, llen, deleted, held}
+return {exists, length, ngroups, undelivered, pending, llen, deleted, held, delayed}
