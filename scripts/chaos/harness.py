@@ -53,7 +53,7 @@ from .faults import ScenarioContext
 from .ledger import Execution, read_executions
 from .probes import dead_letter_count, dead_letter_keys, queue_depth, stream_keys
 from .processes import WorkerPool, worker_env
-from .producer import Kick, produce, producer_broker, short_error
+from .producer import Kick, KickEvents, produce, producer_broker, short_error
 from .report import ScenarioResult, analyse
 from .scenarios import KICK_CAP, SCENARIOS, Scenario, scenario_bound, skip_reason
 
@@ -115,7 +115,8 @@ async def _run_body(
     queue = f"chaos-{scenario.name}-{uuid.uuid4().hex[:6]}"
     env = worker_env(cluster.url, queue, directory, config)
     pool = WorkerPool(directory, env, config.worker_args)
-    producer = producer_broker(cluster.url, queue, config)
+    kick_events = KickEvents()
+    producer = producer_broker(cluster.url, queue, config, kick_events)
     admin = await connect(cluster.url)
     monitor: asyncio.Task[None] | None = None
     try:
@@ -174,6 +175,8 @@ async def _run_body(
             except Exception as exc:
                 ctx.notes.append(f"dead letters not counted: {short_error(exc)}")
         _fill(result, ctx, kicks, read_executions(directory), pool, scenario)
+        if config.broker != "taskiq-redis":
+            result.rerouted = kick_events.rerouted_count
     finally:
         if monitor is not None:
             monitor.cancel()
@@ -228,6 +231,7 @@ def _fill(
         destroyed_before=ctx.destroyed_before,
     )
     result.kicked = len(kicks)
+    result.kick_stall_s = _round(max((k.finished - k.started for k in kicks), default=0.0))
     result.acked, result.failed, result.unknown = counts.acked, counts.failed, counts.unknown
     result.executed, result.executions = counts.executed, counts.executions
     result.lost, result.destroyed = len(counts.lost), len(counts.destroyed)

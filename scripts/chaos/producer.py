@@ -10,6 +10,7 @@ from typing import Any
 
 from taskiq import AsyncBroker, TaskiqMessage
 
+from taskiq_redis_cluster import BrokerEvents
 from taskiq_redis_cluster._errors import KickFailedError
 
 from .config import TASK_NAME, ChaosConfig
@@ -87,7 +88,19 @@ async def produce(
     return list(await asyncio.gather(*tasks))
 
 
-def producer_broker(url: str, queue: str, config: ChaosConfig) -> AsyncBroker:
+class KickEvents(BrokerEvents):
+    """Counts the producer's kicks that left a failing master's shard."""
+
+    def __init__(self) -> None:
+        self.rerouted_count = 0
+
+    def rerouted(self, queue: str, shard: int) -> None:
+        self.rerouted_count += 1
+
+
+def producer_broker(
+    url: str, queue: str, config: ChaosConfig, events: BrokerEvents | None = None
+) -> AsyncBroker:
     """The producer's broker for ``config`` (not started)."""
     return make_broker(
         config.broker,
@@ -97,4 +110,5 @@ def producer_broker(url: str, queue: str, config: ChaosConfig) -> AsyncBroker:
         xread_block=config.xread_block,
         wait_replicas=config.wait_replicas,
         shards=config.shards,
+        events=events if config.broker != "taskiq-redis" else None,
     )

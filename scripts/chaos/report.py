@@ -44,6 +44,8 @@ class ScenarioResult:
     duplicates: int = 0
     phantoms: int = 0
     unknown_executed: int = 0
+    rerouted: int | None = None  #: kicks moved off a failing master's shard (ours only)
+    kick_stall_s: float | None = None  #: the longest single kick, fault included
     resume_s: float | None = None
     stall_s: float | None = None
     done_s: float | None = None
@@ -153,6 +155,8 @@ _COLUMNS = (
     ("acked", "acked"),
     ("unknown", "unknown"),
     ("failed", "failed"),
+    ("rerouted", "rerouted"),
+    ("kick_s", "kick_stall_s"),
     ("done", "executed"),
     ("lost", "lost"),
     ("dup", "duplicates"),

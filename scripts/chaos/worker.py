@@ -16,7 +16,7 @@ from typing import Any
 
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
-from taskiq_redis_cluster import ClusterListQueueBroker, ClusterStreamBroker
+from taskiq_redis_cluster import BrokerEvents, ClusterListQueueBroker, ClusterStreamBroker
 from taskiq_redis_cluster._errors import ConfigurationError
 
 from .config import ENV_PREFIX, EVENTS_FILE, TASK_NAME
@@ -32,10 +32,14 @@ def make_broker(
     xread_block: int,
     wait_replicas: int = 0,
     shards: int | None = None,
+    events: BrokerEvents | None = None,
 ) -> AsyncBroker:
-    """The broker under test, configured the same in workers and producer."""
+    """The broker under test, configured the same in workers and producer.
+
+    ``events`` (ours only) is how the producer counts rerouted kicks.
+    """
     if kind == "ours":
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"events": events}
         if shards is not None:
             extra["shards"] = shards
         return ClusterStreamBroker(
@@ -57,7 +61,7 @@ def make_broker(
         )
         return broker
     if kind == "ours-list":
-        extra = {} if shards is None else {"shards": shards}
+        extra = {"events": events} if shards is None else {"shards": shards, "events": events}
         return ClusterListQueueBroker(url, queue_name=queue, plan_poll_interval=0.5, **extra)
     raise ConfigurationError(message=f"unknown broker {kind!r}")
 
