@@ -9,7 +9,7 @@ process reach several times the kick rate of one round trip per kick.
 The batch travels on one of redis-py's pooled connections to that node
 (redis-py connects, authenticates, negotiates the protocol and does TLS),
 but is packed by ``hiredis.pack_command`` and its replies parsed by a
-``hiredis.Reader`` (``_resp``), under one progress timeout
+``hiredis.Reader`` (``_hiredis``), under one progress timeout
 (``_internals.exchange``, the one place that touches the connection's
 streams), instead of through
 redis-py's per-command encoder, awaited parser calls and timeout contexts,
@@ -53,8 +53,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._hiredis import Replies, pack
 from ._internals import exchange, mark_node_failed, must_reinitialize, node_for_slot
-from ._resp import Replies, pack
 
 logger = logging.getLogger(__name__)
 # Keys are shard keys, a few per queue; the bound only guards against misuse.

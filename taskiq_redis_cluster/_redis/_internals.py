@@ -120,7 +120,7 @@ async def reinitialize_nodes(client: RedisCluster) -> None:
 
 
 class ReplySink(Protocol):
-    """What :func:`exchange` feeds the bytes it reads to (see ``_resp.Replies``)."""
+    """What :func:`exchange` feeds the bytes it reads to (see ``_hiredis.Replies``)."""
 
     def feed(self, data: bytes) -> bool:
         """Take received bytes; True once every expected reply is in."""

@@ -1,4 +1,4 @@
-"""The fast path's RESP side: packing commands and parsing replies (no I/O).
+"""The fast path's wire format through hiredis: packing commands, parsing replies (no I/O).
 
 Commands are packed by ``hiredis.pack_command`` (the same bytes as
 redis-py's encoder) and replies parsed by a ``hiredis.Reader`` in C, in time
