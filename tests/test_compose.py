@@ -104,3 +104,64 @@ def test_network_gateway_is_the_default_announce_ip(compose: dict[str, Any]) -> 
         cfg.get("gateway") for net in compose["networks"].values() for cfg in net["ipam"]["config"]
     ]
     assert ip in gateways
+
+
+# --------------------------------------------------------------------------
+# Autoscaling files: recording rules and the KEDA example (issue 17)
+# --------------------------------------------------------------------------
+
+_DIR = COMPOSE.parent
+
+
+def _declared_series() -> set[str]:
+    from taskiq_redis_cluster._metrics import METRICS
+
+    names = {s.name for s in METRICS}
+    for spec in METRICS:
+        if spec.kind == "histogram":
+            names |= {spec.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+    return names
+
+
+def _recording_rules() -> list[dict[str, Any]]:
+    data = yaml.safe_load((_DIR / "recording-rules.yml").read_text())
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def test_recording_rules_aggregate_declared_metrics_per_queue() -> None:
+    rules = _recording_rules()
+    records = {r["record"]: r["expr"] for r in rules}
+    assert len(records) == len(rules), "a recorded name is defined twice"
+    for name, expr in records.items():
+        # level:metric:operation, aggregated to one series per queue and group
+        assert re.fullmatch(r"queue_group:taskiq_redis_cluster_[a-z_]+:(sum|max)", name), name
+        assert "by (queue, group)" in expr, name
+        used = set(re.findall(r"\btaskiq_redis_cluster_[a-z_]+", expr))
+        assert used, name
+        assert used <= _declared_series(), (name, used - _declared_series())
+    lag = records["queue_group:taskiq_redis_cluster_group_lag:sum"]
+    assert lag.strip() == "sum by (queue, group) (taskiq_redis_cluster_group_lag)"
+    prometheus = yaml.safe_load((_DIR / "prometheus.yml").read_text())
+    assert "recording-rules.yml" in prometheus["rule_files"]
+
+
+def test_keda_example_queries_recorded_series() -> None:
+    doc = yaml.safe_load((_DIR / "keda-scaledobject.yaml").read_text())
+    assert doc["apiVersion"] == "keda.sh/v1alpha1"
+    assert doc["kind"] == "ScaledObject"
+    spec = doc["spec"]
+    assert spec["scaleTargetRef"]["name"]
+    assert 0 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    records = {r["record"] for r in _recording_rules()}
+    triggers = spec["triggers"]
+    assert triggers
+    for trigger in triggers:
+        assert trigger["type"] == "prometheus"
+        meta = trigger["metadata"]
+        assert meta["serverAddress"].startswith("http")
+        float(meta["threshold"])  # KEDA wants a number in a string
+        assert isinstance(meta["threshold"], str)
+        used = set(re.findall(r"\bqueue_group:[a-z_]+:[a-z]+", meta["query"]))
+        assert used, meta["query"]
+        assert used <= records, used - records
+        assert 'queue="' in meta["query"]

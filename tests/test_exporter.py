@@ -9,16 +9,21 @@ compares what Prometheus stored with XLEN / XPENDING.
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
+import http.client
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -26,22 +31,26 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import make_message
+from helpers import eventually, make_message
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, InMemoryBroker
 
-from taskiq_redis_cluster import ClusterStreamBroker, PlanStore
+from taskiq_redis_cluster import ClusterStreamBroker, InvalidOptionError, PlanStore
 from taskiq_redis_cluster._metrics import (
     METRIC_PREFIX,
     METRICS,
     MULTIPROC_ENV,
     MetricsServer,
     PrometheusEvents,
+    QueueCollector,
+    QueueSnapshot,
+    QueueStateReader,
     run_exporter,
     start_metrics_server,
 )
+from taskiq_redis_cluster._metrics._exporter import BasicAuth, TLSFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"
@@ -152,6 +161,143 @@ def test_start_metrics_server_serves_broker_counters() -> None:
         server.close()  # safe twice
 
 
+def _request(url: str, headers: dict[str, str] | None = None, **kwargs: Any) -> tuple[int, str]:
+    """Status and body of a GET, errors included (urllib raises for 4xx)."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10, **kwargs) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_metrics_server_serves_metrics_and_healthz_only() -> None:
+    registry = CollectorRegistry()
+    PrometheusEvents(registry=registry).published("jobs", 0, 3)
+    with MetricsServer(registry, port=0) as server:
+        base = f"http://127.0.0.1:{server.port}"
+        status, body = _request(base + "/metrics")
+        assert status == 200
+        assert _samples(body, METRIC_PREFIX + "published_total", queue="jobs") == {"": 3}
+        assert _request(base + "/healthz") == (200, "ok\n")
+        # prometheus_client alone answers every path with the metrics.
+        for path in ("/", "/other", "/metrics/x", "/favicon.ico", "/healthz/x"):
+            status, body = _request(base + path)
+            assert status == 404, path
+            assert "published_total" not in body
+
+
+def test_basic_auth_guards_metrics_but_not_healthz() -> None:
+    registry = CollectorRegistry()
+    PrometheusEvents(registry=registry).published("jobs", 0, 1)
+    with MetricsServer(registry, port=0, auth=BasicAuth("prom", "w3b-Pw")) as server:
+
+        def header(user: str, password: str) -> dict[str, str]:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            return {"Authorization": f"Basic {token}"}
+
+        assert _request(server.url)[0] == 401
+        assert _request(server.url, header("prom", "wrong"))[0] == 401
+        assert _request(server.url, header("other", "w3b-Pw"))[0] == 401
+        assert _request(server.url, {"Authorization": "Basic !!!"})[0] == 401
+        status, body = _request(server.url, header("prom", "w3b-Pw"))
+        assert status == 200
+        assert "published_total" in body
+        assert _request(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+    assert "w3b-Pw" not in repr(BasicAuth("prom", "w3b-Pw"))
+
+
+def test_tls_through_prometheus_clients_server(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed; cannot make a test certificate")
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", "key.pem", "-out", "cert.pem",
+        ],
+        cwd=tmp_path, check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    registry = CollectorRegistry()
+    PrometheusEvents(registry=registry).published("jobs", 0, 2)
+    tls = TLSFiles(certfile=str(tmp_path / "cert.pem"), keyfile=str(tmp_path / "key.pem"))
+    with MetricsServer(registry, port=0, tls=tls) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        status, body = _request(server.url, context=context)
+        assert status == 200
+        assert _samples(body, METRIC_PREFIX + "published_total", queue="jobs") == {"": 2}
+        # Plain HTTP on the TLS port gets no metrics.
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            _request(f"http://127.0.0.1:{server.port}/metrics")
+
+
+class _GatedReader(QueueStateReader):
+    """A real reader whose reads wait for ``gate``, so scrapes can pile up."""
+
+    def __init__(self, *args: Any, gate: asyncio.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    async def read(self) -> QueueSnapshot:
+        await self.gate.wait()
+        return await super().read()
+
+
+@pytest.mark.cluster
+async def test_twenty_concurrent_scrapes_share_one_cluster_read(
+    cluster_client: RedisCluster, queue_with_work: str
+) -> None:
+    gate = asyncio.Event()
+    reader = _GatedReader(cluster_client, queues=[queue_with_work], gate=gate, timeout=10.0)
+    collector = QueueCollector(reader, asyncio.get_running_loop())
+    registry = CollectorRegistry()
+    registry.register(collector)
+    loop = asyncio.get_running_loop()
+    with (
+        MetricsServer(registry, port=0) as server,
+        concurrent.futures.ThreadPoolExecutor(20) as pool,
+    ):
+        scrapes = [loop.run_in_executor(pool, _request, server.url) for _ in range(20)]
+        try:
+            await eventually(
+                lambda: asyncio.sleep(0, collector.waiting == 20), "20 scrapes waiting"
+            )
+        finally:
+            gate.set()
+        results = await asyncio.gather(*scrapes)
+    assert collector.reads == 1
+    lengths, _ = await _truth(cluster_client, queue_with_work)
+    for status, body in results:
+        assert status == 200
+        assert _samples(body, METRIC_PREFIX + "stream_length", queue=queue_with_work) == lengths
+    # The next scrape, with none in flight and no minimum interval, reads again.
+    await asyncio.to_thread(collector.snapshot)
+    assert collector.reads == 2
+
+
+@pytest.mark.cluster
+async def test_min_interval_serves_the_last_read_inside_the_window(
+    cluster_client: RedisCluster, queue_with_work: str
+) -> None:
+    now = [1000.0]
+    reader = QueueStateReader(cluster_client, queues=[queue_with_work])
+    collector = QueueCollector(
+        reader, asyncio.get_running_loop(), min_interval=10.0, clock=lambda: now[0]
+    )
+    first = await asyncio.to_thread(collector.snapshot)
+    now[0] += 9.5
+    again = await asyncio.to_thread(collector.snapshot)
+    assert again is first
+    assert collector.reads == 1
+    now[0] += 1.0  # 10.5 s after the read
+    fresh = await asyncio.to_thread(collector.snapshot)
+    assert fresh is not first
+    assert collector.reads == 2
+    with pytest.raises(InvalidOptionError):
+        QueueCollector(reader, asyncio.get_running_loop(), min_interval=-1)
+
+
 # --------------------------------------------------------------------------
 # compose/ files
 # --------------------------------------------------------------------------
@@ -223,7 +369,11 @@ def promtool_dir() -> Path:
 
 def test_promtool_accepts_the_compose_files(promtool_dir: Path) -> None:
     promtool = str(promtool_dir / "promtool")
-    for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"]):
+    for args in (
+        ["check", "rules", "alerts.yml"],
+        ["check", "rules", "recording-rules.yml"],
+        ["check", "config", "prometheus.yml"],
+    ):
         out = subprocess.run(
             [promtool, *args], cwd=COMPOSE, capture_output=True, text=True, timeout=60, check=False
         )
@@ -282,7 +432,7 @@ async def _wait_for(check: Any, timeout: float, what: str) -> Any:
 
 
 @pytest.mark.cluster
-async def test_prometheus_scrapes_the_cli_exporter(
+async def test_prometheus_scrapes_the_cli_exporter_and_records_the_queue_lag(
     promtool_dir: Path,
     cluster_url: str,
     cluster_client: RedisCluster,
@@ -293,27 +443,31 @@ async def test_prometheus_scrapes_the_cli_exporter(
     prom_dir.mkdir()
     _write_counters(prom_dir, queue_with_work, 11)
     exporter_port, prometheus_port = _free_port(), _free_port()
+    # The URL from the environment, as operators pass it (issue 17).
     exporter = await _start(
         [
             sys.executable,
             "-m",
             "taskiq_redis_cluster._cli._main",
             "exporter",
-            "--url",
-            cluster_url,
             "--queue",
             queue_with_work,
             "--port",
             str(exporter_port),
         ],
         tmp_path / "exporter.log",
-        env={**os.environ, MULTIPROC_ENV: str(prom_dir)},
+        env={**os.environ, MULTIPROC_ENV: str(prom_dir), "TQRC_URL": cluster_url},
     )
     config = tmp_path / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
             {
-                "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+                "global": {
+                    "scrape_interval": "1s",
+                    "scrape_timeout": "1s",
+                    "evaluation_interval": "1s",
+                },
+                "rule_files": [str(COMPOSE / "recording-rules.yml")],
                 "scrape_configs": [
                     {
                         "job_name": "tqrc",
@@ -351,15 +505,55 @@ async def test_prometheus_scrapes_the_cli_exporter(
         )
         pending = await query(f'{METRIC_PREFIX}group_pending{{{q},group="taskiq"}}')
         acked = await query(f"{METRIC_PREFIX}acked_total{{{q}}}")
+        status, _ = await asyncio.to_thread(_request, f"http://127.0.0.1:{exporter_port}/other")
+        assert status == 404
+        true_lengths, true_pending = await _truth(cluster_client, queue_with_work)
+
+        # The recording rules sum the lag over the shards; a backlog raises it.
+        recorded = f'queue_group:{METRIC_PREFIX}group_lag:sum{{{q},group="taskiq"}}'
+        backlog = f'queue_group:{METRIC_PREFIX}backlog:sum{{{q},group="taskiq"}}'
+        lag_before = await _wait_for(lambda: query(recorded), 30, "the recorded lag")
+        true_lag = await _group_lag(cluster_client, queue_with_work)
+        assert lag_before == {"": float(true_lag)}
+        await _kick(cluster_url, queue_with_work, 40)
+
+        async def raised() -> dict[str, float] | None:
+            now = await query(recorded)
+            return now if now.get("") == true_lag + 40 else None
+
+        lag_after = await _wait_for(raised, 30, "the recorded lag to rise by 40")
+        assert lag_after == {"": float(true_lag + 40)}
+        # Waiting plus in progress (nothing was taken since).
+        assert await query(backlog) == {"": float(true_lag + 40 + sum(true_pending.values()))}
     finally:
         prometheus_rc = await _stop(prometheus)
         exporter_rc = await _stop(exporter)
-    true_lengths, true_pending = await _truth(cluster_client, queue_with_work)
     assert lengths == {k: float(v) for k, v in true_lengths.items()}
     assert pending == {k: float(v) for k, v in true_pending.items()}
     assert acked == {"": 11.0}  # the worker counters from the multiprocess dir
     assert exporter_rc == 0, (tmp_path / "exporter.log").read_text()[-2000:]
     assert prometheus_rc == 0, (tmp_path / "prometheus.log").read_text()[-2000:]
+
+
+async def _group_lag(client: RedisCluster, queue: str) -> int:
+    """The group's lag summed over the shards, read directly (XINFO GROUPS)."""
+    plan = await PlanStore(client).load(queue)
+    assert plan is not None
+    total = 0
+    for shard in plan.shards:
+        groups = await client.xinfo_groups(shard.keys("tqrc").stream)
+        (group,) = [g for g in groups if g["name"] in (b"taskiq", "taskiq")]
+        total += int(group["lag"])
+    return total
+
+
+async def _kick(url: str, queue: str, count: int) -> None:
+    broker = ClusterStreamBroker(url, queue_name=queue, shards=3)
+    await broker.startup()
+    try:
+        await asyncio.gather(*(broker.kick(make_message(f"more{i}")) for i in range(count)))
+    finally:
+        await broker.shutdown()
 
 
 def test_cli_exporter_reports_an_unreachable_cluster(tmp_path: Path) -> None:
