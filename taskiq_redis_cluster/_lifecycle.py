@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from redis.asyncio import RedisCluster
 
-from ._errors import LifecycleError
+from ._errors import InvalidOptionError, LifecycleError
 from ._redis import ConnectionOptions, connect
 
 logger = logging.getLogger(__name__)
@@ -133,7 +135,8 @@ class Lifecycle:
         if self.state in (State.STOPPING, State.STOPPED):
             self.require_running(action)
         async with self._start_lock:
-            if self.state is State.RUNNING:
+            # Re-read after the wait: another call may have started it.
+            if self.running:
                 return
             if self.state in (State.STOPPING, State.STOPPED):
                 self.require_running(action)
@@ -143,7 +146,7 @@ class Lifecycle:
                 await startup()
             finally:
                 self._lazy_task = None
-            self.lazily_started = self.state is State.RUNNING
+            self.lazily_started = self.running
         # A startup() override that did not reach RUNNING must not pass as one.
         self.require_running(action)
 
@@ -224,3 +227,83 @@ class OwnedClient:
             await client.aclose()
         except Exception:  # closing must not mask the error that led here
             logger.debug("Error while closing a cluster client", exc_info=True)
+
+
+@functools.cache
+def _cluster_client_keywords() -> frozenset[str]:
+    """Keyword names ``RedisCluster`` accepts (its public signature)."""
+    params = inspect.signature(RedisCluster.__init__).parameters
+    return frozenset(name for name in params if name != "self")
+
+
+def check_client_kwargs(extra: Mapping[str, Any]) -> None:
+    """Refuse, before any I/O, keywords the cluster client would not take.
+
+    taskiq-redis passes its ``**connection_kwargs`` to redis-py; so do we,
+    to ``RedisCluster``. A name it does not know (a typo, or an option of
+    the single-node ``BlockingConnectionPool`` such as ``timeout``) would
+    otherwise only fail at the first connect, deep inside redis-py.
+
+    :raises InvalidOptionError: naming the keyword and the alternative.
+    """
+    known = _cluster_client_keywords()
+    for name in extra:
+        if name in known:
+            continue
+        if name == "timeout":
+            reason = (
+                "is an option of redis-py's single-node BlockingConnectionPool; the "
+                "cluster client does not wait for a free connection: use "
+                "socket_timeout / socket_connect_timeout, or a larger "
+                "max_connection_pool_size"
+            )
+        else:
+            reason = "is not an option of redis-py's RedisCluster client"
+        raise InvalidOptionError(option=name, reason=reason)
+
+
+def client_options(
+    connection: ConnectionOptions | None,
+    connection_kwargs: dict[str, Any],
+    *,
+    max_connections: int | None = None,
+) -> ConnectionOptions:
+    """Client options from taskiq-redis-style keywords, or ``connection=``.
+
+    ``max_connections`` is taskiq-redis's ``max_connection_pool_size``; the
+    remaining keywords go to redis-py as in taskiq-redis. ``connection=``
+    excludes both, so that nothing is silently ignored.
+
+    :raises InvalidOptionError: for both forms at once, or a keyword the
+        cluster client does not take.
+    """
+    if connection is not None:
+        if connection_kwargs or max_connections is not None:
+            given = sorted([*connection_kwargs, *(
+                ["max_connection_pool_size"] if max_connections is not None else []
+            )])
+            raise InvalidOptionError(
+                option="connection",
+                reason=f"connection= excludes client keyword arguments: {given}",
+            )
+        return connection
+    kwargs = dict(connection_kwargs)
+    # redis-py's own name for the pool size is taken as the pool size too.
+    pool = kwargs.pop("max_connections", None)
+    if max_connections is None:
+        max_connections = pool
+    check_client_kwargs(kwargs)
+    if max_connections is not None and (
+        isinstance(max_connections, bool)
+        or not isinstance(max_connections, int)
+        or max_connections < 1
+    ):
+        # Also catches a value that was meant for another positional slot.
+        raise InvalidOptionError(
+            option="max_connection_pool_size",
+            reason=f"must be an int > 0, got {max_connections!r}",
+        )
+    return ConnectionOptions(
+        max_connections=max_connections or ConnectionOptions.max_connections,
+        extra=kwargs,
+    )

@@ -10,7 +10,10 @@ keyword names are kept where the meaning is the same:
 * results expire after one day unless told otherwise; keeping them forever
   needs ``expire=False`` and is logged as a warning at startup;
 * the default serializer is JSON, not pickle;
-* one client is created in ``startup()`` and closed in ``shutdown()``;
+* one client is created at ``startup()`` (or at the first call, which starts
+  the backend) and closed in ``shutdown()``;
+* the URL keyword is ``redis_url``, as in taskiq-redis; ``url`` is accepted
+  too;
 * a missing result raises :class:`ResultNotFoundError` and a record that
   cannot be decoded raises :class:`ResultError`, both ``ResultBackendError``.
 """
@@ -29,7 +32,7 @@ from taskiq.result import TaskiqResult
 
 from . import _keys
 from ._errors import InvalidOptionError, ResultError, ResultNotFoundError
-from ._lifecycle import OwnedClient
+from ._lifecycle import OwnedClient, client_options
 from ._redis import ConnectionOptions, redact_url, validate_url
 from ._serialization import default_serializer, dump_model, load_model
 
@@ -44,7 +47,13 @@ DEFAULT_RESULT_EX_TIME = 86_400
 class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
     """Store taskiq results and progress reports in Redis Cluster.
 
-    :param url: ``redis://`` or ``rediss://`` URL of any cluster node.
+    Keywords and their order follow taskiq-redis's
+    ``RedisAsyncClusterResultBackend``; docs/brokers.md lists every
+    difference. No ``startup()`` is needed: the first call starts the
+    backend (a broker's ``startup()`` starts its backend anyway).
+
+    :param redis_url: ``redis://`` or ``rediss://`` URL of any cluster node
+        (taskiq-redis's name; ``url=`` is the same).
     :param keep_results: keep a result after it was read; ``False`` deletes
         it on the first successful read (``GETDEL``).
     :param result_ex_time: lifetime of results and progress in seconds.
@@ -60,32 +69,44 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
     :param prefix: first part of every key (see ``_keys``).
     :param prefix_str: taskiq-redis's name for ``prefix``; accepted so the
         class is a drop-in replacement. Give at most one of the two.
+    :param url: the same as ``redis_url``.
     :param connection: client options (pool size, timeouts, TLS ...).
+    :param connection_kwargs: as in taskiq-redis, further keywords go to
+        redis-py's ``RedisCluster`` (e.g. ``password``, ``ssl_ca_certs``,
+        ``max_connections``); not together with ``connection``.
 
     :raises InvalidOptionError: for a non-positive lifetime, both lifetimes
-        at once, a lifetime together with ``expire=False``, or both
-        ``prefix`` and ``prefix_str``.
+        at once, a lifetime together with ``expire=False``, both ``prefix``
+        and ``prefix_str``, no URL or two, or a keyword the cluster client
+        does not take.
     :raises InvalidURLError: if ``url`` cannot be used.
     """
 
     def __init__(
         self,
-        url: str,
-        *,
+        redis_url: str | None = None,
         keep_results: bool = True,
         result_ex_time: int | None = None,
         result_px_time: int | None = None,
-        expire: bool = True,
         serializer: TaskiqSerializer | None = None,
-        prefix: str | None = None,
         prefix_str: str | None = None,
+        *,
+        url: str | None = None,
+        expire: bool = True,
+        prefix: str | None = None,
         connection: ConnectionOptions | None = None,
+        **connection_kwargs: Any,
     ) -> None:
-        validate_url(url)
-        self._url = url
+        if redis_url is not None and url is not None:
+            raise InvalidOptionError(option="url", reason="is an alias of redis_url; give one")
+        chosen_url = redis_url if redis_url is not None else url
+        if chosen_url is None:
+            raise InvalidOptionError(option="redis_url", reason="the cluster URL is required")
+        validate_url(chosen_url)
+        self._url = chosen_url
         self.keep_results = keep_results
         self.serializer: TaskiqSerializer = serializer or default_serializer()
-        self._connection = connection or ConnectionOptions()
+        self._connection = client_options(connection, connection_kwargs)
         self.prefix = _pick_prefix(prefix, prefix_str)
         self.result_ex_time, self.result_px_time = _expiry(result_ex_time, result_px_time, expire)
         self._owned = OwnedClient("ClusterResultBackend")
@@ -94,13 +115,35 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
     def __repr__(self) -> str:
         return f"ClusterResultBackend({redact_url(self._url)!r}, prefix={self.prefix!r})"
 
+    @property
+    def redis(self) -> RedisCluster:
+        """The backend's cluster client, under taskiq-redis's attribute name.
+
+        Only while running (:class:`LifecycleError` otherwise); the backend
+        owns it and closes it in ``shutdown()``.
+        """
+        return self._owned.get("redis")
+
+    async def __aenter__(self) -> ClusterResultBackend[_ReturnType]:
+        await self.startup()
+        return self
+
+    async def __aexit__(self, *args: object) -> None:
+        await self.shutdown()
+
     async def startup(self) -> None:
         """Connect to the cluster.
 
-        :raises LifecycleError: if called twice.
+        Optional: the first call that needs the cluster starts the backend,
+        and after such a lazy start this does nothing.
+
+        :raises LifecycleError: if called twice, or after ``shutdown()``.
         :raises NotAClusterError: if the URL is not a cluster node.
         :raises ConnectError: if the cluster cannot be reached.
         """
+        await self._owned.lifecycle.start(self._start)
+
+    async def _start(self) -> None:
         await self._owned.open(self._url, self._connection)
         # redis-py raises MaxConnectionsError instead of waiting when more
         # commands run at once than a node's pool holds; many concurrent
@@ -122,15 +165,16 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
         finally:
             await super().shutdown()
 
-    def _ready_client(self, action: str) -> tuple[RedisCluster, asyncio.Semaphore]:
-        client = self._owned.get(action)
+    async def _started_client(self, action: str) -> tuple[RedisCluster, asyncio.Semaphore]:
+        """The client and the in-flight bound, starting on the first use."""
+        client = await self._owned.ready(self.startup, action)
         # Set by the same successful startup() that get() just checked.
         assert self._slots is not None
         return client, self._slots
 
     async def set_result(self, task_id: str, result: TaskiqResult[_ReturnType]) -> None:
         """Store ``result`` for ``task_id`` with the configured lifetime."""
-        client, slots = self._ready_client("set_result()")
+        client, slots = await self._started_client("set_result()")
         value = dump_model(result, self.serializer)
         async with slots:
             await client.set(
@@ -142,7 +186,7 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
 
     async def is_result_ready(self, task_id: str) -> bool:
         """Whether a result is stored for ``task_id``."""
-        client, slots = self._ready_client("is_result_ready()")
+        client, slots = await self._started_client("is_result_ready()")
         async with slots:
             found = await client.exists(_keys.result_key(self.prefix, task_id))
         return bool(found)
@@ -161,7 +205,7 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
             expired, or already consumed).
         :raises ResultError: if the stored record cannot be decoded.
         """
-        client, slots = self._ready_client("get_result()")
+        client, slots = await self._started_client("get_result()")
         key = _keys.result_key(self.prefix, task_id)
         async with slots:
             if self.keep_results:
@@ -180,7 +224,7 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
 
     async def set_progress(self, task_id: str, progress: TaskProgress[Any]) -> None:
         """Store a progress report; it lives as long as a result would."""
-        client, slots = self._ready_client("set_progress()")
+        client, slots = await self._started_client("set_progress()")
         value = dump_model(progress, self.serializer)
         async with slots:
             await client.set(
@@ -195,7 +239,7 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
 
         :raises ResultError: if the stored report cannot be decoded.
         """
-        client, slots = self._ready_client("get_progress()")
+        client, slots = await self._started_client("get_progress()")
         async with slots:
             raw = await client.get(_keys.progress_key(self.prefix, task_id))
         if raw is None:

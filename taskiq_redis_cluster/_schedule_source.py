@@ -50,7 +50,7 @@ from taskiq.exceptions import ScheduledTaskCancelledError
 
 from . import _keys
 from ._errors import CorruptScheduleError, InvalidOptionError
-from ._lifecycle import OwnedClient
+from ._lifecycle import OwnedClient, client_options
 from ._redis import ConnectionOptions, load_script, redact_url, validate_url
 from ._serialization import default_serializer, dump_model, load_model
 
@@ -104,43 +104,65 @@ class ClusterListScheduleSource(ScheduleSource):
     was not recorded is sent again within ``one_off_lease`` plus a few reads
     (see the module docstring and docs/schedule-source.md).
 
+    The positional order and keywords of ``ListRedisScheduleSource`` are
+    accepted with the same meaning (docs/brokers.md lists each difference).
+    No ``startup()`` is needed to add or read schedules: the first call
+    starts the source, including a migration set up with
+    :meth:`with_migrate_from`.
+
     :param url: ``redis://`` or ``rediss://`` URL of any cluster node.
-    :param name: name of this source; every key of it shares the hash tag
-        ``{sched:<name>}``. Sources with the same prefix and name are the
-        same source, which is how several schedulers share it.
     :param prefix: first part of every key.
+    :param max_connection_pool_size: connections per cluster node.
     :param serializer: how schedules are encoded; JSON by default.
-    :param lookahead: seconds ahead of now for which one-off schedules are
-        returned. Keep it at least the scheduler's ``--update-interval``
-        (60 s by default), or one-off schedules fire late.
+    :param buffer_size: accepted for taskiq-redis compatibility, without
+        effect: ``get_schedules()`` reads its index in one script, so there
+        are no batches to size. Must be positive.
     :param skip_past_schedules: do not return one-off schedules that were
         already due when the source started (they stay stored until
         deleted). By default they are sent once after a restart.
+    :param name: name of this source; every key of it shares the hash tag
+        ``{sched:<name>}``. Sources with the same prefix and name are the
+        same source, which is how several schedulers share it.
+    :param lookahead: seconds ahead of now for which one-off schedules are
+        returned. Keep it at least the scheduler's ``--update-interval``
+        (60 s by default), or one-off schedules fire late.
     :param one_off_lease: seconds a scheduler holds the claim of a one-off
         firing. A firing not marked done by then (its kick failed, or its
         scheduler died before ``post_send``) is sent again; keep it above the
         longest kick (and above taskiq's ``--send-timeout`` if set).
     :param connection: client options (pool size, timeouts, TLS ...).
+    :param connection_kwargs: as in taskiq-redis, further keywords go to
+        redis-py (here its ``RedisCluster``); not together with
+        ``connection``.
 
     :raises InvalidNameError: for a name or prefix that cannot be used in a
         hash tag.
-    :raises InvalidOptionError: for a negative lookahead or a lease that is
-        not positive.
+    :raises InvalidOptionError: for a negative lookahead, a lease or a
+        ``buffer_size`` that is not positive, or a keyword the cluster
+        client does not take.
     """
 
     def __init__(
         self,
         url: str,
+        prefix: str = _keys.DEFAULT_PREFIX,
+        max_connection_pool_size: int | None = None,
+        serializer: TaskiqSerializer | None = None,
+        buffer_size: int = 50,
+        skip_past_schedules: bool = False,
         *,
         name: str = "default",
-        prefix: str = _keys.DEFAULT_PREFIX,
-        serializer: TaskiqSerializer | None = None,
         lookahead: float = DEFAULT_LOOKAHEAD,
-        skip_past_schedules: bool = False,
         one_off_lease: float = DEFAULT_ONE_OFF_LEASE,
         connection: ConnectionOptions | None = None,
+        **connection_kwargs: Any,
     ) -> None:
         validate_url(url)
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
+            raise InvalidOptionError(
+                option="buffer_size", reason=f"must be an int > 0, got {buffer_size!r}"
+            )
+        self.buffer_size = buffer_size
         self._url = url
         self.name = _keys.validate_name(name, kind="schedule source")
         self.prefix = _keys.validate_name(prefix, kind="prefix")
@@ -155,7 +177,9 @@ class ClusterListScheduleSource(ScheduleSource):
         self.skip_past_schedules = skip_past_schedules
         self.serializer: TaskiqSerializer = serializer or default_serializer()
         self.keys = _keys.ScheduleKeys(self.prefix, self.name)
-        self._connection = connection or ConnectionOptions()
+        self._connection = client_options(
+            connection, connection_kwargs, max_connections=max_connection_pool_size
+        )
         self._owned = OwnedClient(f"ClusterListScheduleSource({self.name!r})")
         # Identifies this process in claim markers; only for debugging.
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -186,13 +210,35 @@ class ClusterListScheduleSource(ScheduleSource):
         self._migrate_delete = delete_schedules
         return self
 
+    @property
+    def redis(self) -> RedisCluster:
+        """The source's cluster client (taskiq-redis's cluster source name).
+
+        Only while running (:class:`LifecycleError` otherwise); the source
+        owns it and closes it in ``shutdown()``.
+        """
+        return self._owned.get("redis")
+
+    async def __aenter__(self) -> Self:
+        await self.startup()
+        return self
+
+    async def __aexit__(self, *args: object) -> None:
+        await self.shutdown()
+
     async def startup(self) -> None:
         """Connect, then run a migration set up by :meth:`with_migrate_from`.
 
-        :raises LifecycleError: if called twice.
+        Optional: the first call that needs the cluster starts the source,
+        and after such a lazy start this does nothing.
+
+        :raises LifecycleError: if called twice, or after ``shutdown()``.
         :raises NotAClusterError: if the URL is not a cluster node.
         :raises ConnectError: if the cluster cannot be reached.
         """
+        await self._owned.lifecycle.start(self._start)
+
+    async def _start(self) -> None:
         await self._owned.open(self._url, self._connection)
         self._started_at_ms = _floor_minute_ms(_now())
         self._owned.lifecycle.started()
@@ -213,7 +259,12 @@ class ClusterListScheduleSource(ScheduleSource):
         await self._owned.close()
 
     def _ready_client(self, action: str) -> RedisCluster:
+        """The client while running; :class:`LifecycleError` otherwise."""
         return self._owned.get(action)
+
+    async def _started_client(self, action: str) -> RedisCluster:
+        """The client, starting the source first on its first use."""
+        return await self._owned.ready(self.startup, action)
 
     def _index_keys(self) -> list[str]:
         return [self.keys.schedules, self.keys.cron, self.keys.timeline]
@@ -229,7 +280,7 @@ class ClusterListScheduleSource(ScheduleSource):
         tasks. An unknown name is kicked by the scheduler like any other and
         the worker logs ``task "..." is not found``.
         """
-        client = self._ready_client("add_schedule()")
+        client = await self._started_client("add_schedule()")
         due = _one_off_due_ms(schedule)
         await _ADD_SCRIPT(
             client,
@@ -244,7 +295,7 @@ class ClusterListScheduleSource(ScheduleSource):
         Schedulers that already hold the schedule in memory still ask
         ``pre_send`` before sending it, which refuses, so it stops at once.
         """
-        client = self._ready_client("delete_schedule()")
+        client = await self._started_client("delete_schedule()")
         removed = await _DELETE_SCRIPT(client, self._index_keys(), [schedule_id])
         logger.debug("Deleted schedule %s (existed: %s)", schedule_id, bool(removed))
 
@@ -266,7 +317,7 @@ class ClusterListScheduleSource(ScheduleSource):
         A record that cannot be decoded is skipped and logged (once per
         schedule id and source object, at WARNING); the rest are returned.
         """
-        client = self._ready_client("get_schedules()")
+        client = await self._started_client("get_schedules()")
         now_ms = int(_now().timestamp() * 1000)
         low = str(self._started_at_ms) if self.skip_past_schedules else "-inf"
         high = str(now_ms + int(self.lookahead * 1000))
@@ -326,7 +377,7 @@ class ClusterListScheduleSource(ScheduleSource):
             re-timed) since it was read, or another scheduler already claimed
             this firing.
         """
-        client = self._ready_client("pre_send()")
+        client = await self._started_client("pre_send()")
         due = _one_off_due_ms(task)
         if due is None:
             tick, ttl_ms = _recurring_tick_ms(task, _now())
@@ -358,7 +409,7 @@ class ClusterListScheduleSource(ScheduleSource):
         due = _one_off_due_ms(task)
         if due is None:
             return
-        client = self._ready_client("post_send()")
+        client = await self._started_client("post_send()")
         await _DONE_SCRIPT(
             client,
             [self.keys.schedules, self.keys.timeline, self.keys.claim(task.schedule_id, due)],
@@ -377,7 +428,7 @@ class ClusterListScheduleSource(ScheduleSource):
         :param delete: delete each copied schedule from ``other``.
         :return: the number of schedules copied.
         """
-        self._ready_client("import_from()")
+        await self._started_client("import_from()")
         schedules = await _read_all(other)
         for schedule in schedules:
             await self.add_schedule(schedule)

@@ -35,6 +35,7 @@ from taskiq import AckableMessage
 
 from .._events import BrokerEvents
 from .._keys import ShardKeys
+from .._lifecycle import check_client_kwargs
 from .._options import ListOptions, resolve_options
 from .._planning import Shard
 from .._redis import (
@@ -89,15 +90,21 @@ class ClusterListQueueBroker(ShardedBroker):
         retry: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> None:
-        """Create the broker; no I/O happens until ``startup()``.
+        """Create the broker; no I/O happens until it starts.
 
-        Other :class:`ListOptions` fields may be passed as keywords; any
-        remaining keyword goes to redis-py.
+        ``url``, ``queue_name``, ``max_connection_pool_size`` and the
+        remaining keywords (for redis-py's ``RedisCluster``) are those of
+        taskiq-redis's ``ListQueueClusterBroker``. Other :class:`ListOptions`
+        fields may be passed as keywords.
+
+        :raises InvalidOptionError: for a keyword the cluster client does
+            not take.
         """
         options = resolve_options(
             ListOptions, options, kwargs,
             max_connection_pool_size=max_connection_pool_size, queue_name=queue_name,
         )
+        check_client_kwargs(options.connection.extra)
         super().__init__(url, options, events=events, retry=retry)
         # Popped but not yet handed to taskiq, by id() of what went to the
         # listen buffer (the entry keeps the object, so the id stays unique):

@@ -16,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterPubSub
-from taskiq import AsyncBroker, BrokerMessage
+from taskiq import AsyncBroker, AsyncResultBackend, BrokerMessage
 
 from .._errors import KickFailedError
 from .._events import NULL_EVENTS, BrokerEvents
 from .._keys import DEFAULT_PREFIX, broadcast_channel, validate_name
-from .._lifecycle import OwnedClient
+from .._lifecycle import OwnedClient, client_options
 from .._redis import (
     ConnectionOptions,
     RetryPolicy,
@@ -58,14 +59,24 @@ class ClusterPubSubBroker(AsyncBroker):
         connection: ConnectionOptions | None = None,
         events: BrokerEvents | None = None,
         retry: RetryPolicy | None = None,
+        task_id_generator: Callable[[], str] | None = None,
+        result_backend: AsyncResultBackend[Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Create the broker; no I/O happens until ``startup()``.
+        """Create the broker; no I/O happens until it starts.
+
+        ``url``, ``queue_name``, ``max_connection_pool_size``,
+        ``task_id_generator``, ``result_backend`` and the remaining keywords
+        (for redis-py) are those of taskiq-redis's ``PubSubBroker``, which
+        takes the two taskiq ones positionally before ``queue_name``; here
+        they are keyword-only. ``connection=`` excludes the client keywords.
 
         :param owner_check_interval: seconds between checks that the channel's
             slot is still on the subscribed node (bounds failover recovery).
+        :raises InvalidOptionError: for a keyword redis-py's cluster client
+            does not take, or ``connection=`` with client keywords.
         """
-        super().__init__()
+        super().__init__(result_backend=result_backend, task_id_generator=task_id_generator)
         validate_url(url)
         validate_name(queue_name, "queue")
         validate_name(prefix, "prefix")
@@ -73,9 +84,8 @@ class ClusterPubSubBroker(AsyncBroker):
         self.queue_name = queue_name
         self.channel = broadcast_channel(prefix, queue_name)
         self.owner_check_interval = owner_check_interval
-        self.connection = connection or ConnectionOptions(
-            max_connections=max_connection_pool_size or ConnectionOptions.max_connections,
-            extra=dict(kwargs),
+        self.connection = client_options(
+            connection, kwargs, max_connections=max_connection_pool_size
         )
         self.events = events or NULL_EVENTS
         self.retry = retry or RetryPolicy()
@@ -84,8 +94,26 @@ class ClusterPubSubBroker(AsyncBroker):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={redact_url(self.url)!r}, channel={self.channel!r})"
 
+    @property
+    def redis(self) -> RedisCluster:
+        """The broker's cluster client, under taskiq-redis's attribute name.
+
+        Only while running (:class:`LifecycleError` otherwise); the broker
+        owns it and closes it in ``shutdown()``.
+        """
+        return self._owned.get("redis")
+
     async def startup(self) -> None:
-        """Connect and run taskiq's startup. :raises LifecycleError: if called twice."""
+        """Connect and run taskiq's startup.
+
+        Optional: the first ``kick()`` or ``listen()`` starts the broker, and
+        after such a lazy start this does nothing.
+
+        :raises LifecycleError: if called twice, or after ``shutdown()``.
+        """
+        await self._owned.lifecycle.start(self._start)
+
+    async def _start(self) -> None:
         await self._owned.open(self.url, self.connection)
         try:
             await super().startup()
@@ -106,7 +134,7 @@ class ClusterPubSubBroker(AsyncBroker):
         SPUBLISH is retried on transient errors: a duplicate broadcast is
         preferred to a lost one. Returns even when nobody is subscribed.
         """
-        client = self._owned.get("kick()")
+        client = await self._owned.ready(self.startup, "kick()")
         try:
             await self.retry.call(
                 lambda: client.spublish(self.channel, message.message),
@@ -119,7 +147,7 @@ class ClusterPubSubBroker(AsyncBroker):
 
     async def listen(self) -> AsyncGenerator[bytes, None]:
         """Yield every message published on the channel while subscribed."""
-        self._owned.get("listen()")
+        await self._owned.ready(self.startup, "listen()")
         failures = 0
         while True:
             pubsub: ClusterPubSub | None = None

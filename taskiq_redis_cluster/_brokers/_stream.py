@@ -38,6 +38,7 @@ from taskiq import AckableMessage, BrokerMessage
 from .._errors import ConfigurationError, InvalidOptionError, ReplicationTimeoutError
 from .._events import BrokerEvents
 from .._keys import ShardKeys, slot_of
+from .._lifecycle import check_client_kwargs
 from .._options import StreamOptions, resolve_options
 from .._planning import Shard
 from .._redis import (
@@ -249,37 +250,44 @@ class ClusterStreamBroker(ShardedBroker):
         self,
         url: str,
         queue_name: str = "taskiq",
+        max_connection_pool_size: int | None = None,
         consumer_group_name: str = "taskiq",
         consumer_name: str | None = None,
-        idle_timeout: int = 600_000,
+        consumer_id: str | None = None,
+        mkstream: bool = True,
         xread_block: int = 2_000,
-        xread_count: int = 100,
-        unacknowledged_batch_size: int = 100,
         maxlen: int | None = None,
         approximate: bool = True,
-        max_connection_pool_size: int | None = None,
+        additional_streams: Mapping[str, str] | None = None,
         *,
+        idle_timeout: int = 600_000,
+        xread_count: int = 100,
+        unacknowledged_batch_size: int = 100,
+        unacknowledged_lock_timeout: float | None = None,
         options: StreamOptions | None = None,
         events: BrokerEvents | None = None,
         retry: RetryPolicy | None = None,
-        consumer_id: str | None = None,
-        mkstream: bool = True,
-        additional_streams: Mapping[str, str] | None = None,
-        unacknowledged_lock_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
-        """Create the broker; no I/O happens until ``startup()``.
+        """Create the broker; no I/O happens until it starts.
 
-        The positional and keyword names follow taskiq-redis's
-        ``RedisStreamBroker``. Other :class:`StreamOptions` fields (for
-        example ``wait_replicas``, ``max_deliveries``, ``shards``) may be
-        passed as keywords, and any remaining keyword goes to redis-py (for
-        example ``ssl_ca_certs``). ``options=`` replaces all of them.
+        The positional order and the keyword names are those of
+        taskiq-redis's ``RedisStreamClusterBroker``; the keywords its
+        single-node ``RedisStreamBroker`` adds (``idle_timeout``,
+        ``xread_count``, ``unacknowledged_batch_size``,
+        ``unacknowledged_lock_timeout``) are keyword-only. Other
+        :class:`StreamOptions` fields (for example ``wait_replicas``,
+        ``max_deliveries``, ``shards``) may be passed as keywords, and any
+        remaining keyword goes to redis-py's ``RedisCluster`` (for example
+        ``ssl_ca_certs``). ``options=`` replaces all of them. The
+        differences are listed, with their reasons, in docs/brokers.md:
 
         ``consumer_id`` is accepted for compatibility but groups are always
         created at ``0``: starting at ``$`` silently skips queued tasks.
+        ``mkstream`` is accepted: every shard's stream is always created.
         ``unacknowledged_lock_timeout`` is accepted and unused: reclaiming
-        needs no lock because XAUTOCLAIM is atomic.
+        needs no lock because XAUTOCLAIM is atomic. ``additional_streams``
+        raises :class:`ConfigurationError`: use one broker per queue.
         """
         if additional_streams:
             raise ConfigurationError(
@@ -304,6 +312,7 @@ class ClusterStreamBroker(ShardedBroker):
             StreamOptions, options, kwargs,
             max_connection_pool_size=max_connection_pool_size, **values,
         )
+        check_client_kwargs(options.connection.extra)
         super().__init__(url, options, events=events, retry=retry)
         self._acks: _AckBatcher | None = None
         # The shard scripts bound to the client: called as (keys=, args=).
@@ -670,17 +679,29 @@ class ClusterStreamBroker(ShardedBroker):
         await sink(message)
 
     def _malformed_reason(self, entry: Mapping[bytes, bytes] | None) -> str | None:
-        """Why an entry cannot be run, or None if it is a valid taskiq message."""
+        """Why an entry cannot be handed out, or None.
+
+        In a worker process (``taskiq worker`` sets ``is_worker_process``)
+        only a taskiq message of a known task is handed out: anything else
+        would fail in every worker, again and again, so it is dead-lettered.
+        Outside a worker the broker is a plain transport, as taskiq-redis's
+        is: ``listen()`` yields an ``AckableMessage`` whose ``data`` is the
+        raw ``data`` field, whatever it holds, and the caller decides. An
+        entry without a ``data`` field has nothing to hand out and is
+        dead-lettered everywhere.
+        """
         if entry is None:
             return "entry deleted from the stream"
         data = entry.get(_DATA)
         if data is None:
             return "missing 'data' field"
+        if not self.is_worker_process:
+            return None
         try:
             message = self.formatter.loads(message=data)
         except Exception as exc:
             return f"not a taskiq message: {type(exc).__name__}"
-        if self.is_worker_process and self.find_task(message.task_name) is None:
+        if self.find_task(message.task_name) is None:
             return f"unknown task {message.task_name!r}"
         return None
 
