@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -58,16 +59,22 @@ async def take(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
+    check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 10.0
 ) -> None:
-    """Await ``check()`` every 0.05 s until it is true; fail after ``timeout``.
+    """Run ``check()`` every 0.05 s until it is true; fail after ``timeout``.
 
-    For effects that are asynchronous by design, such as batched acks (sent
-    within a few milliseconds) or a dead letter written by another shard's
-    reader.
+    ``check`` may be a plain function or a coroutine function. The one
+    polling helper of the test modules: for effects that are asynchronous by
+    design, such as batched acks (sent within a few milliseconds), a dead
+    letter written by another shard's reader, or a worker process's ledger.
     """
     deadline = time.monotonic() + timeout
-    while not await check():
+
+    async def holds() -> bool:
+        result = check()
+        return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+    while not await holds():
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} not reached within {timeout:.0f}s")
         await asyncio.sleep(0.05)

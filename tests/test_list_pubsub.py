@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_message, task_id_of
+from helpers import eventually, make_message, task_id_of
 from redis.asyncio import Redis
 from taskiq import BrokerMessage
 
@@ -148,15 +148,6 @@ def _ledger(path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in path.read_text().splitlines() if line.strip()]  # type: ignore[misc]
 
 
-async def _wait_for(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.2)
-    return bool(predicate())
-
-
 def _env(cluster_url: str, queue: str, ledger: Path, app_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(TQRC_URL=cluster_url, TQRC_QUEUE=queue, TQRC_LEDGER=str(ledger),
@@ -178,8 +169,10 @@ async def test_list_broker_end_to_end_with_taskiq_worker(
         ids = [f"e{i}" for i in range(40)]
         for task_id in ids:
             await producer.kick(_message(task_id))
-        assert await _wait_for(lambda: len(_ledger(ledger)) >= len(ids), 60), (
-            (tmp_path / "worker.log").read_text()[-3000:]
+        await eventually(
+            lambda: len(_ledger(ledger)) >= len(ids),
+            f"all 40 tasks run; worker log: {(tmp_path / 'worker.log').read_text()[-3000:]}",
+            timeout=60,
         )
         assert sorted(t for _, t in _ledger(ledger)) == sorted(ids)
     finally:
@@ -216,7 +209,7 @@ async def test_pubsub_broadcasts_to_every_worker_and_survives_failover(
         assert await subscribers() == 3
         for i in range(5):
             await producer.kick(_message(f"b{i}"))
-        assert await _wait_for(lambda: len(_ledger(ledger)) >= 15, 30)
+        await eventually(lambda: len(_ledger(ledger)) >= 15, "15 deliveries", timeout=30)
         per_task = Counter(t for _, t in _ledger(ledger))
         assert all(per_task[f"b{i}"] == 3 for i in range(5))
         pids = {pid for pid, _ in _ledger(ledger)}

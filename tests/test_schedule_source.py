@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import eventually
 from redis.asyncio import RedisCluster
 from taskiq import AsyncBroker, BrokerMessage, ScheduledTask, ScheduleSource, TaskiqScheduler
 from taskiq.cli.scheduler.run import SchedulerLoop, get_all_schedules
@@ -664,15 +665,6 @@ class _Scheduler:
         self._log_file.close()
 
 
-async def _wait_for(check: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
-
-
 async def test_two_real_schedulers_send_each_one_off_once(
     healthy_cluster: DevCluster,
     cluster_url: str,
@@ -704,12 +696,12 @@ async def test_two_real_schedulers_send_each_one_off_once(
         async def all_ready() -> bool:
             return all(s.ready() for s in schedulers)
 
-        await _wait_for(all_ready, "both schedulers to start")
+        await eventually(all_ready, "both schedulers to start", timeout=30)
         # Due shortly after both schedulers have loaded them: they race.
         due = _now() + timedelta(seconds=2)
         for i in range(20):
             await source.add_schedule(_task(f"batch-{i}", time=due))
-        await _wait_for(lambda: count_is(20), "20 kicks")
+        await eventually(lambda: count_is(20), "20 kicks", timeout=30)
         await asyncio.sleep(2.5)  # a duplicate would show up within a few loop turns
         sent = [k.split("|")[0] for k in await kicks()]
         assert sorted(sent) == sorted(f"batch-{i}" for i in range(20))
@@ -717,13 +709,13 @@ async def test_two_real_schedulers_send_each_one_off_once(
 
         # Added while running, due a little later: fires once.
         await source.add_schedule(_task("late", time=_now() + timedelta(seconds=1)))
-        await _wait_for(lambda: count_is(21), "the late schedule")
+        await eventually(lambda: count_is(21), "the late schedule", timeout=30)
 
         # Fail over the master that holds the source; schedulers keep working.
         master = await healthy_cluster.master_of_key(source.keys.schedules)
         await healthy_cluster.failover(await healthy_cluster.replica_of(master))
         await source.add_schedule(_task("after-failover", time=_now() + timedelta(seconds=1)))
-        await _wait_for(lambda: count_is(22), "the schedule added after a failover", 60)
+        await eventually(lambda: count_is(22), "the schedule added after a failover", timeout=60)
         await asyncio.sleep(2.5)
         sent = [k.split("|")[0] for k in await kicks()]
         assert sorted(sent) == sorted(
