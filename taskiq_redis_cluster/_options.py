@@ -103,8 +103,11 @@ class StreamOptions(QueueOptions):
 
     :param consumer_group_name: consumer group of every shard stream.
     :param consumer_name: this process's consumer name (default: unique).
-    :param idle_timeout: ms an entry may stay unacknowledged before another
-        worker reclaims it (crash recovery). Must exceed your longest task.
+    :param idle_timeout: ms an entry may stay unacknowledged, with nobody
+        renewing its lease, before another worker reclaims it (crash
+        recovery). With ``renew_leases`` (the default) a running task's
+        worker keeps its entry fresh, so this can be seconds whatever the
+        task's length; without, it must exceed your longest task.
     :param xread_block: ms one XREADGROUP blocks waiting for entries.
     :param xread_count: most entries a worker holds unprocessed (prefetch),
         split fairly over the shards.
@@ -125,6 +128,13 @@ class StreamOptions(QueueOptions):
         pending is removed from the group (every worker restart leaves one
         behind). A live consumer is idle for at most ``xread_block``, and a
         removed one is recreated by its next read, so this is always safe.
+    :param renew_leases: a worker renews the entries it holds (read and
+        not yet handed out, or whose task is running) so that they are not
+        reclaimed while it lives; see docs/brokers.md, "Long tasks and ack
+        types". ``False`` restores reclaiming after ``idle_timeout`` whatever
+        the worker does.
+    :param lease_renew_interval: seconds between renewals; ``None`` means a
+        third of ``idle_timeout``. Must be shorter than ``idle_timeout``.
     """
 
     consumer_group_name: str = "taskiq"
@@ -143,6 +153,8 @@ class StreamOptions(QueueOptions):
     dead_letter_maxlen: int = 100_000
     max_batch: int = 512
     stale_consumer_idle: int = 3_600_000
+    renew_leases: bool = True
+    lease_renew_interval: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,6 +169,14 @@ class StreamOptions(QueueOptions):
             _positive("maxlen", self.maxlen)
         if self.reclaim_interval is not None:
             _positive("reclaim_interval", self.reclaim_interval)
+        if self.lease_renew_interval is not None:
+            _positive("lease_renew_interval", self.lease_renew_interval)
+            if self.lease_renew_interval * 1000 >= self.idle_timeout:
+                raise InvalidOptionError(
+                    option="lease_renew_interval",
+                    reason=f"must be shorter than idle_timeout ({self.idle_timeout} ms), "
+                    f"else leases lapse between renewals; got {self.lease_renew_interval!r} s",
+                )
 
     @property
     def effective_reclaim_interval(self) -> float:
@@ -164,6 +184,13 @@ class StreamOptions(QueueOptions):
         if self.reclaim_interval is not None:
             return self.reclaim_interval
         return min(30.0, max(0.2, self.idle_timeout / 4000))
+
+    @property
+    def effective_lease_renew_interval(self) -> float:
+        """Seconds between lease renewals (a third of idle_timeout by default)."""
+        if self.lease_renew_interval is not None:
+            return self.lease_renew_interval
+        return self.idle_timeout / 3000
 
 
 @dataclass(frozen=True)

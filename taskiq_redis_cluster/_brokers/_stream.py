@@ -53,6 +53,7 @@ from .._redis import (
 )
 from ._base import DEDUP_KEY_LABEL, ShardedBroker, Sink, StopSignal
 from ._delayed import DelayedPromoter, start_promoter
+from ._lease import Lease, LeaseRenewer, TaskStartWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ _DATA = b"data"
 _SAFE_TRIM = load_script("stream_safe_trim")
 _DEAD_LETTER = load_script("stream_dead_letter")
 _REMOVE_STALE_CONSUMERS = load_script("stream_remove_stale_consumers")
+_RENEW_LEASES = load_script("stream_lease_renew")
 _KICK_CONTROLLED = load_script("stream_kick_controlled")
 
 #: Label: seconds (int, float or a numeric string) before the task may run.
@@ -213,6 +215,37 @@ class _AckBatcher:
             await asyncio.wait(set(self._inflight), timeout=timeout)
 
 
+class _EntryAck:
+    """The ``ack`` of one handed-out entry: queue its XACK, end its lease.
+
+    An object rather than a closure so that the hand-out point can find the
+    entry's lease from the message.
+    """
+
+    __slots__ = ("acks", "entry_id", "lease", "leases", "shard", "stream")
+
+    def __init__(
+        self,
+        acks: _AckBatcher,
+        stream: str,
+        shard: int,
+        entry_id: bytes,
+        lease: Lease | None,
+        leases: LeaseRenewer | None,
+    ) -> None:
+        self.acks = acks
+        self.stream = stream
+        self.shard = shard
+        self.entry_id = entry_id
+        self.lease = lease
+        self.leases = leases
+
+    async def __call__(self) -> None:
+        self.acks.add(self.stream, self.shard, self.entry_id)
+        if self.lease is not None and self.leases is not None:
+            self.leases.end(self.lease)
+
+
 async def _unwrap(awaitable: Any) -> Any:
     """Turn an auto-pipeline CommandFailure back into the redis-py error."""
     try:
@@ -245,6 +278,8 @@ class ClusterStreamBroker(ShardedBroker):
     """
 
     options: StreamOptions
+    #: Renews the entries this worker holds; created at the first read.
+    _leases: LeaseRenewer | None = None
 
     def __init__(
         self,
@@ -360,6 +395,10 @@ class ClusterStreamBroker(ShardedBroker):
 
     def _handed_out(self, message: AckableMessage | bytes) -> None:
         self._unhanded.pop(id(message), None)
+        if self._leases is not None and isinstance(message, AckableMessage):
+            ack = message.ack
+            if isinstance(ack, _EntryAck) and ack.lease is not None:
+                self._leases.handed_out(ack.lease, message.data)
 
     async def _release(self, messages: list[AckableMessage | bytes]) -> None:
         """Make read-but-unprocessed entries reclaimable by other workers now.
@@ -390,6 +429,12 @@ class ClusterStreamBroker(ShardedBroker):
         ``xread_count`` tasks by ``idle_timeout``.
         """
         opts = self.options
+        leases = self._leases
+        if leases is not None:  # renewing would undo the release
+            for entry_id in ids:
+                lease = leases.find(stream, entry_id)
+                if lease is not None:
+                    leases.end(lease)
         try:
             await self._idempotent(lambda: self.client.xclaim(
                 stream, opts.consumer_group_name, opts.consumer_name,
@@ -402,6 +447,8 @@ class ClusterStreamBroker(ShardedBroker):
         logger.info("Released %d unprocessed entries of %s for other workers", len(ids), stream)
 
     async def _before_close(self) -> None:
+        if self._leases is not None:
+            await self._leases.close()
         if self._acks is not None:
             await self._acks.drain()
             await self._acks.pipeline.drain()
@@ -567,13 +614,27 @@ class ClusterStreamBroker(ShardedBroker):
         that fails (its dead letter cannot be written, say) is released for
         the next reclaim pass while the rest still go out, and when the
         listen is closing the rest are left to ``_release``.
+
+        Every entry is leased from here on (see ``_lease``): while it waits
+        for room in the listen buffer behind long tasks, another worker
+        reclaiming it would run it while this one also does later. Whatever
+        leaves this method unhanded ends its lease through
+        ``_release_entries`` (directly or through ``_release``).
         """
+        stream = keys.stream
+        leases = self._leases if self._leases is not None else self._start_leases()
+        held: list[Lease | None] = [None] * len(entries)
+        if leases is not None:
+            for index, (entry_id, _, _) in enumerate(entries):
+                lease = held[index] = Lease(stream, entry_id)
+                leases.hold(lease)
         for index, (entry_id, entry, deliveries) in enumerate(entries):
             if stop.closing:
                 self._unread += [(keys.stream, e) for e, _, _ in entries[index:]]
                 return
             try:
-                await self._deliver(keys, shard, entry_id, entry, sink, deliveries)
+                await self._deliver(keys, shard, entry_id, entry, sink, deliveries,
+                                    lease=held[index])
             except asyncio.CancelledError:
                 self._unread += [(keys.stream, e) for e, _, _ in entries[index:]]
                 raise
@@ -655,6 +716,8 @@ class ClusterStreamBroker(ShardedBroker):
         entry: Mapping[bytes, bytes] | None,
         sink: Sink,
         deliveries: int = 1,
+        *,
+        lease: Lease | None = None,
     ) -> None:
         if deliveries > self.options.max_deliveries:
             reason: str | None = f"max deliveries exceeded ({self.options.max_deliveries})"
@@ -662,21 +725,48 @@ class ClusterStreamBroker(ShardedBroker):
             reason = self._malformed_reason(entry)
         if reason is not None:
             await self._dead_letter(keys, shard, entry_id, entry or {}, reason, deliveries)
+            if lease is not None and self._leases is not None:
+                self._leases.end(lease)
             return
         assert entry is not None
         stream = keys.stream
-        index = shard.index
-
         acks = self._acks
         assert acks is not None
-
-        async def ack() -> None:
-            acks.add(stream, index, entry_id)
-
+        ack = _EntryAck(acks, stream, shard.index, entry_id, lease, self._leases)
         # Built without validation: both fields are ours and of the right type.
         message = AckableMessage.model_construct(data=entry[_DATA], ack=ack)
         self._unhanded[id(message)] = (stream, entry_id)
         await sink(message)
+
+    def _start_leases(self) -> LeaseRenewer | None:
+        """The lease renewer, created at the first read (None if disabled).
+
+        Its :class:`TaskStartWatcher` goes first among the middlewares, so a
+        task's lease resumes before any other middleware's ``pre_execute``.
+        """
+        opts = self.options
+        if not opts.renew_leases:
+            return None
+        leases = self._leases = LeaseRenewer(
+            self._renew_leases,
+            opts.effective_lease_renew_interval,
+            # A handed-out entry whose task has not started after this long
+            # belongs to a listen() consumer that neither runs nor acks it.
+            stale_after=max(300.0, 2 * opts.idle_timeout / 1000),
+        )
+        watcher = TaskStartWatcher(leases)
+        watcher.set_broker(self)
+        self.middlewares.insert(0, watcher)
+        return leases
+
+    async def _renew_leases(self, stream: str, ids: list[bytes]) -> list[bytes]:
+        """One renewal script call; the ids no longer pending on this consumer."""
+        opts = self.options
+        args: list[bytes | str] = [opts.consumer_group_name, opts.consumer_name, *ids]
+        lost = await self._idempotent(
+            lambda: _RENEW_LEASES(self.client, keys=[stream], args=args)
+        )
+        return list(lost or [])
 
     def _malformed_reason(self, entry: Mapping[bytes, bytes] | None) -> str | None:
         """Why an entry cannot be handed out, or None.

@@ -1,0 +1,352 @@
+"""Leases for long tasks and taskiq's per-task ``ack_type`` (issue 16, items 4 and 5).
+
+Real ``taskiq worker`` processes on the real cluster. A worker keeps the
+stream entries of its running tasks fresh (an owner-only ``XCLAIM ...
+JUSTID``, batched per shard per tick), so ``idle_timeout`` can be a few
+seconds: a task longer than that is not stolen, a SIGKILLed worker's task
+comes back after about ``idle_timeout``, and a ``manual`` task that ends
+without ``Context.ack()`` is redelivered after ``idle_timeout`` and
+dead-lettered after ``max_deliveries``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import RedisCluster
+
+from taskiq_redis_cluster import ClusterStreamBroker
+from taskiq_redis_cluster._keys import ShardKeys
+
+pytestmark = pytest.mark.cluster
+
+_APP = textwrap.dedent(
+    """
+    import asyncio
+    import os
+    import time
+
+    from taskiq import Context, TaskiqDepends, TaskiqEvents
+    from taskiq_redis_cluster import ClusterStreamBroker
+
+    broker = ClusterStreamBroker(
+        os.environ["TQRC_URL"], queue_name=os.environ["TQRC_QUEUE"], shards={shards},
+        idle_timeout={idle_timeout}, max_deliveries={max_deliveries}, xread_block=300,
+    )
+    LEDGER = os.environ["TQRC_LEDGER"]
+
+
+    def note(event, task_id):
+        with open(LEDGER, "a") as ledger:
+            ledger.write(f"{{event}} {{os.getpid()}} {{task_id}} {{time.time():.3f}}\\n")
+
+
+    def attempts(task_id):
+        with open(LEDGER) as ledger:
+            return sum(1 for line in ledger if line.split()[0] == "begun"
+                       and line.split()[2] == task_id)
+
+
+    @broker.on_event(TaskiqEvents.WORKER_STARTUP)
+    async def ready(state):
+        note("ready", "-")
+
+
+    @broker.task(task_name="app:long")
+    async def long(task_id: str, seconds: float, rerun: float) -> None:
+        note("begun", task_id)
+        # A rerun (after a crash) may take another time than the first attempt.
+        await asyncio.sleep(seconds if attempts(task_id) == 1 else rerun)
+        note("done", task_id)
+
+
+    @broker.task(task_name="app:received", ack_type="when_received")
+    async def received(task_id: str, seconds: float) -> None:
+        note("begun", task_id)
+        await asyncio.sleep(seconds)
+        note("done", task_id)
+
+
+    @broker.task(task_name="app:executed", ack_type="when_executed")
+    async def executed(task_id: str, seconds: float) -> None:
+        note("begun", task_id)
+        await asyncio.sleep(seconds)
+        note("done", task_id)
+
+
+    @broker.task(task_name="app:manual", ack_type="manual")
+    async def manual(task_id: str, before: float, after: float,
+                     context: Context = TaskiqDepends()) -> None:
+        note("begun", task_id)
+        await asyncio.sleep(before)
+        await context.ack()
+        note("acked", task_id)
+        await asyncio.sleep(after)
+        note("done", task_id)
+
+
+    @broker.task(task_name="app:never", ack_type="manual")
+    async def never(task_id: str) -> None:
+        note("begun", task_id)
+        await asyncio.sleep(0.1)
+        note("done", task_id)
+    """
+)
+
+
+class _Ledger:
+    """Lines ``event pid task_id unix_time`` the workers append."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def rows(self) -> list[tuple[str, int, str, float]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 4:
+                out.append((parts[0], int(parts[1]), parts[2], float(parts[3])))
+        return out
+
+    def events(self, event: str, task_id: str) -> list[tuple[int, float]]:
+        return [(pid, at) for e, pid, t, at in self.rows() if e == event and t == task_id]
+
+    def ready(self) -> set[int]:
+        return {pid for e, pid, _, _ in self.rows() if e == "ready"}
+
+
+class _Workers:
+    """``taskiq worker`` processes of one generated app, each in its own process group."""
+
+    def __init__(self, tmp_path: Path, cluster_url: str, queue: str, **settings: Any) -> None:
+        (tmp_path / "app.py").write_text(_APP.format(**settings))
+        self.dir = tmp_path
+        self.ledger = _Ledger(tmp_path / "ledger.txt")
+        self.ledger.path.touch()
+        self.env = dict(os.environ)
+        self.env.update(TQRC_URL=cluster_url, TQRC_QUEUE=queue,
+                        TQRC_LEDGER=str(self.ledger.path), PYTHONPATH=str(tmp_path))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with (self.dir / f"worker{len(self.procs)}.log").open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "taskiq", "worker", "app:broker", "--workers", "1"],
+                cwd=self.dir, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    async def wait_ready(self, *procs: subprocess.Popen[bytes], timeout: float = 60) -> None:
+        # Worker processes are children of the taskiq main process.
+        await _until(lambda: len(self.ledger.ready()) >= len(self.procs), timeout,
+                     f"{len(procs)} workers ready", self)
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL the worker process ``pid`` (a child of a taskiq main process)."""
+        os.kill(pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        return "\n".join((self.dir / f"worker{i}.log").read_text()[-3000:]
+                         for i in range(len(self.procs)))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait(timeout=10)
+
+
+async def _until(check: Callable[[], bool], timeout: float, what: str,
+                 workers: _Workers) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout:.0f}s\n{workers.logs()}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def producer(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterStreamBroker]:
+    broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, shards=2)
+    await broker.startup()
+    try:
+        yield broker
+    finally:
+        await broker.shutdown()
+
+
+def _kick(producer: ClusterStreamBroker, name: str, **labels: Any) -> Any:
+    """A kicker of task ``name`` as the app declares it (labels included)."""
+
+    async def stub(*args: Any) -> None:  # the body runs in the workers only
+        del args
+
+    return producer.task(task_name=name, **labels)(stub)
+
+
+async def _pending(client: RedisCluster, producer: ClusterStreamBroker) -> int:
+    plan = await producer.current_plan()
+    total = 0
+    for shard in plan.shards:
+        summary = await client.xpending(ShardKeys(producer.options.prefix, shard.tag).stream,
+                                        producer.options.consumer_group_name)
+        total += int(summary["pending"])
+    return total
+
+
+async def test_long_task_with_short_idle_timeout_runs_once(
+    cluster_url: str, unique_name: str, producer: ClusterStreamBroker, tmp_path: Path
+) -> None:
+    """12 s task, idle_timeout 3 s, 2 workers: without leases it ran 4 times."""
+    workers = _Workers(tmp_path, cluster_url, unique_name, shards=2, idle_timeout=3000,
+                       max_deliveries=10)
+    try:
+        workers.start()
+        workers.start()
+        await workers.wait_ready()
+        started = time.monotonic()
+        await _kick(producer, "app:long").kiq("L", 12.0, 12.0)
+        await _until(lambda: bool(workers.ledger.events("done", "L")), 30, "the task done",
+                     workers)
+        took = time.monotonic() - started
+        begun = workers.ledger.events("begun", "L")
+        print(f"12 s task with idle_timeout 3 s: {len(begun)} run(s), done after {took:.1f}s")
+        assert len(begun) == 1, workers.logs()
+    finally:
+        workers.stop_all()
+
+
+async def test_sigkilled_worker_task_comes_back_after_about_idle_timeout(
+    cluster_url: str, unique_name: str, producer: ClusterStreamBroker, tmp_path: Path
+) -> None:
+    idle = 3.0
+    workers = _Workers(tmp_path, cluster_url, unique_name, shards=2,
+                       idle_timeout=int(idle * 1000), max_deliveries=10)
+    try:
+        workers.start()
+        await workers.wait_ready()
+        await _kick(producer, "app:long").kiq("K", 60.0, 0.2)
+        await _until(lambda: bool(workers.ledger.events("begun", "K")), 30, "the task begun",
+                     workers)
+        (victim, _), = workers.ledger.events("begun", "K")
+        workers.start()  # a bystander: it must not take the task while the victim lives
+        await workers.wait_ready()
+        await asyncio.sleep(idle * 1.5)
+        assert len(workers.ledger.events("begun", "K")) == 1, workers.logs()
+        killed_at = time.time()
+        workers.kill(victim)
+        await _until(lambda: len(workers.ledger.events("begun", "K")) >= 2, 30,
+                     "the task begun again", workers)
+        (rescuer, again_at), = workers.ledger.events("begun", "K")[1:]
+        await _until(lambda: bool(workers.ledger.events("done", "K")), 30, "the rerun done",
+                     workers)
+        waited = again_at - killed_at
+        print(f"after SIGKILL the task began again {waited:.2f}s later (idle_timeout {idle}s)")
+        assert rescuer != victim
+        # idle_timeout, plus at most one reclaim interval (idle/4) and the
+        # renewal age at the kill (idle/3 at most), plus scheduling slack.
+        assert waited <= idle + idle / 4 + 2.0, waited
+        assert len(workers.ledger.events("begun", "K")) == 2
+    finally:
+        workers.stop_all()
+
+
+async def test_per_task_ack_types(
+    cluster_url: str, unique_name: str, producer: ClusterStreamBroker,
+    cluster_client: RedisCluster, tmp_path: Path,
+) -> None:
+    """when_received leaves the pending list at once, when_executed at the end,
+    manual at Context.ack(), even when that comes after idle_timeout."""
+    idle = 1.5
+    workers = _Workers(tmp_path, cluster_url, unique_name, shards=2,
+                       idle_timeout=int(idle * 1000), max_deliveries=10)
+    ledger = workers.ledger
+    try:
+        workers.start()
+        await workers.wait_ready()
+
+        async def while_running(task_id: str, event: str = "begun") -> int:
+            await _until(lambda: bool(ledger.events(event, task_id)), 30,
+                         f"{task_id} {event}", workers)
+            await asyncio.sleep(0.3)  # the batched ack is sent within milliseconds
+            return await _pending(cluster_client, producer)
+
+        async def finished(task_id: str) -> None:
+            await _until(lambda: bool(ledger.events("done", task_id)), 30,
+                         f"{task_id} done", workers)
+
+            async def settled() -> bool:
+                return await _pending(cluster_client, producer) == 0
+
+            deadline = time.monotonic() + 5
+            while not await settled():
+                assert time.monotonic() < deadline, "entry still pending after the task"
+                await asyncio.sleep(0.05)
+
+        await _kick(producer, "app:received", ack_type="when_received").kiq("R", 2.0)
+        assert await while_running("R") == 0  # acked before it ran
+        await finished("R")
+
+        await _kick(producer, "app:executed", ack_type="when_executed").kiq("E", 2.0)
+        assert await while_running("E") == 1  # pending until it returns
+        await finished("E")
+
+        # Runs 2 x idle_timeout before acking: the lease keeps it from others.
+        await _kick(producer, "app:manual", ack_type="manual").kiq("M", 2 * idle, 1.0)
+        assert await while_running("M") == 1
+        assert await while_running("M", "acked") == 0  # Context.ack() took it out
+        await finished("M")
+
+        for task_id in ("R", "E", "M"):
+            assert len(ledger.events("begun", task_id)) == 1, (task_id, workers.logs())
+    finally:
+        workers.stop_all()
+
+
+async def test_manual_task_that_never_acks_is_redelivered_then_dead_lettered(
+    cluster_url: str, unique_name: str, producer: ClusterStreamBroker,
+    cluster_client: RedisCluster, tmp_path: Path,
+) -> None:
+    idle = 1.0
+    workers = _Workers(tmp_path, cluster_url, unique_name, shards=2,
+                       idle_timeout=int(idle * 1000), max_deliveries=2)
+    ledger = workers.ledger
+    try:
+        workers.start()
+        await workers.wait_ready()
+        await _kick(producer, "app:never", ack_type="manual").kiq("N")
+        plan = await producer.current_plan()
+        deads = [ShardKeys(producer.options.prefix, s.tag).dead for s in plan.shards]
+        dead: list[Any] = []
+        deadline = time.monotonic() + 30
+        while not dead:
+            assert time.monotonic() < deadline, workers.logs()
+            for key in deads:
+                dead += await cluster_client.xrange(key)
+            await asyncio.sleep(0.1)
+        runs = ledger.events("begun", "N")
+        done = ledger.events("done", "N")
+        print(f"manual task without ack: ran at {[round(at - runs[0][1], 2) for _, at in runs]}"
+              f" s, then dead-lettered")
+        assert len(runs) == 2, workers.logs()
+        # The second run waited for idle_timeout after the first one ended.
+        assert runs[1][1] - done[0][1] >= idle * 0.9
+        assert dead[0][1][b"reason"].startswith(b"max deliveries exceeded")
+        assert await _pending(cluster_client, producer) == 0
+    finally:
+        workers.stop_all()
