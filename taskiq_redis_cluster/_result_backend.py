@@ -70,6 +70,8 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
     :param prefix_str: taskiq-redis's name for ``prefix``; accepted so the
         class is a drop-in replacement. Give at most one of the two.
     :param url: the same as ``redis_url``.
+    :param max_connection_pool_size: connections per cluster node (the name
+        taskiq-redis's single-node ``RedisAsyncResultBackend`` uses).
     :param connection: client options (pool size, timeouts, TLS ...).
     :param connection_kwargs: as in taskiq-redis, further keywords go to
         redis-py's ``RedisCluster`` (e.g. ``password``, ``ssl_ca_certs``,
@@ -94,6 +96,7 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
         url: str | None = None,
         expire: bool = True,
         prefix: str | None = None,
+        max_connection_pool_size: int | None = None,
         connection: ConnectionOptions | None = None,
         **connection_kwargs: Any,
     ) -> None:
@@ -106,7 +109,9 @@ class ClusterResultBackend(AsyncResultBackend[_ReturnType]):
         self._url = chosen_url
         self.keep_results = keep_results
         self.serializer: TaskiqSerializer = serializer or default_serializer()
-        self._connection = client_options(connection, connection_kwargs)
+        self._connection = client_options(
+            connection, connection_kwargs, max_connections=max_connection_pool_size
+        )
         self.prefix = _pick_prefix(prefix, prefix_str)
         self.result_ex_time, self.result_px_time = _expiry(result_ex_time, result_px_time, expire)
         self._owned = OwnedClient("ClusterResultBackend")

@@ -321,6 +321,9 @@ def test_refused_and_unknown_keywords_name_the_alternative() -> None:
     with pytest.raises(InvalidOptionError, match="alias"):
         ClusterResultBackend(OFFLINE_URL, url=OFFLINE_URL)
     assert ClusterResultBackend(url=OFFLINE_URL)._url == OFFLINE_URL
+    # The single-node backend's pool keyword, for those who migrate from it.
+    pooled = ClusterResultBackend(OFFLINE_URL, max_connection_pool_size=5)
+    assert _connection_of(pooled).max_connections == 5
 
 
 ATTRIBUTE_ROWS = [r for r in ROWS if r.kind == "attribute" and r.status != "differs"]
