@@ -55,9 +55,10 @@ class Lifecycle:
         # Serialises explicit and lazy starts. asyncio.Lock binds to a loop
         # only on first contended use, so creating it here is safe.
         self._start_lock = asyncio.Lock()
-        # The task running a lazy start: its call of the public startup()
-        # must not wait for the lock that task already holds.
-        self._lazy_task: asyncio.Task[Any] | None = None
+        # The task running a start (lazy or explicit): its own nested calls
+        # (the public startup() from a lazy start) must not wait for the
+        # lock it already holds.
+        self._start_owner: asyncio.Task[Any] | None = None
         #: True once the component started itself on first use.
         self.lazily_started = False
 
@@ -114,13 +115,17 @@ class Lifecycle:
         itself on first use; otherwise ``body`` runs, and its call of
         :meth:`starting` raises for a second explicit startup.
         """
-        if self._lazy_task is not None and self._lazy_task is asyncio.current_task():
+        if self._holds_start():
             await body()  # called by ensure_started(), which holds the lock
             return
         async with self._start_lock:
             if self.state is State.RUNNING and self.lazily_started:
                 return
-            await body()
+            self._start_owner = asyncio.current_task()
+            try:
+                await body()
+            finally:
+                self._start_owner = None
 
     async def ensure_started(self, startup: Callable[[], Awaitable[None]], action: str) -> None:
         """Start the component on first use; raise after ``shutdown()``.
@@ -141,14 +146,28 @@ class Lifecycle:
             if self.state in (State.STOPPING, State.STOPPED):
                 self.require_running(action)
             logger.debug("%s: %s before startup(); starting it now", self.component, action)
-            self._lazy_task = asyncio.current_task()
+            self._start_owner = asyncio.current_task()
             try:
                 await startup()
             finally:
-                self._lazy_task = None
+                self._start_owner = None
             self.lazily_started = self.running
         # A startup() override that did not reach RUNNING must not pass as one.
         self.require_running(action)
+
+    def _holds_start(self) -> bool:
+        return self._start_owner is not None and self._start_owner is asyncio.current_task()
+
+    async def wait_for_start(self) -> None:
+        """Let a start in progress finish before the component is closed.
+
+        Otherwise a ``shutdown()`` racing a first ``kick()`` would close
+        nothing (the client is still being opened), and the start would then
+        finish into RUNNING on a client nobody closes.
+        """
+        if self._start_lock.locked() and not self._holds_start():
+            async with self._start_lock:
+                pass
 
     def require_running(self, action: str = "this call") -> None:
         """Raise unless the component is RUNNING."""
@@ -194,6 +213,7 @@ class OwnedClient:
 
     async def close(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
         """Run ``before`` (e.g. flush buffers), then close; safe to call twice."""
+        await self.lifecycle.wait_for_start()
         if not self.lifecycle.stopping():
             return
         try:

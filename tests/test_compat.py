@@ -642,3 +642,16 @@ async def test_migration_from_a_single_node_source(
     closing.append(check)
     assert await check.get_schedules() == []  # moved, not copied
     await source.shutdown()
+
+
+async def test_shutdown_during_a_lazy_start_waits_for_it(
+    cluster_url: str, unique_name: str
+) -> None:
+    broker = ClusterStreamBroker(url=cluster_url, queue_name=unique_name)
+    kick = asyncio.create_task(broker.kick(make_message("racing")))
+    await asyncio.sleep(0)  # the kick is now starting the broker
+    await broker.shutdown()
+    await asyncio.gather(kick, return_exceptions=True)
+    # Not left running on a client nobody closes.
+    with pytest.raises(LifecycleError, match="after shutdown"):
+        await broker.kick(make_message("after"))
