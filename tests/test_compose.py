@@ -133,14 +133,19 @@ def test_recording_rules_aggregate_declared_metrics_per_queue() -> None:
     records = {r["record"]: r["expr"] for r in rules}
     assert len(records) == len(rules), "a recorded name is defined twice"
     for name, expr in records.items():
-        # level:metric:operation, aggregated to one series per queue and group
-        assert re.fullmatch(r"queue_group:taskiq_redis_cluster_[a-z_]+:(sum|max)", name), name
-        assert "by (queue, group)" in expr, name
+        # level:metric:operation, one series per queue (and group, where the
+        # metric has one)
+        match = re.fullmatch(r"(queue_group|queue):taskiq_redis_cluster_[a-z_]+:(sum|max)", name)
+        assert match, name
+        by = "(queue, group)" if match.group(1) == "queue_group" else "(queue)"
+        assert f"by {by}" in expr, name
         used = set(re.findall(r"\btaskiq_redis_cluster_[a-z_]+", expr))
         assert used, name
         assert used <= _declared_series(), (name, used - _declared_series())
     lag = records["queue_group:taskiq_redis_cluster_group_lag:sum"]
     assert lag.strip() == "sum by (queue, group) (taskiq_redis_cluster_group_lag)"
+    delayed = records["queue:taskiq_redis_cluster_delayed:sum"]
+    assert delayed.strip() == "sum by (queue) (taskiq_redis_cluster_delayed)"
     prometheus = yaml.safe_load((_DIR / "prometheus.yml").read_text())
     assert "recording-rules.yml" in prometheus["rule_files"]
 
@@ -161,7 +166,7 @@ def test_keda_example_queries_recorded_series() -> None:
         assert meta["serverAddress"].startswith("http")
         float(meta["threshold"])  # KEDA wants a number in a string
         assert isinstance(meta["threshold"], str)
-        used = set(re.findall(r"\bqueue_group:[a-z_]+:[a-z]+", meta["query"]))
+        used = set(re.findall(r"\bqueue(?:_group)?:[a-z_]+:[a-z]+", meta["query"]))
         assert used, meta["query"]
         assert used <= records, used - records
         assert 'queue="' in meta["query"]
