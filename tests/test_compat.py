@@ -655,3 +655,16 @@ async def test_shutdown_during_a_lazy_start_waits_for_it(
     # Not left running on a client nobody closes.
     with pytest.raises(LifecycleError, match="after shutdown"):
         await broker.kick(make_message("after"))
+
+
+async def test_backend_and_source_as_context_managers(cluster_url: str, unique_name: str) -> None:
+    async with ClusterResultBackend(redis_url=cluster_url, prefix_str=unique_name) as backend:
+        await backend.set_result("t", _result(1))
+        assert (await backend.get_result("t")).return_value == 1
+    async with ClusterListScheduleSource(cluster_url, prefix=unique_name) as source:
+        await source.add_schedule(_schedule("c", cron="* * * * *"))
+        assert _ids(await source.get_schedules()) == {"c"}
+    with pytest.raises(LifecycleError, match="after shutdown"):
+        await backend.get_result("t")
+    with pytest.raises(LifecycleError, match="after shutdown"):
+        await source.get_schedules()
