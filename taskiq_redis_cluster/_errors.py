@@ -27,7 +27,7 @@ and result failures ``ResultBackendError``, as taskiq expects::
         │   ├── KickOutcomeUnknownError  the task may or may not be enqueued
         │   └── ReplicationTimeoutError  enqueued, but WAIT saw too few replicas
         ├── ResultError                  (also taskiq's ResultBackendError)
-        │   └── ResultNotFoundError
+        │   └── ResultNotFoundError      (also taskiq's ResultGetError)
         ├── ScheduleError
         │   └── CorruptScheduleError
         ├── RebalanceError
@@ -44,7 +44,7 @@ an exception (see ``_connection.redact_url``).
 
 from __future__ import annotations
 
-from taskiq.exceptions import ResultBackendError, SendTaskError, TaskiqError
+from taskiq.exceptions import ResultBackendError, ResultGetError, SendTaskError, TaskiqError
 
 
 class ClusterError(TaskiqError):
@@ -235,8 +235,12 @@ class ResultError(ClusterError, ResultBackendError):
     reason: str
 
 
-class ResultNotFoundError(ResultError):
-    """No result is stored for the task (never set, expired or already read)."""
+class ResultNotFoundError(ResultError, ResultGetError):
+    """No result is stored for the task (never set, expired or already read).
+
+    Also taskiq's ``ResultGetError``, as taskiq-redis's ``ResultIsMissingError``
+    is, so code that catches that around ``get_result()`` keeps working.
+    """
 
     reason: str = "no result stored (not ready, expired, or removed by keep_results=False)"
 

@@ -26,6 +26,9 @@ def default_consumer_name() -> str:
 OptionsT = TypeVar("OptionsT", bound="QueueOptions")
 
 
+_CONNECTION_FIELDS = frozenset({"socket_timeout", "socket_connect_timeout", "password"})
+
+
 def resolve_options(
     cls: type[OptionsT],
     options: OptionsT | None,
@@ -49,9 +52,14 @@ def resolve_options(
         return options
     names = {f.name for f in fields(cls)}
     extra = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    # Client keywords that ConnectionOptions models itself: passed through as
+    # redis-py extras they would bypass it (the socket-timeout floor that
+    # blocking reads rely on, the password kept out of reprs).
+    modelled = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONNECTION_FIELDS}
     connection = ConnectionOptions(
         max_connections=max_connection_pool_size or ConnectionOptions.max_connections,
         extra=dict(kwargs),
+        **modelled,
     )
     return cls(**{**values, **extra, "connection": connection})
 

@@ -92,10 +92,9 @@ def test_bad_urls_give_typed_errors_without_the_password(url: str) -> None:
     assert "s3cret" not in repr(info.value)
 
 
-async def test_standalone_redis_is_not_a_cluster() -> None:
-    # The machine's standalone Redis on 6379 is only PINGed (read-only).
+async def test_standalone_redis_is_not_a_cluster(standalone_url: str) -> None:
     with pytest.raises(NotAClusterError, match="not a Redis Cluster node"):
-        await connect("redis://127.0.0.1:6379")
+        await connect(standalone_url)
 
 
 async def test_unreachable_server_is_a_connect_error_without_password(

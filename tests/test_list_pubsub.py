@@ -95,15 +95,18 @@ async def test_list_broker_partition_key(list_broker: ClusterListQueueBroker) ->
     assert sorted(lengths)[-1] == 10
 
 
-async def test_list_broker_guards_and_bad_input() -> None:
+async def test_list_broker_guards_and_bad_input(standalone_url: str) -> None:
     with pytest.raises(InvalidNameError):
         ClusterListQueueBroker("redis://127.0.0.1:7000", queue_name="}")
-    broker = ClusterListQueueBroker("redis://127.0.0.1:6379", queue_name="q")
+    broker = ClusterListQueueBroker(standalone_url, queue_name="q")
     with pytest.raises(NotAClusterError):
         await broker.startup()
-    with pytest.raises(LifecycleError):
+    # A failed start leaves the broker new: the next use tries to start again.
+    with pytest.raises(NotAClusterError):
         await broker.kick(_message("x"))
     await broker.shutdown()
+    with pytest.raises(LifecycleError):
+        await broker.kick(_message("x"))
 
 
 _APP = textwrap.dedent(

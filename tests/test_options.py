@@ -42,3 +42,20 @@ def test_invalid_option_is_typed_and_names_the_option(build: Any, option: str) -
 def test_shard_count_out_of_range_is_its_own_error() -> None:
     with pytest.raises(InvalidShardCountError):
         StreamOptions(shards=0)
+
+
+def test_client_keywords_the_options_model_are_not_passed_through_raw() -> None:
+    # Passed as raw redis-py extras, socket_timeout would override the floor
+    # the brokers put above their blocking reads, and a password would sit in
+    # a repr; ConnectionOptions models all three.
+    from taskiq_redis_cluster import ClusterStreamBroker
+
+    broker = ClusterStreamBroker(
+        "redis://127.0.0.1:7000", socket_timeout=3.0, socket_connect_timeout=1.5,
+        password="s3cret", ssl_ca_certs="ca.pem",
+    )
+    connection = broker.options.connection
+    assert (connection.socket_timeout, connection.socket_connect_timeout) == (3.0, 1.5)
+    assert connection.password == "s3cret"
+    assert dict(connection.extra) == {"ssl_ca_certs": "ca.pem"}
+    assert "s3cret" not in repr(broker.options)

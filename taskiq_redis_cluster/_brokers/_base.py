@@ -238,8 +238,11 @@ class ShardedBroker(AsyncBroker):
     async def shutdown(self) -> None:
         """Run taskiq's shutdown, let pending writes and acks through, close.
 
-        Safe to call twice, and on a broker that never started.
+        Safe to call twice, and on a broker that never started. A start in
+        progress (a first kick racing this call) is let finish first, so its
+        client is closed and taskiq's shutdown runs.
         """
+        await self._lifecycle.wait_for_start()
         if self._lifecycle.running:
             # Shutdown handlers may still kick tasks, so they run first.
             await super().shutdown()
