@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import consuming, eventually, make_message, task_id_of
 from redis.asyncio import RedisCluster
+from taskiq import AckableMessage
 
 from taskiq_redis_cluster import ClusterStreamBroker
 from taskiq_redis_cluster._keys import ShardKeys
@@ -344,9 +346,108 @@ async def test_manual_task_that_never_acks_is_redelivered_then_dead_lettered(
         print(f"manual task without ack: ran at {[round(at - runs[0][1], 2) for _, at in runs]}"
               f" s, then dead-lettered")
         assert len(runs) == 2, workers.logs()
-        # The second run waited for idle_timeout after the first one ended.
-        assert runs[1][1] - done[0][1] >= idle * 0.9
+        # Not renewed once the task ended: redelivered idle_timeout after its
+        # last renewal, which is at most a third of idle_timeout before the end.
+        assert runs[1][1] - done[0][1] >= idle * (1 - 1 / 3) - 0.1
         assert dead[0][1][b"reason"].startswith(b"max deliveries exceeded")
         assert await _pending(cluster_client, producer) == 0
     finally:
         workers.stop_all()
+
+
+# ------------------------------------------------------- the broker, in-process
+
+
+async def test_renewal_skips_entries_no_longer_pending_on_this_worker(
+    cluster_url: str, unique_name: str, cluster_client: RedisCluster
+) -> None:
+    """The owner check: renewing never takes back an entry another worker
+    reclaimed (a plain XCLAIM would), and JUSTID keeps the delivery count."""
+    broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, shards=1,
+                                 consumer_name="A", idle_timeout=60_000)
+    await broker.startup()
+    try:
+        plan = await broker.current_plan()
+        stream = ShardKeys(broker.options.prefix, plan.shards[0].tag).stream
+        group = broker.options.consumer_group_name
+        for i in range(3):
+            await broker.kick(make_message(f"o{i}"))
+        reply = await cluster_client.xreadgroup(group, "A", {stream: ">"}, count=3)
+        ids = [entry_id for _, entries in reply for entry_id, _ in entries]
+        assert len(ids) == 3
+        await cluster_client.xclaim(stream, group, "B", 0, [ids[0]], justid=True)
+        await cluster_client.xack(stream, group, ids[1])
+        await asyncio.sleep(0.3)
+
+        lost = await broker._renew_leases(stream, ids)
+
+        assert sorted(lost) == sorted(ids[:2])
+        rows = {r["message_id"]: r for r in await cluster_client.xpending_range(
+            stream, group, min="-", max="+", count=10)}
+        assert set(rows) == {ids[0], ids[2]}
+        assert rows[ids[0]]["consumer"] == b"B"  # not taken back
+        assert rows[ids[2]]["consumer"] == b"A"
+        assert rows[ids[2]]["time_since_delivered"] < 200  # renewed: idle reset
+        assert rows[ids[2]]["times_delivered"] == 1  # JUSTID: not a delivery
+    finally:
+        await broker.shutdown()
+
+
+async def test_read_entries_are_renewed_in_one_call_per_shard_and_released_at_close(
+    cluster_url: str, unique_name: str
+) -> None:
+    """Entries a worker read but taskiq has not taken yet are leased (another
+    worker would run them while this one also does later); one taken by a
+    plain listen() consumer that neither acks nor runs it is not, as before."""
+    idle = 1.0
+    settings: dict[str, Any] = {"shards": 3, "idle_timeout": int(idle * 1000),
+                                "xread_block": 200}
+    holder = ClusterStreamBroker(cluster_url, queue_name=unique_name, consumer_name="holder",
+                                 **settings)
+    other = ClusterStreamBroker(cluster_url, queue_name=unique_name, consumer_name="other",
+                                **settings)
+    await holder.startup()
+    await other.startup()
+    listen = holder.listen()
+    try:
+        ids = [f"h{i}" for i in range(12)]
+        for task_id in ids:
+            await holder.kick(make_message(task_id))
+        first = await anext(listen)
+        assert isinstance(first, AckableMessage)
+        leases = holder._leases
+        assert leases is not None
+        calls: list[tuple[float, str, int]] = []
+        renew = leases._renew
+
+        async def counted(stream: str, entry_ids: list[bytes]) -> list[bytes]:
+            calls.append((time.monotonic(), stream, len(entry_ids)))
+            return await renew(stream, entry_ids)
+
+        leases._renew = counted
+        watched_from = time.monotonic()
+
+        async def all_read() -> bool:
+            return leases.renewed_count() == 11 and leases.waiting_count() == 1
+
+        await eventually(all_read, "the holder read all 12 entries")
+        async with consuming(other) as got:
+            await asyncio.sleep(idle * 2.5)
+            # Only the handed-out entry nobody runs was reclaimed.
+            assert got == [task_id_of(first.data)]
+            ticks = (time.monotonic() - watched_from) / leases.interval + 1
+            assert calls, "nothing was renewed"
+            assert len(calls) <= 3 * ticks, (len(calls), ticks)
+            assert sum(n for *_, n in calls[-3:]) == 11  # each tick: every held entry
+            await listen.aclose()  # releases the 11 for others at once
+
+            async def all_got() -> bool:
+                return sorted(got) == sorted(ids)
+
+            await eventually(all_got, "the other worker got the released entries",
+                             timeout=idle * 4)
+        print(f"{len(calls)} renewal calls in {ticks:.0f} ticks for 11 entries on 3 shards")
+    finally:
+        await listen.aclose()
+        await holder.shutdown()
+        await other.shutdown()

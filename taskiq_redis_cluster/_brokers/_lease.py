@@ -20,8 +20,9 @@ What is renewed, per entry (:class:`Lease`):
   ``idle_timeout`` as before; taskiq starts a handed-out task at once
   unless ``--max-prefetch`` queues it behind full ``--max-async-tasks``;
 * while the task runs (``RUNNING``), from :class:`TaskStartWatcher`'s
-  ``pre_execute`` until the task's asyncio task ends, or its ack, whichever
-  comes first. For ``when_executed`` and ``when_saved`` the ack comes first;
+  ``pre_execute`` until its ack or the end of the asyncio task that runs
+  it (seen at the next tick), whichever comes first. For ``when_executed``
+  and ``when_saved`` the ack comes first;
   ``when_received`` acks at once, so nothing is renewed at all; a
   ``manual`` task is renewed until ``Context.ack()`` and, if it never acks,
   until it returns (or raises), after which its entry is redelivered after
@@ -40,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -66,7 +68,7 @@ class LeaseState(enum.Enum):
 class Lease:
     """One stream entry this worker holds, and whether it is renewed now."""
 
-    __slots__ = ("data", "entry_id", "since", "state", "stream")
+    __slots__ = ("data", "entry_id", "since", "state", "stream", "task")
 
     def __init__(self, stream: str, entry_id: bytes) -> None:
         self.stream = stream
@@ -74,7 +76,10 @@ class Lease:
         self.state = LeaseState.HELD
         #: The message bytes, once handed out: they name the task to match.
         self.data = b""
-        self.since = 0.0
+        #: The renewal tick at which it was handed out.
+        self.since = 0
+        #: The asyncio task running the entry's taskiq task, once started.
+        self.task: asyncio.Task[Any] | None = None
 
     def __repr__(self) -> str:
         return f"Lease({self.stream!r}, {self.entry_id!r}, {self.state.value})"
@@ -83,8 +88,10 @@ class Lease:
 class LeaseRenewer:
     """The leases of one broker and the background task that renews them.
 
-    Every method but :meth:`close` is synchronous and cheap: they run per
-    task on the hot path. The renewing task starts with the first lease.
+    The per-task methods (:meth:`hold`, :meth:`handed_out`, :meth:`started`,
+    :meth:`end`) are synchronous and do a dict or deque operation each; the
+    rest (which leases to renew, which tasks ended, which handed-out entries
+    were forgotten) is sorted out once per tick.
 
     :param stale_after: seconds after which a handed-out entry whose task
         never started is forgotten (a ``listen()`` consumer that neither
@@ -94,9 +101,11 @@ class LeaseRenewer:
     def __init__(self, renew: RenewFn, interval: float, stale_after: float) -> None:
         self._renew = renew
         self.interval = interval
-        self.stale_after = stale_after
-        # stream -> entry id -> lease, for the leases renewed on each tick.
-        self._renewing: dict[str, dict[bytes, Lease]] = {}
+        self._stale_ticks = max(1, math.ceil(stale_after / interval))
+        self._ticks = 0
+        # stream -> entry id -> lease, for every lease not ended; a tick
+        # renews those HELD or RUNNING.
+        self._leases: dict[str, dict[bytes, Lease]] = {}
         # Handed-out leases whose task has not started, in hand-out order.
         self._waiting: deque[Lease] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -104,30 +113,35 @@ class LeaseRenewer:
 
     # ------------------------------------------------------------ transitions
     def hold(self, lease: Lease) -> None:
-        """Renew ``lease`` from now on (an entry was just read)."""
-        lease.state = LeaseState.HELD
-        self._renewing.setdefault(lease.stream, {})[lease.entry_id] = lease
+        """Renew ``lease`` from now on (its entry was just read)."""
+        held = self._leases.get(lease.stream)
+        if held is None:
+            held = self._leases[lease.stream] = {}
+        held[lease.entry_id] = lease
         if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="tqrc-lease-renewer"
             )
 
     def handed_out(self, lease: Lease, data: bytes) -> None:
-        """taskiq took the entry (message ``data``): stop renewing until its task starts."""
-        if lease.state is not LeaseState.HELD:
-            return
-        self._stop_renewing(lease)
-        now = time.monotonic()
-        waiting = self._waiting
-        while waiting and now - waiting[0].since > self.stale_after:
-            waiting.popleft().state = LeaseState.ENDED
-        lease.state = LeaseState.WAITING
-        lease.data = data
-        lease.since = now
-        waiting.append(lease)
+        """taskiq took the entry (message ``data``): not renewed until its task starts."""
+        if lease.state is LeaseState.HELD:
+            lease.state = LeaseState.WAITING
+            lease.data = data
+            lease.since = self._ticks
+            self._waiting.append(lease)
 
-    def started(self, task_id: str, loads: Callable[[bytes], Any] | None = None) -> Lease | None:
-        """The task ``task_id`` starts: renew its entry again until it ends.
+    def started(
+        self,
+        task_id: str,
+        task: asyncio.Task[Any],
+        loads: Callable[[bytes], Any] | None = None,
+    ) -> Lease | None:
+        """The task ``task_id`` starts in ``task``: renew its entry until that ends.
+
+        The end is checked at each renewal tick (``task.done()``), not
+        reported: a done callback per task cost more than the leases of all
+        the short tasks that end between two ticks.
 
         taskiq's receiver starts tasks in the order ``listen()`` gave them,
         so the match is the oldest waiting entry, found without decoding
@@ -136,29 +150,36 @@ class LeaseRenewer:
         decoded with ``loads``, the broker's formatter.
         """
         waiting = self._waiting
+        if not waiting:
+            return None
         found = None
         wanted = task_id.encode()
-        for lease in waiting:
-            if wanted in lease.data:
-                found = lease
-                break
-        if found is None and loads is not None:
-            for lease in waiting:
-                try:
-                    if str(loads(lease.data).task_id) == task_id:
-                        found = lease
-                        break
-                except Exception:  # not this one; the receiver reports bad data itself
-                    continue
-        if found is None:
-            return None
-        if waiting[0] is found:
-            waiting.popleft()
+        if wanted in waiting[0].data:
+            found = waiting.popleft()
         else:
+            found = self._search(task_id, wanted, loads)
+            if found is None:
+                return None
             waiting.remove(found)
-        self.hold(found)
         found.state = LeaseState.RUNNING
+        found.task = task
         return found
+
+    def _search(
+        self, task_id: str, wanted: bytes, loads: Callable[[bytes], Any] | None
+    ) -> Lease | None:
+        for lease in self._waiting:
+            if wanted in lease.data:
+                return lease
+        if loads is None:
+            return None
+        for lease in self._waiting:
+            try:
+                if str(loads(lease.data).task_id) == task_id:
+                    return lease
+            except Exception:  # not this one; the receiver reports bad data itself
+                continue
+        return None
 
     def end(self, lease: Lease) -> None:
         """Stop renewing ``lease`` for good (acked, task ended, released)."""
@@ -166,28 +187,26 @@ class LeaseRenewer:
         if state is LeaseState.ENDED:
             return
         lease.state = LeaseState.ENDED
+        lease.task = None
         if state is LeaseState.WAITING:
             waiting = self._waiting
-            if waiting and waiting[0] is lease:
+            if waiting[0] is lease:
                 waiting.popleft()
-            elif lease in waiting:
+            else:
                 waiting.remove(lease)
-        else:
-            self._stop_renewing(lease)
-
-    def find(self, stream: str, entry_id: bytes) -> Lease | None:
-        """The renewed lease of an entry, if any."""
-        return self._renewing.get(stream, {}).get(entry_id)
-
-    def _stop_renewing(self, lease: Lease) -> None:
-        held = self._renewing.get(lease.stream)
+        held = self._leases.get(lease.stream)
         if held is not None and held.get(lease.entry_id) is lease:
             del held[lease.entry_id]
 
+    def find(self, stream: str, entry_id: bytes) -> Lease | None:
+        """The lease of an entry, if it has one."""
+        return self._leases.get(stream, {}).get(entry_id)
+
     # ---------------------------------------------------------------- figures
     def renewed_count(self) -> int:
-        """How many entries the next tick renews."""
-        return sum(len(ids) for ids in self._renewing.values())
+        """How many entries the next tick renews (held, or their task running)."""
+        return sum(1 for held in self._leases.values() for lease in held.values()
+                   if lease.state is not LeaseState.WAITING)
 
     def waiting_count(self) -> int:
         """How many handed-out entries wait for their task to start."""
@@ -205,18 +224,40 @@ class LeaseRenewer:
                                "(%.2fs); entries may be reclaimed by other workers", took,
                                self.interval)
 
+    def _due(self) -> dict[str, list[bytes]]:
+        """The ids to renew now, per stream; ends the leases whose work ended."""
+        self._ticks += 1
+        due: dict[str, list[bytes]] = {}
+        over: list[Lease] = []
+        waiting_state, running_state = LeaseState.WAITING, LeaseState.RUNNING
+        for stream, held in self._leases.items():
+            ids = []
+            for entry_id, lease in held.items():
+                state = lease.state
+                if state is waiting_state:
+                    if self._ticks - lease.since > self._stale_ticks:
+                        over.append(lease)
+                elif state is running_state and lease.task is not None and lease.task.done():
+                    over.append(lease)  # ended without an ack (manual, or it failed)
+                else:
+                    ids.append(entry_id)
+            if ids:
+                due[stream] = ids
+        for lease in over:
+            self.end(lease)
+        for stream in [s for s, held in self._leases.items() if not held]:
+            del self._leases[stream]
+        return due
+
     async def renew_now(self) -> None:
         """One tick: one script call per stream (per chunk of ids), concurrently."""
-        calls = []
-        for stream, held in self._renewing.items():
-            ids = list(held)
-            for start in range(0, len(ids), _CHUNK):
-                calls.append(self._renew_chunk(stream, ids[start:start + _CHUNK]))
+        calls = [
+            self._renew_chunk(stream, ids[start:start + _CHUNK])
+            for stream, ids in self._due().items()
+            for start in range(0, len(ids), _CHUNK)
+        ]
         if calls:
             await asyncio.gather(*calls)
-        # Forget streams whose leases all ended.
-        for stream in [s for s, held in self._renewing.items() if not held]:
-            del self._renewing[stream]
 
     async def _renew_chunk(self, stream: str, ids: list[bytes]) -> None:
         try:
@@ -226,15 +267,12 @@ class LeaseRenewer:
                            "tick retries, and they are reclaimed by others if this persists "
                            "past idle_timeout", len(ids), stream, exc)
             return
-        if not lost:
-            return
-        held = self._renewing.get(stream, {})
+        held = self._leases.get(stream, {})
         for entry_id in lost:
             lease = held.get(entry_id)
-            if lease is None:
+            if lease is None or lease.state is LeaseState.WAITING:
                 continue  # acked or ended while the script ran
-            del held[entry_id]
-            lease.state = LeaseState.ENDED  # never renewed again, even if its task starts
+            self.end(lease)  # never renewed again, even if its task starts later
             logger.warning("Entry %s of %s is no longer pending on this worker (reclaimed "
                            "by another, acknowledged, or its group was lost); its task may "
                            "run twice", entry_id.decode(), stream)
@@ -249,13 +287,13 @@ class LeaseRenewer:
 
 
 class TaskStartWatcher(TaskiqMiddleware):
-    """Tells the renewer when a task starts and, through its asyncio task, when it ends.
+    """Tells the renewer when a task starts, and which asyncio task runs it.
 
     Its ``pre_execute`` runs inside taskiq's receiver callback, the asyncio
     task that runs the task and then acks it, whatever the ack type: that
     task's end is the end of the work on the entry, whether the task
     returned, raised or was cancelled. The broker installs it first among
-    the middlewares, once it hands out its first message.
+    the middlewares, once it reads its first entry.
     """
 
     def __init__(self, renewer: LeaseRenewer) -> None:
@@ -266,18 +304,7 @@ class TaskStartWatcher(TaskiqMiddleware):
         return self.broker.formatter.loads(message=data)
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
-        lease = self.renewer.started(message.task_id, self._loads)
-        if lease is not None:
-            task = asyncio.current_task()
-            if task is None:  # not in a task: nothing tells the end; do not renew
-                self.renewer.end(lease)
-            else:
-                task.add_done_callback(_ender(self.renewer, lease))
+        task = asyncio.current_task()
+        if task is not None:  # outside a task nothing would tell the end: no lease
+            self.renewer.started(message.task_id, task, self._loads)
         return message
-
-
-def _ender(renewer: LeaseRenewer, lease: Lease) -> Callable[[Any], None]:
-    def end(_: Any) -> None:
-        renewer.end(lease)
-
-    return end
