@@ -74,15 +74,22 @@ DEDUP_TTL_LABEL = "dedup_ttl"
 #: is refused instead of parking a task forever.
 _MAX_CONTROL_SECONDS = 10 * 365 * 86_400
 _DUPLICATE = b"duplicate"
+#: Label taskiq's retry middlewares put on the re-kick of a failed task.
+_RETRIES_LABEL = "_retries"
 
 
 @dataclass(frozen=True)
 class TaskControls:
-    """What a kick's labels ask for beyond a plain XADD (ms; key as text)."""
+    """What a kick's labels ask for beyond a plain XADD (ms; key as text).
+
+    ``retry``: the kick is a retry of a failed task (same task id), which
+    a dedup key held by that task id must not block.
+    """
 
     delay_ms: int
     dedup_key: str | None
     dedup_ttl_ms: int
+    retry: bool = False
 
 
 def _label_ms(label: str, value: Any, *, allow_zero: bool) -> int:
@@ -485,7 +492,7 @@ class ClusterStreamBroker(ShardedBroker):
         ttl_ms = _label_ms(
             DEDUP_TTL_LABEL, self.dedup_ttl if ttl is None else ttl, allow_zero=False
         )
-        return TaskControls(delay_ms, str(dedup), ttl_ms)
+        return TaskControls(delay_ms, str(dedup), ttl_ms, labels.get(_RETRIES_LABEL) is not None)
 
     async def _write_controlled(
         self, pipeline: AutoPipeline, shard: Shard, message: BrokerMessage, controls: Any
@@ -495,6 +502,7 @@ class ClusterStreamBroker(ShardedBroker):
         A duplicate (the key was kicked within its TTL) writes nothing and is
         not an error: the kick returns normally, as the first one did, and
         :meth:`dedup_task_id` tells the task id whose result to look for.
+        A retry (``_retries`` label) of the task that holds the key is queued.
         """
         assert isinstance(controls, TaskControls)
         keys = ShardKeys(self.options.prefix, shard.tag)
@@ -502,7 +510,7 @@ class ClusterStreamBroker(ShardedBroker):
         if controls.dedup_key is not None:
             script_keys.append(keys.dedup(controls.dedup_key))
         args = [message.message, controls.delay_ms, controls.dedup_ttl_ms, message.task_id,
-                *self._trim_args()]
+                "1" if controls.retry else "0", *self._trim_args()]
         try:
             reply = await pipeline.submit(keys.stream, *_KICK_CONTROLLED.command(script_keys, args))
         except CommandFailure as failure:

@@ -194,7 +194,7 @@ class ShardCopier:
             rows: list[Any] = await client.zrange(source, 0, batch - 1, withscores=True)
             if not rows:
                 break
-            await client.zadd(target, {member: score for member, score in rows})
+            await client.zadd(target, dict(rows))
             await client.zrem(source, *[member for member, _ in rows])
             copied += len(rows)
             await throttle(len(rows))

@@ -2,11 +2,15 @@
 -- KEYS[1] shard stream, KEYS[2] shard delayed set, KEYS[3] dedup marker (only
 -- with a dedup key); all share the shard's hash tag.
 -- ARGV[1] message, ARGV[2] delay in ms (0: none), ARGV[3] dedup TTL in ms,
--- ARGV[4] task id (the marker's value), ARGV[5..] XADD trim arguments, if any.
+-- ARGV[4] task id (the marker's value), ARGV[5] '1' when the kick is a retry
+-- (taskiq's retry middlewares re-kick a failed task with its own task id and
+-- a _retries label), ARGV[6..] XADD trim arguments, if any.
 -- Returns nil when the stream is missing, writing nothing (a retired shard or
 -- a lost key: the caller re-reads the plan, as for XADD NOMKSTREAM); else
 -- {'queued', entry id}, {'delayed', due time in Unix ms} or
--- {'duplicate', task id of the kick that set the marker}.
+-- {'duplicate', task id of the kick that set the marker}. A retry of the very
+-- task that holds the marker is queued: it is that task running again, not
+-- a second one.
 -- The due time is this master's clock, the one the promoter compares with,
 -- so producers' clocks do not matter.
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -16,7 +20,10 @@ if #KEYS >= 3 then
   -- The check and the write are this one script: two racing kicks of one
   -- key queue it once.
   if not redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then
-    return {'duplicate', redis.call('GET', KEYS[3]) or ''}
+    local holder = redis.call('GET', KEYS[3]) or ''
+    if not (ARGV[5] == '1' and holder == ARGV[4]) then
+      return {'duplicate', holder}
+    end
   end
 end
 local delay = tonumber(ARGV[2])
@@ -27,7 +34,7 @@ if delay > 0 then
   return {'delayed', due}
 end
 local xadd = {'XADD', KEYS[1], 'NOMKSTREAM'}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   xadd[#xadd + 1] = ARGV[i]
 end
 xadd[#xadd + 1] = '*'
