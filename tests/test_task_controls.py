@@ -38,6 +38,7 @@ from taskiq_redis_cluster._keys import DEFAULT_PREFIX, ShardKeys, slot_of
 from taskiq_redis_cluster._metrics import METRIC_PREFIX, QueueStateReader
 from taskiq_redis_cluster._planning import QueueSpec, read_topology
 from taskiq_redis_cluster._rebalance import RebalanceOptions, Rebalancer
+from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -170,6 +171,29 @@ async def test_delayed_tasks_outlive_the_listening_worker(
     finally:
         await receiver.close()
         await second.shutdown()
+
+
+async def test_delayed_tasks_and_dedup_markers_outlive_a_failover(
+    healthy_cluster: DevCluster, cluster_url: str, unique_name: str
+) -> None:
+    """A manual failover of the shard's master, while a worker listens."""
+    broker = await _started(cluster_url, unique_name, shards=1)
+    receiver = _Receiver(broker)
+    try:
+        keys = (await _shard_keys(broker))[0]
+        for i in range(20):
+            await broker.kick(make_message(f"fo{i}", delay=2.0))
+        await broker.kick(make_message("once", dedup_key="fo-key"))
+        master = await healthy_cluster.master_of_key(keys.delayed)
+        await healthy_cluster.failover(await healthy_cluster.replica_of(master))
+        await broker.kick(make_message("twice", dedup_key="fo-key"))
+        await eventually(lambda: _true(len(receiver.at) == 21), "20 delayed tasks and one",
+                         timeout=60)
+        await asyncio.sleep(0.5)
+    finally:
+        await receiver.close()
+        await broker.shutdown()
+    assert sorted(receiver.at) == sorted([*(f"fo{i}" for i in range(20)), "once"])
 
 
 async def test_delay_precision_500_tasks(
