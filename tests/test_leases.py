@@ -389,6 +389,10 @@ async def test_renewal_skips_entries_no_longer_pending_on_this_worker(
         assert rows[ids[2]]["consumer"] == b"A"
         assert rows[ids[2]]["time_since_delivered"] < 200  # renewed: idle reset
         assert rows[ids[2]]["times_delivered"] == 1  # JUSTID: not a delivery
+
+        # A deleted stream took its group and pending list: nothing is left to renew.
+        await cluster_client.delete(stream)
+        assert sorted(await broker._renew_leases(stream, ids)) == sorted(ids)
     finally:
         await broker.shutdown()
 

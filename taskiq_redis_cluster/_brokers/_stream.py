@@ -771,9 +771,17 @@ class ClusterStreamBroker(ShardedBroker):
         """One renewal script call; the ids no longer pending on this consumer."""
         opts = self.options
         args: list[bytes | str] = [opts.consumer_group_name, opts.consumer_name, *ids]
-        lost = await self._idempotent(
-            lambda: _RENEW_LEASES(self.client, keys=[stream], args=args)
-        )
+        try:
+            lost = await self._idempotent(
+                lambda: _RENEW_LEASES(self.client, keys=[stream], args=args)
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or its group is gone with its pending list; the
+            # reader recreates the group at 0 and the entries are replayed.
+            # None of them can be renewed again.
+            return ids
         return list(lost or [])
 
     def _malformed_reason(self, entry: Mapping[bytes, bytes] | None) -> str | None:
