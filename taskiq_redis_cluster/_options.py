@@ -143,6 +143,8 @@ class StreamOptions(QueueOptions):
         the worker does.
     :param lease_renew_interval: seconds between renewals; ``None`` means a
         third of ``idle_timeout``. Must be shorter than ``idle_timeout``.
+    :param dedup_ttl: seconds a ``dedup_key`` blocks later kicks of the same
+        key, for kicks without a ``dedup_ttl`` label.
     """
 
     consumer_group_name: str = "taskiq"
@@ -163,6 +165,7 @@ class StreamOptions(QueueOptions):
     stale_consumer_idle: int = 3_600_000
     renew_leases: bool = True
     lease_renew_interval: float | None = None
+    dedup_ttl: float = 3600.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,7 +173,7 @@ class StreamOptions(QueueOptions):
         validate_name(self.consumer_name, "consumer")
         for name in ("idle_timeout", "xread_block", "xread_count", "unacknowledged_batch_size",
                      "max_deliveries", "wait_timeout", "trim_interval", "dead_letter_maxlen",
-                     "max_batch", "stale_consumer_idle"):
+                     "max_batch", "stale_consumer_idle", "dedup_ttl"):
             _positive(name, getattr(self, name))
         _positive("wait_replicas", self.wait_replicas, allow_zero=True)
         if self.maxlen is not None:

@@ -59,3 +59,11 @@ def test_client_keywords_the_options_model_are_not_passed_through_raw() -> None:
     assert connection.password == "s3cret"
     assert dict(connection.extra) == {"ssl_ca_certs": "ca.pem"}
     assert "s3cret" not in repr(broker.options)
+
+
+def test_dedup_ttl_is_a_broker_option() -> None:
+    from taskiq_redis_cluster import ClusterStreamBroker
+
+    assert ClusterStreamBroker("redis://127.0.0.1:7000", dedup_ttl=60).options.dedup_ttl == 60
+    with pytest.raises(InvalidOptionError):
+        StreamOptions(dedup_ttl=0)

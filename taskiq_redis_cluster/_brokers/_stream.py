@@ -464,10 +464,6 @@ class ClusterStreamBroker(ShardedBroker):
         return self.options.xread_count
 
     # ----------------------------------------------------------------- kick
-    #: Seconds a ``dedup_key`` blocks later kicks with the same key, for
-    #: kicks without a ``dedup_ttl`` label; set it on the broker to change it.
-    dedup_ttl: float = 3600.0
-
     def _trim_args(self) -> tuple[Any, ...]:
         if self.options.maxlen is None:
             return ()
@@ -490,7 +486,7 @@ class ClusterStreamBroker(ShardedBroker):
             return TaskControls(delay_ms, None, 0) if delay_ms else None
         ttl = labels.get(DEDUP_TTL_LABEL)
         ttl_ms = _label_ms(
-            DEDUP_TTL_LABEL, self.dedup_ttl if ttl is None else ttl, allow_zero=False
+            DEDUP_TTL_LABEL, self.options.dedup_ttl if ttl is None else ttl, allow_zero=False
         )
         return TaskControls(delay_ms, str(dedup), ttl_ms, labels.get(_RETRIES_LABEL) is not None)
 
