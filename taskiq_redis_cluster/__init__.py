@@ -42,11 +42,13 @@ from ._errors import (
 )
 from ._events import BrokerEvents
 from ._metrics import (
+    BasicAuth,
     MetricsServer,
     PrometheusEvents,
     QueueCollector,
     QueueSnapshot,
     QueueStateReader,
+    TLSFiles,
     default_events,
     metrics_registry,
     run_exporter,
@@ -80,6 +82,7 @@ from ._result_backend import ClusterResultBackend
 from ._schedule_source import ClusterListScheduleSource
 
 __all__ = [
+    "BasicAuth",
     "BrokerEvents",
     "ClusterError",
     "ClusterFormationError",
@@ -139,6 +142,7 @@ __all__ = [
     "Shard",
     "ShardPlan",
     "StreamOptions",
+    "TLSFiles",
     "Topology",
     "TopologyError",
     "balance",

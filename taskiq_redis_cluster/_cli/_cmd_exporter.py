@@ -31,8 +31,7 @@ from redis.exceptions import RedisError
 
 from .._errors import ClusterError
 from .._keys import DEFAULT_PREFIX
-from .._metrics import DEFAULT_EXPORTER_PORT, MetricsServer, run_exporter
-from .._metrics._exporter import BasicAuth, TLSFiles
+from .._metrics import DEFAULT_EXPORTER_PORT, BasicAuth, MetricsServer, TLSFiles, run_exporter
 from ._common import (
     Target,
     TargetError,

@@ -28,7 +28,9 @@ from ._events import (
 )
 from ._exporter import (
     DEFAULT_EXPORTER_PORT,
+    BasicAuth,
     MetricsServer,
+    TLSFiles,
     run_exporter,
     scrape_once,
     start_metrics_server,
@@ -41,11 +43,13 @@ __all__ = [
     "METRICS",
     "METRIC_PREFIX",
     "MULTIPROC_ENV",
+    "BasicAuth",
     "MetricsServer",
     "PrometheusEvents",
     "QueueCollector",
     "QueueSnapshot",
     "QueueStateReader",
+    "TLSFiles",
     "dead_letter_reason",
     "default_events",
     "metrics_registry",
