@@ -77,6 +77,16 @@ class DelayedPromoter:
         self._args: list[Any] = [self.timing.batch, *trim]
         self._on_moved = on_moved
         self._random = random.Random()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after its current step.
+
+        Cancelling alone is not enough: redis-py 8.1 can lose a cancel that
+        lands during a command, and the loop would then go on, reopening
+        connections on a client that is being closed.
+        """
+        self._stopping = True
 
     async def step(self) -> float:
         """Move what is due once; return how long to sleep before the next step."""
@@ -100,9 +110,9 @@ class DelayedPromoter:
         return wait + self._random.random() * timing.jitter
 
     async def run(self) -> None:
-        """Promote until cancelled; errors are logged and retried, never raised."""
+        """Promote until stopped; errors are logged and retried, never raised."""
         failures = 0
-        while True:
+        while not self._stopping:
             try:
                 wait = await self.step()
                 failures = 0
@@ -119,7 +129,7 @@ class DelayedPromoter:
                 log("Promoting delayed tasks of %s failed (%s: %s); retrying",
                     self.keys.delayed, error_kind(exc), exc)
                 wait = min(5.0, self.timing.max_sleep * 2 ** min(failures, 4))
-            if wait > 0:
+            if wait > 0 and not self._stopping:
                 await asyncio.sleep(wait)
 
 
@@ -134,8 +144,14 @@ def start_promoter(promoter: DelayedPromoter) -> asyncio.Task[None]:
     reader = asyncio.current_task()
     task = asyncio.create_task(promoter.run(), name=f"tqrc-promoter-{promoter.keys.tag}")
     if reader is not None:
-        reader.add_done_callback(lambda _: task.cancel())
+        reader.add_done_callback(lambda _: stop_promoter(promoter, task))
     return task
 
 
-__all__ = ["DelayedPromoter", "PromoterTiming", "start_promoter"]
+def stop_promoter(promoter: DelayedPromoter, task: asyncio.Task[None]) -> None:
+    """Stop ``promoter`` (its loop and its task); await ``task`` to know it ended."""
+    promoter.stop()
+    task.cancel()
+
+
+__all__ = ["DelayedPromoter", "PromoterTiming", "start_promoter", "stop_promoter"]

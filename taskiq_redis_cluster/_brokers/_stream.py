@@ -52,7 +52,7 @@ from .._redis import (
     load_script,
 )
 from ._base import DEDUP_KEY_LABEL, ShardedBroker, Sink, StopSignal
-from ._delayed import DelayedPromoter, start_promoter
+from ._delayed import DelayedPromoter, start_promoter, stop_promoter
 from ._lease import Lease, LeaseRenewer, TaskStartWatcher
 
 logger = logging.getLogger(__name__)
@@ -364,6 +364,9 @@ class ClusterStreamBroker(ShardedBroker):
         self._unhanded: dict[int, tuple[str, bytes]] = {}
         # Entries a cancelled reader had read but not yet passed on.
         self._unread: list[tuple[str, bytes]] = []
+        # Running delayed-task promoters (one per shard reader), so that
+        # shutdown can wait for them.
+        self._promoters: dict[asyncio.Task[None], DelayedPromoter] = {}
 
     # ------------------------------------------------------------ lifecycle
     def _blocking_seconds(self) -> float:
@@ -454,6 +457,13 @@ class ClusterStreamBroker(ShardedBroker):
         logger.info("Released %d unprocessed entries of %s for other workers", len(ids), stream)
 
     async def _before_close(self) -> None:
+        # Promoters end with their readers, but a reader that was cancelled
+        # may leave its promoter mid-command: wait for all of them, so none
+        # touches the client after it is closed.
+        for task, promoter in list(self._promoters.items()):
+            stop_promoter(promoter, task)
+        if self._promoters:
+            await asyncio.wait(set(self._promoters), timeout=5.0)
         if self._leases is not None:
             await self._leases.close()
         if self._acks is not None:
@@ -568,7 +578,10 @@ class ClusterStreamBroker(ShardedBroker):
         opts = self.options
         await self._ensure_group(keys)
         # Due delayed tasks of this shard go into its stream while it is read.
-        start_promoter(DelayedPromoter(self.client, keys, self._trim_args()))
+        promoter = DelayedPromoter(self.client, keys, self._trim_args())
+        promoting = start_promoter(promoter)
+        self._promoters[promoting] = promoter
+        promoting.add_done_callback(self._promoters.pop)
         read_args = (
             "XREADGROUP", "GROUP", opts.consumer_group_name, opts.consumer_name,
             "COUNT", count, "BLOCK", opts.xread_block, "STREAMS", keys.stream, ">",
