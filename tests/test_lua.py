@@ -189,3 +189,14 @@ async def test_the_plan_store_batch_falls_back_to_eval_after_script_flush(
         assert await store.epoch(unique_name) == plan.epoch + 1
     finally:
         await store.delete(unique_name)
+
+
+def test_includes_are_spliced_in_and_shipped() -> None:
+    # EVAL scripts cannot import each other: a shared helper is spliced in.
+    trim = load_script("stream_safe_trim")
+    assert "--!include" not in trim.source
+    assert "local function id_less" in trim.source
+    include = PACKAGE / "_redis" / "scripts" / "include" / "stream_ids.lua"
+    assert include.read_text() in trim.source
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert '"_redis/scripts/include/*.lua"' in pyproject

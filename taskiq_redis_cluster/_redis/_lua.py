@@ -1,7 +1,8 @@
 """The one way this package runs Lua: :class:`LuaScript`, read from ``scripts/``.
 
 Every script is a file ``taskiq_redis_cluster/_redis/scripts/<name>.lua``
-shipped with the package. :func:`load_script` returns its runner; the file is
+shipped with the package; a line ``--!include <helper>`` in it is replaced
+by ``scripts/include/<helper>.lua``. :func:`load_script` returns its runner; the file is
 read (through ``importlib.resources``, so a wheel, a zip or an editable
 install all work) once per process, at first use, never at import.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 #: Package (resource anchor) and folder of the ``.lua`` files.
 _ANCHOR = __package__ or "taskiq_redis_cluster._redis"
 _FOLDER = "scripts"
+_INCLUDES = "include"
+_INCLUDE = re.compile(r"^--!include (\w+)\n", re.MULTILINE)
 
 Key = str | bytes
 Arg = str | bytes | int | float
@@ -61,8 +65,15 @@ class LuaScript:
 
     def _read(self) -> None:
         # Two coroutines racing here read the same file twice; harmless.
-        path = resources.files(_ANCHOR).joinpath(_FOLDER).joinpath(f"{self.name}.lua")
-        source = path.read_text(encoding="utf-8")
+        folder = resources.files(_ANCHOR).joinpath(_FOLDER)
+        source = folder.joinpath(f"{self.name}.lua").read_text(encoding="utf-8")
+        # EVAL scripts cannot import each other, so helpers several scripts
+        # need (exact stream-id comparison) live once in include/ and are
+        # spliced in where a script says ``--!include <name>``.
+        includes = folder.joinpath(_INCLUDES)
+        source = _INCLUDE.sub(
+            lambda m: includes.joinpath(f"{m.group(1)}.lua").read_text(encoding="utf-8"), source
+        )
         self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
         self._source = source
 

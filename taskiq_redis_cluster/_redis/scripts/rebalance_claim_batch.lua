@@ -8,19 +8,7 @@
 -- Returns {batch, {group, last-delivered-id before, ...}}; {{}, {}} when
 -- there is nothing (or no group: the caller copies ungrouped streams apart).
 
--- Stream ids compared exactly (Lua numbers are doubles): by length, then text.
-local function parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return ms, seq
-end
-local function less(a, b)
-  local am, as = parts(a)
-  local bm, bs = parts(b)
-  if #am ~= #bm then return #am < #bm end
-  if am ~= bm then return am < bm end
-  if #as ~= #bs then return #as < #bs end
-  return as < bs
-end
+--!include stream_ids
 local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
 if not ok or #groups == 0 then return {{}, {}} end
 local names, lasts, low = {}, {}, nil
@@ -32,14 +20,14 @@ for _, g in ipairs(groups) do
   end
   names[#names + 1] = name
   lasts[#lasts + 1] = last
-  if low == nil or less(last, low) then low = last end
+  if low == nil or id_less(last, low) then low = last end
 end
 local batch = redis.call('XRANGE', KEYS[1], '(' .. low, ARGV[3], 'COUNT', ARGV[2])
 if #batch == 0 then return {{}, {}} end
 local top = batch[#batch][1]
 local claimed = {}
 for i, name in ipairs(names) do
-  if less(lasts[i], top) then
+  if id_less(lasts[i], top) then
     local n = #redis.call('XRANGE', KEYS[1], '(' .. lasts[i], top)
     if n > 0 then
       redis.call('XREADGROUP', 'GROUP', name, ARGV[1], 'COUNT', n, 'STREAMS', KEYS[1], '>')

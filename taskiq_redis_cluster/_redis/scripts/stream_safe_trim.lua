@@ -5,18 +5,7 @@
 -- numbers are doubles.
 local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
 if not ok or #groups == 0 then return -1 end
-local function parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return ms, seq
-end
-local function less(a, b)
-  local am, as = parts(a)
-  local bm, bs = parts(b)
-  if #am ~= #bm then return #am < #bm end
-  if am ~= bm then return am < bm end
-  if #as ~= #bs then return #as < #bs end
-  return as < bs
-end
+--!include stream_ids
 local minid = nil
 for _, g in ipairs(groups) do
   local name, last
@@ -24,10 +13,10 @@ for _, g in ipairs(groups) do
     if g[i] == 'name' then name = g[i + 1] end
     if g[i] == 'last-delivered-id' then last = g[i + 1] end
   end
-  local ms, seq = parts(last)
+  local ms, seq = id_parts(last)
   local cand = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)
   local p = redis.call('XPENDING', KEYS[1], name)
-  if p[1] > 0 and less(p[2], cand) then cand = p[2] end
-  if minid == nil or less(cand, minid) then minid = cand end
+  if p[1] > 0 and id_less(p[2], cand) then cand = p[2] end
+  if minid == nil or id_less(cand, minid) then minid = cand end
 end
 return redis.call('XTRIM', KEYS[1], 'MINID', '~', minid)
