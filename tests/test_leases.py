@@ -466,7 +466,10 @@ async def test_read_entries_are_renewed_in_one_call_per_shard_and_released_at_cl
             ticks = (time.monotonic() - watched_from) / leases.interval + 1
             assert calls, "nothing was renewed"
             assert len(calls) <= 3 * ticks, (len(calls), ticks)
-            assert sum(n for *_, n in calls[-3:]) == 11  # each tick: every held entry
+            # Each tick renews every held entry: the 11, plus the unrun one if
+            # the holder's own reclaim took it back into its buffer.
+            held = 11 if got == [first_id] else 12
+            assert sum(n for *_, n in calls[-3:]) == held
             await listen.aclose()  # releases the 11 for others at once
 
             async def all_got() -> bool:
