@@ -278,14 +278,16 @@ class ShardedBroker(AsyncBroker):
 
     # ------------------------------------------------------------------ kick
     def choose_shard(self, plan: ShardPlan, message: BrokerMessage) -> Shard:
-        """Pick the shard for ``message``: by partition key, else round-robin."""
-        return plan.shards[self._shard_index(plan, message)]
+        """Pick the shard for ``message``: by its routing key, else round-robin
+        over the shards whose master is not failing."""
+        return plan.shards[self._shard_index(plan, routing_key(message))]
 
-    def _shard_index(self, plan: ShardPlan, message: BrokerMessage) -> int:
-        key = routing_key(message)
-        if key is not None:
-            return slot_of(key) % len(plan.shards)
-        return next(self._round_robin) % len(plan.shards)
+    def _shard_index(self, plan: ShardPlan, routing: str | None) -> int:
+        # A routed kick keeps its shard (order, dedup); a free one avoids
+        # shards whose master is failing.
+        if routing is not None:
+            return slot_of(routing) % len(plan.shards)
+        return self._free_index(plan)
 
     def _targets_of(self, plan: ShardPlan) -> list[tuple[Shard, str, tuple[Any, ...]]]:
         cached_plan, targets = self._targets
@@ -319,11 +321,7 @@ class ShardedBroker(AsyncBroker):
         assert pipeline is not None
         plan = follower.fresh() or await follower.current()
         routing = routing_key(message)
-        # A routed kick keeps its shard (order, dedup); a free one avoids
-        # shards whose master is failing.
-        index = (
-            self._free_index(plan) if routing is None else slot_of(routing) % len(plan.shards)
-        )
+        index = self._shard_index(plan, routing)
         # Task controls (delay, dedup) take a script; a kick without labels
         # pays one truth test and keeps the cached command.
         controls = self._controls(message) if message.labels else None
