@@ -3,7 +3,8 @@
 Layout (``P`` is the prefix, ``T`` a hash tag; braces mark the hash tag, so
 every key of one shard lands in the shard's single slot)::
 
-    P:{T}:stream        the shard's stream; its consumer group lives inside it
+    P:{T}:stream        the shard's stream (priority lane 0); its consumer group lives inside it
+    P:{T}:lane:N        the shard's priority lane N (1..MAX_LANES-1), a stream like the one above
     P:{T}:dead          the shard's dead-letter stream
     P:{T}:delayed       the shard's delayed tasks (sorted set, score = due ms)
     P:{T}:dedup:K       the shard's marker of dedup key K (value: first task id)
@@ -32,6 +33,11 @@ from redis.crc import key_slot
 from ._errors import InvalidNameError
 
 DEFAULT_PREFIX = "tqrc"
+
+#: Most priority lanes a shard can have (lane 0 is the shard's stream). The
+#: rebalancer and the exporter look for lanes up to this bound, so they need
+#: no broker option to find them.
+MAX_LANES = 10
 
 #: Separator characters used inside tags; names may contain them, the
 #: planner only appends ``/index~salt`` so a tag stays unambiguous.
@@ -102,6 +108,17 @@ class ShardKeys:
     @property
     def stream(self) -> str:
         return f"{self.prefix}:{{{self.tag}}}:stream"
+
+    def lane(self, lane: int) -> str:
+        """Stream of priority lane ``lane``; lane 0 is :attr:`stream` itself,
+        so a queue without priorities has the same keys as before lanes."""
+        if lane == 0:
+            return self.stream
+        return f"{self.prefix}:{{{self.tag}}}:lane:{lane}"
+
+    def lanes(self, count: int = MAX_LANES) -> list[str]:
+        """Streams of lanes ``0 .. count-1``, lowest first."""
+        return [self.lane(lane) for lane in range(count)]
 
     @property
     def dead(self) -> str:

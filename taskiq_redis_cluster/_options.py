@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from ._errors import InvalidOptionError, InvalidShardCountError
-from ._keys import DEFAULT_PREFIX, validate_name
+from ._keys import DEFAULT_PREFIX, MAX_LANES, validate_name
 from ._redis import ConnectionOptions
 
 
@@ -145,6 +145,21 @@ class StreamOptions(QueueOptions):
         third of ``idle_timeout``. Must be shorter than ``idle_timeout``.
     :param dedup_ttl: seconds a ``dedup_key`` blocks later kicks of the same
         key, for kicks without a ``dedup_ttl`` label.
+    :param priority_lanes: streams per shard for the ``priority`` label,
+        counting the shard's own stream (lane 0, where kicks without the
+        label go); 1 turns priorities off (the label is then ignored), at
+        most ``MAX_LANES`` (10). Each extra lane costs every worker one more
+        blocking read per shard. Producers and workers must agree on it and
+        on ``max_priority``.
+    :param max_priority: the highest ``priority`` label value; larger values
+        count as this one. Values ``0 .. max_priority`` are spread evenly
+        over the lanes: ``lane = ceil(priority * (priority_lanes - 1) /
+        max_priority)``, so with the defaults 0 is lane 0, 1-4 lane 1 and 5-9
+        lane 2.
+    :param priority_fairness: a worker hands out messages from its highest
+        non-empty lane first, except that every ``priority_fairness``-th one
+        is the message that has waited longest in the worker, whatever its
+        lane: a busy higher lane slows a lower one down but never stops it.
     """
 
     consumer_group_name: str = "taskiq"
@@ -166,9 +181,29 @@ class StreamOptions(QueueOptions):
     renew_leases: bool = True
     lease_renew_interval: float | None = None
     dedup_ttl: float = 3600.0
+    priority_lanes: int = 3
+    max_priority: int = 9
+    priority_fairness: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 1 <= self.priority_lanes <= MAX_LANES:
+            raise InvalidOptionError(
+                option="priority_lanes",
+                reason=f"must be 1..{MAX_LANES}, got {self.priority_lanes!r}",
+            )
+        if self.max_priority < self.priority_lanes - 1:
+            raise InvalidOptionError(
+                option="max_priority",
+                reason=f"must be at least priority_lanes - 1 ({self.priority_lanes - 1}) so "
+                f"that every lane has a priority, got {self.max_priority!r}",
+            )
+        if self.priority_fairness < 2:
+            raise InvalidOptionError(
+                option="priority_fairness",
+                reason=f"must be >= 2 (every n-th hand-out is the oldest), "
+                f"got {self.priority_fairness!r}",
+            )
         validate_name(self.consumer_group_name, "consumer group")
         validate_name(self.consumer_name, "consumer")
         for name in ("idle_timeout", "xread_block", "xread_count", "unacknowledged_batch_size",
@@ -195,6 +230,13 @@ class StreamOptions(QueueOptions):
         if self.reclaim_interval is not None:
             return self.reclaim_interval
         return min(30.0, max(0.2, self.idle_timeout / 4000))
+
+    def lane_of(self, priority: int) -> int:
+        """Lane of a ``priority`` label value (clamped to ``0 .. max_priority``)."""
+        if self.priority_lanes == 1 or priority <= 0:
+            return 0
+        priority = min(priority, self.max_priority)
+        return -(-priority * (self.priority_lanes - 1) // self.max_priority)
 
     @property
     def effective_lease_renew_interval(self) -> float:

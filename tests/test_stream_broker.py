@@ -405,7 +405,7 @@ async def test_housekeeping_removes_stale_consumers_but_not_busy_ones(
         await broker.client.xack(stream, group, done[0][1][0][0])
         await broker.client.xreadgroup(group, "gone-busy", {stream: ">"}, count=1)
         await asyncio.sleep(0.5)
-        await broker._housekeep(ShardKeys(broker.options.prefix, plan.shards[0].tag))
+        await broker._housekeep(ShardKeys(broker.options.prefix, plan.shards[0].tag).stream)
         names = {c["name"] for c in await broker.client.xinfo_consumers(stream, group)}
         assert b"gone-idle" not in names
         assert b"gone-busy" in names

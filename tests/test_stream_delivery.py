@@ -68,7 +68,7 @@ async def test_reclaimed_entries_are_counted_exactly_and_never_dead_lettered_by_
     # delivered exactly twice now, so none may be dead-lettered.
     broker = one_shard
     shard, keys = await _only_shard(broker)
-    await broker._ensure_group(keys)
+    await broker._ensure_group(keys.stream)
     for i in range(251):
         await broker.kick(make_message(f"m{i}", partition_key="p"))
     dead_a = await _read_as(cluster_client, keys.stream, "deadA", 1)
@@ -81,10 +81,10 @@ async def test_reclaimed_entries_are_counted_exactly_and_never_dead_lettered_by_
 
     got: list[AckableMessage | bytes] = []
 
-    async def sink(item: AckableMessage | bytes) -> None:
+    async def sink(item: AckableMessage | bytes, lane: int = 0) -> None:
         got.append(item)
 
-    await broker._reclaim(keys, shard, sink, StopSignal())
+    await broker._reclaim(keys, shard, keys.stream, 0, sink, StopSignal())
     assert len(got) == 51
     assert await cluster_client.xlen(keys.dead) == 0
     rows = await cluster_client.xpending_range(
@@ -99,24 +99,24 @@ async def test_entry_acked_between_claim_and_count_is_not_run_again(
 ) -> None:
     broker = one_shard
     shard, keys = await _only_shard(broker)
-    await broker._ensure_group(keys)
+    await broker._ensure_group(keys.stream)
     await broker.kick(make_message("slow", partition_key="p"))
     [entry_id] = await _read_as(cluster_client, keys.stream, "slowpoke", 1)
     await asyncio.sleep(1.1)
     counted = broker._delivery_counts
 
-    async def ack_first(keys: ShardKeys, ids: list[bytes]) -> dict[bytes, int]:
+    async def ack_first(stream: str, ids: list[bytes]) -> dict[bytes, int]:
         # The slow (not dead) first worker acks right after W's claim.
-        await cluster_client.xack(keys.stream, _GROUP, entry_id)
-        return await counted(keys, ids)
+        await cluster_client.xack(stream, _GROUP, entry_id)
+        return await counted(stream, ids)
 
     broker._delivery_counts = ack_first  # type: ignore[method-assign]
     got: list[AckableMessage | bytes] = []
 
-    async def sink(item: AckableMessage | bytes) -> None:
+    async def sink(item: AckableMessage | bytes, lane: int = 0) -> None:
         got.append(item)
 
-    await broker._reclaim(keys, shard, sink, StopSignal())
+    await broker._reclaim(keys, shard, keys.stream, 0, sink, StopSignal())
     assert got == []
     assert await cluster_client.xlen(keys.dead) == 0
 
@@ -133,7 +133,7 @@ async def test_a_failing_dead_letter_does_not_strand_the_rest_of_the_batch(
     )
     try:
         _, keys = await _only_shard(broker)
-        await broker._ensure_group(keys)
+        await broker._ensure_group(keys.stream)
         await cluster_client.set(keys.dead, "not a stream")
         await cluster_client.xadd(keys.stream, {"garbage": "1"})
         for i in range(5):

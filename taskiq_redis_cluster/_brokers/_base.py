@@ -47,6 +47,7 @@ from .._redis import (
     write_outcome,
 )
 from .._serialization import MessageFormatter
+from ._buffer import ListenBuffer
 from ._routing import FailingShards, master_trouble
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,10 @@ DEDUP_KEY_LABEL = "dedup_key"
 #: the same shard, so such kicks never move to another shard.
 ROUTING_LABELS = (PARTITION_KEY_LABEL, DEDUP_KEY_LABEL)
 
-Sink = Callable[[AckableMessage | bytes], Awaitable[None]]
+#: What a shard reader passes messages to: ``await sink(message, lane)``
+#: (lane 0 unless the broker has priority lanes); it waits while the listen
+#: buffer has no room for the lane.
+Sink = Callable[[AckableMessage | bytes, int], Awaitable[None]]
 
 
 def routing_key(message: BrokerMessage) -> str | None:
@@ -482,12 +486,15 @@ class ShardedBroker(AsyncBroker):
         if not self._lifecycle.running:
             await self._lifecycle.ensure_started(self.startup, "listen()")
         assert self._follower is not None
-        buffer: asyncio.Queue[AckableMessage | bytes] = asyncio.Queue(maxsize=self._prefetch())
+        lanes, fairness = self._lanes()
+        buffer: ListenBuffer[AckableMessage | bytes] = ListenBuffer(
+            self._prefetch(), lanes, fairness
+        )
         unsent: list[AckableMessage | bytes] = []
 
-        async def sink(item: AckableMessage | bytes) -> None:
+        async def sink(item: AckableMessage | bytes, lane: int = 0) -> None:
             try:
-                await buffer.put(item)
+                await buffer.put(item, lane)
             except asyncio.CancelledError:
                 unsent.append(item)  # read from Redis but never handed out
                 raise
@@ -556,6 +563,10 @@ class ShardedBroker(AsyncBroker):
 
     def _prefetch(self) -> int:
         return 100
+
+    def _lanes(self) -> tuple[int, int]:
+        """Hook: (priority lanes, fairness) of the listen buffer; see ``_buffer``."""
+        return 1, 10
 
     async def _supervise(
         self, readers: dict[str, _Reader], retired: list[_Reader], sink: Sink

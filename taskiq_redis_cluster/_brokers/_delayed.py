@@ -2,7 +2,8 @@
 
 A kick with a ``delay`` label is held in the shard's delayed set (a sorted
 set in the shard's slot, scored by its due time in the master's clock) by
-``stream_kick_controlled.lua``. Every listening worker runs one
+``stream_kick_controlled.lua``, marked with its priority lane if it has
+one. Every listening worker runs one
 :class:`DelayedPromoter` per shard it reads; it runs
 ``stream_promote_delayed.lua``, which adds what is due to the stream and
 removes it from the set in one atomic step, so any number of workers may
@@ -59,6 +60,8 @@ class DelayedPromoter:
     :param client: the broker's cluster client.
     :param keys: the shard's keys.
     :param trim: XADD trim arguments (``MAXLEN ~ n``) or none.
+    :param lanes: the shard's priority lanes; a delayed message goes to
+        the lane its kick asked for.
     :param on_moved: called with the number of messages each call moved.
     """
 
@@ -68,6 +71,7 @@ class DelayedPromoter:
         keys: ShardKeys,
         trim: tuple[Any, ...] = (),
         *,
+        lanes: int = 1,
         timing: PromoterTiming | None = None,
         on_moved: Callable[[int], None] | None = None,
     ) -> None:
@@ -75,6 +79,7 @@ class DelayedPromoter:
         self.keys = keys
         self.timing = timing or PromoterTiming()
         self._args: list[Any] = [self.timing.batch, *trim]
+        self._keys = [keys.stream, keys.delayed, *keys.lanes(lanes)[1:]]
         self._on_moved = on_moved
         self._random = random.Random()
         self._stopping = False
@@ -91,9 +96,7 @@ class DelayedPromoter:
     async def step(self) -> float:
         """Move what is due once; return how long to sleep before the next step."""
         timing = self.timing
-        reply = await _PROMOTE(
-            self._client, keys=[self.keys.stream, self.keys.delayed], args=self._args
-        )
+        reply = await _PROMOTE(self._client, keys=self._keys, args=self._args)
         moved, next_due, now = int(reply[0]), int(reply[1]), int(reply[2])
         if moved > 0 and self._on_moved is not None:
             self._on_moved(moved)

@@ -213,7 +213,7 @@ class ClusterListQueueBroker(ShardedBroker):
                 # left the plan still hands out what its reader popped.)
                 self._unread.append(item)
                 return
-            await sink(item)
+            await sink(item, 0)
 
     # ---------------------------------------------------------- hand back
     def _handed_out(self, message: AckableMessage | bytes) -> None:

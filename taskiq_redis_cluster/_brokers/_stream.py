@@ -68,6 +68,9 @@ _KICK_CONTROLLED = load_script("stream_kick_controlled")
 
 #: Label: seconds (int, float or a numeric string) before the task may run.
 DELAY_LABEL = "delay"
+#: Label: an integer, higher runs sooner (taskiq's convention); see
+#: ``StreamOptions.priority_lanes``.
+PRIORITY_LABEL = "priority"
 #: Label: seconds a ``dedup_key`` blocks other kicks with the same key.
 DEDUP_TTL_LABEL = "dedup_ttl"
 #: Longest accepted delay or dedup TTL (ten years), so a typo in the unit
@@ -90,6 +93,30 @@ class TaskControls:
     dedup_key: str | None
     dedup_ttl_ms: int
     retry: bool = False
+    lane: int = 0
+
+
+def _label_priority(value: Any) -> int:
+    """A ``priority`` label as an int (an int, or a string of one).
+
+    :raises InvalidOptionError: for anything else, and for a negative value.
+    """
+    priority: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        priority = value
+    elif isinstance(value, str):
+        try:
+            priority = int(value.strip())
+        except ValueError:
+            priority = None
+    elif isinstance(value, float) and value.is_integer():
+        priority = int(value)
+    if priority is None or priority < 0:
+        raise InvalidOptionError(
+            option=f"{PRIORITY_LABEL} label",
+            reason=f"must be a non-negative integer (higher runs sooner), got {value!r}",
+        )
+    return priority
 
 
 def _label_ms(label: str, value: Any, *, allow_zero: bool) -> int:
@@ -387,9 +414,11 @@ class ClusterStreamBroker(ShardedBroker):
         assert self._follower is not None
         plan = await self._follower.current()
         prefix = self.options.prefix
-        await asyncio.gather(
-            *(self._ensure_group(ShardKeys(prefix, s.tag), client) for s in plan.shards)
-        )
+        await asyncio.gather(*(
+            self._ensure_group(stream, client)
+            for s in plan.shards
+            for stream in ShardKeys(prefix, s.tag).lanes(self.options.priority_lanes)
+        ))
         # Acks never WAIT: losing an ack only causes a redelivery.
         self._acks = _AckBatcher(
             AutoPipeline(client, max_batch=self.options.max_batch),
@@ -473,6 +502,9 @@ class ClusterStreamBroker(ShardedBroker):
     def _prefetch(self) -> int:
         return self.options.xread_count
 
+    def _lanes(self) -> tuple[int, int]:
+        return self.options.priority_lanes, self.options.priority_fairness
+
     # ----------------------------------------------------------------- kick
     def _trim_args(self) -> tuple[Any, ...]:
         if self.options.maxlen is None:
@@ -484,21 +516,27 @@ class ClusterStreamBroker(ShardedBroker):
         return stream, ("XADD", stream, "NOMKSTREAM", *self._trim_args(), "*", _DATA)
 
     def _controls(self, message: BrokerMessage) -> TaskControls | None:
-        """The ``delay``/``dedup_key`` a message asks for; None for a plain XADD.
+        """The ``delay``/``dedup_key``/``priority`` a message asks for; None
+        for a plain XADD to the shard's stream.
 
-        :raises InvalidOptionError: for a bad ``delay`` or ``dedup_ttl``.
+        :raises InvalidOptionError: for a bad ``delay``, ``dedup_ttl`` or
+            ``priority``.
         """
         labels = message.labels
         delay = labels.get(DELAY_LABEL)
         dedup = labels.get(DEDUP_KEY_LABEL)
+        priority = labels.get(PRIORITY_LABEL)
         delay_ms = 0 if delay is None else _label_ms(DELAY_LABEL, delay, allow_zero=True)
+        lane = 0 if priority is None else self.options.lane_of(_label_priority(priority))
         if dedup is None or dedup == "":
-            return TaskControls(delay_ms, None, 0) if delay_ms else None
+            return TaskControls(delay_ms, None, 0, lane=lane) if delay_ms or lane else None
         ttl = labels.get(DEDUP_TTL_LABEL)
         ttl_ms = _label_ms(
             DEDUP_TTL_LABEL, self.options.dedup_ttl if ttl is None else ttl, allow_zero=False
         )
-        return TaskControls(delay_ms, str(dedup), ttl_ms, labels.get(_RETRIES_LABEL) is not None)
+        return TaskControls(
+            delay_ms, str(dedup), ttl_ms, labels.get(_RETRIES_LABEL) is not None, lane
+        )
 
     async def _write_controlled(
         self, pipeline: AutoPipeline, shard: Shard, message: BrokerMessage, controls: Any
@@ -512,19 +550,26 @@ class ClusterStreamBroker(ShardedBroker):
         """
         assert isinstance(controls, TaskControls)
         keys = ShardKeys(self.options.prefix, shard.tag)
-        script_keys = [keys.stream, keys.delayed]
+        stream = keys.lane(controls.lane)
+        if not controls.delay_ms and controls.dedup_key is None:
+            # Only a priority: the plain write, to the lane's stream.
+            return await pipeline.submit(
+                stream, "XADD", stream, "NOMKSTREAM", *self._trim_args(), "*", _DATA,
+                message.message,
+            )
+        script_keys = [stream, keys.delayed]
         if controls.dedup_key is not None:
             script_keys.append(keys.dedup(controls.dedup_key))
         args = [message.message, controls.delay_ms, controls.dedup_ttl_ms, message.task_id,
-                "1" if controls.retry else "0", *self._trim_args()]
+                "1" if controls.retry else "0", controls.lane, *self._trim_args()]
         try:
-            reply = await pipeline.submit(keys.stream, *_KICK_CONTROLLED.command(script_keys, args))
+            reply = await pipeline.submit(stream, *_KICK_CONTROLLED.command(script_keys, args))
         except CommandFailure as failure:
             if not isinstance(failure.error, NoScriptError):
                 raise
             # Nothing ran (a restarted or promoted master); EVAL also caches it.
             reply = await pipeline.submit(
-                keys.stream, *_KICK_CONTROLLED.eval_command(script_keys, args)
+                stream, *_KICK_CONTROLLED.eval_command(script_keys, args)
             )
         value = reply.value
         if isinstance(value, list) and value and value[0] == _DUPLICATE:
@@ -556,7 +601,8 @@ class ClusterStreamBroker(ShardedBroker):
         return reply.value is not None
 
     async def _recreate_shard(self, keys: ShardKeys) -> None:
-        await self._ensure_group(keys)
+        for stream in keys.lanes(self.options.priority_lanes):
+            await self._ensure_group(stream)
 
     def _check_reply(self, message: BrokerMessage, reply: Reply) -> None:
         wanted = self.options.wait_replicas
@@ -574,17 +620,57 @@ class ClusterStreamBroker(ShardedBroker):
     async def _read_shard(
         self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal
     ) -> None:
+        """Read the shard's stream and, beside it, its priority lanes.
+
+        The lanes have a reader of their own: lane 0's reader spends most of
+        a busy worker's time waiting for room in the listen buffer, and a
+        priority message must not wait behind that (see ``_buffer``).
+        """
         keys = ShardKeys(self.options.prefix, shard.tag)
-        opts = self.options
-        await self._ensure_group(keys)
-        # Due delayed tasks of this shard go into its stream while it is read.
-        promoter = DelayedPromoter(self.client, keys, self._trim_args())
+        lanes = self.options.priority_lanes
+        # Due delayed tasks of this shard go into its streams while it is read.
+        promoter = DelayedPromoter(self.client, keys, self._trim_args(), lanes=lanes)
         promoting = start_promoter(promoter)
         self._promoters[promoting] = promoter
         promoting.add_done_callback(self._promoters.pop)
+        readers = [self._read_lanes(keys, shard, [0], sink=sink, count=count, stop=stop)]
+        if lanes > 1:
+            high = list(range(lanes - 1, 0, -1))  # highest first: the order of the reply
+            readers.append(self._read_lanes(keys, shard, high, sink=sink, count=count, stop=stop))
+        if len(readers) == 1:
+            await readers[0]
+            return
+        tasks = [asyncio.ensure_future(reader) for reader in readers]
+        try:
+            # Both return once stop is set; an error in one ends both, and
+            # the supervisor restarts the shard's reader.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+
+    async def _read_lanes(
+        self, keys: ShardKeys, shard: Shard, lanes: list[int], *, sink: Sink, count: int,
+        stop: StopSignal,
+    ) -> None:
+        """Read, reclaim and trim the streams of ``lanes`` of one shard.
+
+        One XREADGROUP reads all of them (they share the shard's slot);
+        Redis answers with up to ``count`` entries of each, in the order
+        the streams were named.
+        """
+        opts = self.options
+        streams = [keys.lane(lane) for lane in lanes]
+        lane_of = dict(zip(streams, lanes, strict=True))
+        for stream in streams:
+            await self._ensure_group(stream)
         read_args = (
             "XREADGROUP", "GROUP", opts.consumer_group_name, opts.consumer_name,
-            "COUNT", count, "BLOCK", opts.xread_block, "STREAMS", keys.stream, ">",
+            "COUNT", count, "BLOCK", opts.xread_block, "STREAMS", *streams, *(">",) * len(streams),
         )
         failures = 0
         now = time.monotonic()
@@ -596,11 +682,13 @@ class ClusterStreamBroker(ShardedBroker):
                 now = time.monotonic()
                 if now >= next_reclaim:
                     next_reclaim = now + opts.effective_reclaim_interval
-                    await self._reclaim(keys, shard, sink, stop)
+                    for stream, lane in zip(streams, lanes, strict=True):
+                        await self._reclaim(keys, shard, stream, lane, sink, stop)
                 if now >= next_trim:
                     next_trim = now + opts.trim_interval
-                    await self._housekeep(keys)
-                entries = await self._read_new(keys.stream, read_args, count)
+                    for stream in streams:
+                        await self._housekeep(stream)
+                rows = await self._read_new(streams, read_args, count)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -608,19 +696,24 @@ class ClusterStreamBroker(ShardedBroker):
                 if stop.is_set():
                     return
                 if isinstance(exc, ResponseError) and self._is_lost_group(exc):
-                    await self._recover_group(keys, shard, exc)
+                    await self._recover_group(streams, shard, exc)
                     continue
                 if not is_transient(exc):
                     raise
                 failures += 1
-                await self._backoff(keys, exc, failures)
+                await self._backoff(streams[0], exc, failures)
                 continue
-            await self._hand_out(keys, shard, [(i, e, 1) for i, e in entries], sink, stop)
+            for key, entries in rows:
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                await self._hand_out(keys, shard, name, lane_of.get(name, lanes[0]),
+                                     [(i, e, 1) for i, e in entries], sink, stop)
 
     async def _hand_out(
         self,
         keys: ShardKeys,
         shard: Shard,
+        stream: str,
+        lane: int,
         entries: list[tuple[bytes, Mapping[bytes, bytes] | None, int]],
         sink: Sink,
         stop: StopSignal,
@@ -638,7 +731,6 @@ class ClusterStreamBroker(ShardedBroker):
         leaves this method unhanded ends its lease through
         ``_release_entries`` (directly or through ``_release``).
         """
-        stream = keys.stream
         leases = self._leases if self._leases is not None else self._start_leases()
         held: list[Lease | None] = [None] * len(entries)
         if leases is not None:
@@ -647,23 +739,26 @@ class ClusterStreamBroker(ShardedBroker):
                 leases.hold(lease)
         for index, (entry_id, entry, deliveries) in enumerate(entries):
             if stop.closing:
-                self._unread += [(keys.stream, e) for e, _, _ in entries[index:]]
+                self._unread += [(stream, e) for e, _, _ in entries[index:]]
                 return
             try:
-                await self._deliver(keys, shard, entry_id, entry, sink, deliveries,
+                await self._deliver(keys, shard, stream, lane, entry_id, entry, sink, deliveries,
                                     lease=held[index])
             except asyncio.CancelledError:
-                self._unread += [(keys.stream, e) for e, _, _ in entries[index:]]
+                self._unread += [(stream, e) for e, _, _ in entries[index:]]
                 raise
             except Exception as exc:
                 logger.error("Could not hand out entry %s of %s (%r); releasing it for the "
-                             "next reclaim pass", entry_id.decode(), keys.stream, exc)
-                await self._release_entries(keys.stream, [entry_id])
+                             "next reclaim pass", entry_id.decode(), stream, exc)
+                await self._release_entries(stream, [entry_id])
 
     async def _read_new(
-        self, stream: str, args: tuple[Any, ...], count: int
-    ) -> list[tuple[bytes, Mapping[bytes, bytes] | None]]:
-        """One blocking XREADGROUP of new entries: (id, fields or None if deleted).
+        self, streams: list[str], args: tuple[Any, ...], count: int
+    ) -> list[tuple[bytes | str, list[tuple[bytes, Mapping[bytes, bytes] | None]]]]:
+        """One blocking XREADGROUP of new entries of ``streams`` (one shard's lanes).
+
+        Returns (stream, entries) for each stream that had any, in the
+        order Redis answered; an entry is (id, fields or None if deleted).
 
         It goes straight to the shard's node: redis-py's own path cost a
         quarter of a worker's CPU here (for every XREADGROUP it first asks a
@@ -673,22 +768,23 @@ class ClusterStreamBroker(ShardedBroker):
         """
         assert self._pipeline is not None
         try:
-            raw = await self._pipeline.call(stream, *args)
+            raw = await self._pipeline.call(streams[0], *args)
         except Unroutable:
             opts = self.options
             response = await self.client.xreadgroup(
-                opts.consumer_group_name, opts.consumer_name, {stream: ">"},
+                opts.consumer_group_name, opts.consumer_name, dict.fromkeys(streams, ">"),
                 count=count, block=opts.xread_block,
             )
-            return [entry for _, entries in _stream_entries(response) for entry in entries]
+            return [(stream, [(i, dict(f) if f is not None else None) for i, f in entries])
+                    for stream, entries in _stream_entries(response)]
         return _raw_stream_entries(raw)
 
-    async def _backoff(self, keys: ShardKeys, exc: BaseException, failures: int) -> None:
+    async def _backoff(self, stream: str, exc: BaseException, failures: int) -> None:
         kind = error_kind(exc)
         self.events.retried(kind)
         delay = self.retry.delay(failures)
         log = logger.warning if failures in (1, 10) or failures % 100 == 0 else logger.debug
-        log("Reading %s failed (%s: %s); retry %d in %.2fs", keys.stream, kind, exc, failures,
+        log("Reading %s failed (%s: %s); retry %d in %.2fs", stream, kind, exc, failures,
             delay)
         await self.retry.sleep(delay)
 
@@ -697,8 +793,8 @@ class ClusterStreamBroker(ShardedBroker):
         text = str(exc)
         return text.startswith("NOGROUP") or text.startswith("UNBLOCKED")
 
-    async def _ensure_group(self, keys: ShardKeys, client: RedisCluster | None = None) -> None:
-        """Create the group at id 0 (MKSTREAM); an existing group is fine.
+    async def _ensure_group(self, stream: str, client: RedisCluster | None = None) -> None:
+        """Create the group of ``stream`` at id 0 (MKSTREAM); an existing group is fine.
 
         ``client`` is for startup, before the broker counts as running.
         """
@@ -707,7 +803,7 @@ class ClusterStreamBroker(ShardedBroker):
         async def create() -> None:
             try:
                 await redis.xgroup_create(
-                    keys.stream, self.options.consumer_group_name, id="0", mkstream=True
+                    stream, self.options.consumer_group_name, id="0", mkstream=True
                 )
             except ResponseError as exc:
                 # Only BUSYGROUP means "already there"; anything else is real.
@@ -716,19 +812,22 @@ class ClusterStreamBroker(ShardedBroker):
 
         await self._idempotent(create)
 
-    async def _recover_group(self, keys: ShardKeys, shard: Shard, exc: ResponseError) -> None:
+    async def _recover_group(self, streams: list[str], shard: Shard, exc: ResponseError) -> None:
         logger.warning(
             "Consumer group %s of %s is gone (%s); recreating it at id 0 so queued tasks "
             "are replayed, not skipped",
-            self.options.consumer_group_name, keys.stream, exc,
+            self.options.consumer_group_name, " ".join(streams), exc,
         )
         self.events.nogroup_recovered(self.queue_name, shard.index)
-        await self._ensure_group(keys)
+        for stream in streams:  # one XREADGROUP reads them all; any may be the lost one
+            await self._ensure_group(stream)
 
     async def _deliver(
         self,
         keys: ShardKeys,
         shard: Shard,
+        stream: str,
+        lane: int,
         entry_id: bytes,
         entry: Mapping[bytes, bytes] | None,
         sink: Sink,
@@ -741,19 +840,19 @@ class ClusterStreamBroker(ShardedBroker):
         else:
             reason = self._malformed_reason(entry)
         if reason is not None:
-            await self._dead_letter(keys, shard, entry_id, entry or {}, reason, deliveries)
+            await self._dead_letter(keys, shard, stream, entry_id, entry or {}, reason,
+                                    deliveries)
             if lease is not None and self._leases is not None:
                 self._leases.end(lease)
             return
         assert entry is not None
-        stream = keys.stream
         acks = self._acks
         assert acks is not None
         ack = _EntryAck(acks, stream, shard.index, entry_id, lease, self._leases)
         # Built without validation: both fields are ours and of the right type.
         message = AckableMessage.model_construct(data=entry[_DATA], ack=ack)
         self._unhanded[id(message)] = (stream, entry_id)
-        await sink(message)
+        await sink(message, lane)
 
     def _start_leases(self) -> LeaseRenewer | None:
         """The lease renewer, created at the first read (None if disabled).
@@ -824,13 +923,13 @@ class ClusterStreamBroker(ShardedBroker):
         self,
         keys: ShardKeys,
         shard: Shard,
+        stream: str,
         entry_id: bytes,
         entry: Mapping[bytes, bytes],
         reason: str,
         deliveries: int,
     ) -> None:
-        logger.warning("Dead-lettering entry %s of %s: %s", entry_id.decode(), keys.stream,
-                       reason)
+        logger.warning("Dead-lettering entry %s of %s: %s", entry_id.decode(), stream, reason)
         flat: list[bytes | str | int] = []
         for name, value in entry.items():
             flat += [b"field:" + name, value]
@@ -844,11 +943,11 @@ class ClusterStreamBroker(ShardedBroker):
             *flat,
         ]
         script = self._scripts["dead"]
-        await self._idempotent(lambda: script(keys=[keys.stream, keys.dead], args=args))
+        await self._idempotent(lambda: script(keys=[stream, keys.dead], args=args))
         self.events.dead_lettered(self.queue_name, shard.index, reason.split(":")[0])
 
     async def _reclaim(
-        self, keys: ShardKeys, shard: Shard, sink: Sink, stop: StopSignal
+        self, keys: ShardKeys, shard: Shard, stream: str, lane: int, sink: Sink, stop: StopSignal
     ) -> None:
         """Take over entries idle longer than idle_timeout (crashed consumers).
 
@@ -861,7 +960,7 @@ class ClusterStreamBroker(ShardedBroker):
         for _ in range(4):
             result = await self._idempotent(
                 lambda start=start: self.client.xautoclaim(  # type: ignore[misc]
-                    keys.stream,
+                    stream,
                     opts.consumer_group_name,
                     opts.consumer_name,
                     min_idle_time=opts.idle_timeout,
@@ -872,12 +971,12 @@ class ClusterStreamBroker(ShardedBroker):
             next_start, claimed = result[0], result[1]
             if claimed:
                 self.events.reclaimed(self.queue_name, shard.index, len(claimed))
-                logger.info("Reclaimed %d idle entries of %s", len(claimed), keys.stream)
-                counts = await self._delivery_counts(keys, [i for i, _ in claimed])
+                logger.info("Reclaimed %d idle entries of %s", len(claimed), stream)
+                counts = await self._delivery_counts(stream, [i for i, _ in claimed])
                 # An id with no count left the pending list after the claim:
                 # its first worker was slow, not dead, and acknowledged it.
                 await self._hand_out(
-                    keys, shard,
+                    keys, shard, stream, lane,
                     [(i, e, counts[i]) for i, e in claimed if i in counts], sink, stop,
                 )
                 if stop.is_set():
@@ -886,7 +985,7 @@ class ClusterStreamBroker(ShardedBroker):
                 return
             start = next_start
 
-    async def _delivery_counts(self, keys: ShardKeys, ids: list[bytes]) -> dict[bytes, int]:
+    async def _delivery_counts(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
         """The exact delivery count of each of ``ids``, by id.
 
         One ``XPENDING stream group id id 1`` per id, pipelined: a single
@@ -899,7 +998,7 @@ class ClusterStreamBroker(ShardedBroker):
         async def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for entry_id in ids:
-                pipe.xpending_range(keys.stream, group, min=entry_id, max=entry_id, count=1)
+                pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
             return await pipe.execute()
 
         counts: dict[bytes, int] = {}
@@ -908,22 +1007,22 @@ class ClusterStreamBroker(ShardedBroker):
                 counts[row["message_id"]] = int(row["times_delivered"])
         return counts
 
-    async def _housekeep(self, keys: ShardKeys) -> None:
-        """Trim acknowledged entries and remove stale consumers of one shard."""
+    async def _housekeep(self, stream: str) -> None:
+        """Trim acknowledged entries and remove stale consumers of one shard stream."""
         trim, stale = self._scripts["trim"], self._scripts["stale"]
         opts = self.options
         try:
             if opts.maxlen is None:  # with maxlen, XADD already trims
-                await self._idempotent(lambda: trim(keys=[keys.stream]))
+                await self._idempotent(lambda: trim(keys=[stream]))
             removed = await self._idempotent(
-                lambda: stale(keys=[keys.stream],
+                lambda: stale(keys=[stream],
                               args=[opts.consumer_group_name, opts.stale_consumer_idle])
             )
         except Exception as exc:  # housekeeping; the next pass retries
-            logger.debug("Housekeeping of %s failed: %r", keys.stream, exc)
+            logger.debug("Housekeeping of %s failed: %r", stream, exc)
             return
         if removed:
-            logger.info("Removed %d stale consumers from %s", removed, keys.stream)
+            logger.info("Removed %d stale consumers from %s", removed, stream)
 
 
 def _stream_entries(response: Any) -> list[tuple[Any, list[tuple[bytes, Any]]]]:
@@ -936,18 +1035,22 @@ def _stream_entries(response: Any) -> list[tuple[Any, list[tuple[bytes, Any]]]]:
     return [(stream, entries) for stream, entries in response]
 
 
-def _raw_stream_entries(reply: Any) -> list[tuple[bytes, Mapping[bytes, bytes] | None]]:
-    """Entries of a raw XREADGROUP reply of one stream (RESP2 or RESP3 shape)."""
+def _raw_stream_entries(
+    reply: Any,
+) -> list[tuple[bytes | str, list[tuple[bytes, Mapping[bytes, bytes] | None]]]]:
+    """(stream, entries) of a raw XREADGROUP reply (RESP2 or RESP3 shape)."""
     if not reply:
         return []
-    # RESP3: {stream: [entry, ...]}; RESP2: [[stream, [entry, ...]]].
-    rows = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
-    out: list[tuple[bytes, Mapping[bytes, bytes] | None]] = []
-    for entry_id, fields in rows:
-        if fields is None:  # deleted after it was added (XDEL)
-            out.append((entry_id, None))
-        else:
-            it = iter(fields)
-            out.append((entry_id, dict(zip(it, it, strict=False))))
+    # RESP3: {stream: [entry, ...]}; RESP2: [[stream, [entry, ...]], ...].
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    out: list[tuple[bytes | str, list[tuple[bytes, Mapping[bytes, bytes] | None]]]] = []
+    for stream, rows in pairs:
+        entries: list[tuple[bytes, Mapping[bytes, bytes] | None]] = []
+        for entry_id, fields in rows:
+            if fields is None:  # deleted after it was added (XDEL)
+                entries.append((entry_id, None))
+            else:
+                it = iter(fields)
+                entries.append((entry_id, dict(zip(it, it, strict=False))))
+        out.append((stream, entries))
     return out
-

@@ -1,10 +1,11 @@
 -- A kick with task controls (a delay, a dedup key, or both), atomic on one shard.
--- KEYS[1] shard stream, KEYS[2] shard delayed set, KEYS[3] dedup marker (only
--- with a dedup key); all share the shard's hash tag.
+-- KEYS[1] the stream of the kick's priority lane, KEYS[2] shard delayed set,
+-- KEYS[3] dedup marker (only with a dedup key); all share the shard's hash tag.
 -- ARGV[1] message, ARGV[2] delay in ms (0: none), ARGV[3] dedup TTL in ms,
 -- ARGV[4] task id (the marker's value), ARGV[5] '1' when the kick is a retry
 -- (taskiq's retry middlewares re-kick a failed task with its own task id and
--- a _retries label), ARGV[6..] XADD trim arguments, if any.
+-- a _retries label), ARGV[6] priority lane (0: the shard's stream), ARGV[7..]
+-- XADD trim arguments, if any.
 -- Returns nil when the stream is missing, writing nothing (a retired shard or
 -- a lost key: the caller re-reads the plan, as for XADD NOMKSTREAM); else
 -- {'queued', entry id}, {'delayed', due time in Unix ms} or
@@ -26,15 +27,16 @@ if #KEYS >= 3 then
     end
   end
 end
+--!include delayed_lane
 local delay = tonumber(ARGV[2])
 if delay > 0 then
   local t = redis.call('TIME')
   local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + delay
-  redis.call('ZADD', KEYS[2], due, ARGV[1])
+  redis.call('ZADD', KEYS[2], due, delayed_member(tonumber(ARGV[6]), ARGV[1]))
   return {'delayed', due}
 end
 local xadd = {'XADD', KEYS[1], 'NOMKSTREAM'}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   xadd[#xadd + 1] = ARGV[i]
 end
 xadd[#xadd + 1] = '*'

@@ -1,10 +1,13 @@
--- Move the due delayed messages of one shard into its stream, oldest due first.
--- KEYS[1] shard stream, KEYS[2] shard delayed set (one tag, one slot).
+-- Move the due delayed messages of one shard into its streams, oldest due first.
+-- KEYS[1] shard stream (lane 0), KEYS[2] shard delayed set, KEYS[3..] the
+-- streams of priority lanes 1, 2, ... (one tag, one slot). A message bound
+-- for a lane beyond the last one given goes to the last one given.
 -- ARGV[1] most messages to move, ARGV[2..] XADD trim arguments, if any.
 -- Returns {moved, next due time in Unix ms or -1, now in Unix ms}; moved is
 -- -1 when the stream is missing: nothing moves until a reader recreates it.
 -- Safe to run from many workers at once: each message is added and removed
 -- in the same atomic step, so it reaches the stream exactly once.
+--!include delayed_lane
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local moved = 0
@@ -13,14 +16,21 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 else
   local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
   if #due > 0 then
-    local xadd = {'XADD', KEYS[1], 'NOMKSTREAM'}
+    -- No NOMKSTREAM: lane 0 exists (checked above), and a lane stream
+    -- that vanished is recreated rather than the message dropped; its
+    -- reader then recreates the group at 0 (NOGROUP) and reads it.
+    local xadd = {'XADD', KEYS[1]}
     for i = 2, #ARGV do
       xadd[#xadd + 1] = ARGV[i]
     end
     local n = #xadd
     xadd[n + 1] = '*'
     xadd[n + 2] = 'data'
-    for _, message in ipairs(due) do
+    local last_lane = #KEYS - 2
+    for _, member in ipairs(due) do
+      local lane, message = delayed_lane(member)
+      if lane > last_lane then lane = last_lane end
+      xadd[2] = lane > 0 and KEYS[2 + lane] or KEYS[1]
       xadd[n + 3] = message
       redis.call(unpack(xadd))
     end
