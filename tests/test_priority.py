@@ -248,6 +248,57 @@ async def test_a_dedup_key_with_a_priority_is_queued_once_in_its_lane(
     assert await _listen(broker, 1) == ["d0"]
 
 
+@cluster
+async def test_lanes_are_reclaimed_dead_lettered_and_trimmed_like_the_stream(
+    cluster_url: str, unique_name: str, cluster_client: RedisCluster
+) -> None:
+    broker = await _started(cluster_url, unique_name, shards=1, idle_timeout=1000,
+                            renew_leases=False)
+    try:
+        plan = await broker.current_plan()
+        keys = ShardKeys(broker.options.prefix, plan.shards[0].tag)
+        group = broker.options.consumer_group_name
+        await broker.kick(make_message("orphan", priority=9))
+        await cluster_client.xadd(keys.lane(1), {"garbage": "1"})
+        # A consumer that then dies takes the lane-2 entry.
+        await cluster_client.xreadgroup(group, "dead-worker", {keys.lane(2): ">"}, count=1)
+        await asyncio.sleep(1.1)
+        got: list[str] = []
+        listen = broker.listen()
+
+        async def consume() -> None:
+            async for msg in listen:
+                assert isinstance(msg, AckableMessage)
+                got.append(task_id_of(msg.data))
+                await msg.ack()  # type: ignore[misc]
+
+        consumer = asyncio.create_task(consume())
+        try:
+            await eventually(lambda: _dead_count(cluster_client, keys.dead), "the dead letter")
+            await eventually(lambda: _true(got), "the reclaimed entry")
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await listen.aclose()
+        assert got == ["orphan"]  # reclaimed from lane 2
+        await broker._acks.drain()  # type: ignore[union-attr]
+        [(_, fields)] = await cluster_client.xrange(keys.dead)
+        assert fields[b"stream"] == keys.lane(1).encode()
+        assert fields[b"reason"] == b"missing 'data' field"
+        for lane in (1, 2):
+            assert await cluster_client.xpending(keys.lane(lane), group) == {
+                "pending": 0, "min": None, "max": None, "consumers": []
+            }
+            await broker._housekeep(keys.lane(lane))
+            assert await cluster_client.xlen(keys.lane(lane)) == 0  # acked: trimmed
+    finally:
+        await broker.shutdown()
+
+
+async def _dead_count(client: RedisCluster, dead: str) -> bool:
+    return bool(await client.xlen(dead))
+
+
 # ------------------------------------------------------ real workers
 _APP = textwrap.dedent(
     """
