@@ -326,8 +326,9 @@ class ShardedBroker(AsyncBroker):
         plan = follower.fresh() or await follower.current()
         routing = routing_key(message)
         index = self._shard_index(plan, routing)
-        # Task controls (delay, dedup) take a script; a kick without labels
-        # pays one truth test and keeps the cached command.
+        # Task controls (delay, dedup, priority) take a script or another
+        # key; a kick without labels pays one truth test and keeps the
+        # cached command.
         controls = self._controls(message) if message.labels else None
         attempt = 0
         while True:

@@ -86,7 +86,8 @@ class TaskControls:
     """What a kick's labels ask for beyond a plain XADD (ms; key as text).
 
     ``retry``: the kick is a retry of a failed task (same task id), which
-    a dedup key held by that task id must not block.
+    a dedup key held by that task id must not block. ``lane``: the priority
+    lane the ``priority`` label picks (0 without one).
     """
 
     delay_ms: int
