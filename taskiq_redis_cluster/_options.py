@@ -149,8 +149,8 @@ class StreamOptions(QueueOptions):
         counting the shard's own stream (lane 0, where kicks without the
         label go); 1 turns priorities off (the label is then ignored), at
         most ``MAX_LANES`` (10). Each extra lane costs every worker one more
-        blocking read per shard. Producers and workers must agree on it and
-        on ``max_priority``.
+        blocking read per shard. Producers pick lanes with it; workers also
+        read any other lane they find, so a mismatch strands nothing.
     :param max_priority: the highest ``priority`` label value; larger values
         count as this one. Values ``0 .. max_priority`` are spread evenly
         over the lanes: ``lane = ceil(priority * (priority_lanes - 1) /

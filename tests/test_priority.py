@@ -249,6 +249,47 @@ async def test_a_dedup_key_with_a_priority_is_queued_once_in_its_lane(
 
 
 @cluster
+@pytest.mark.parametrize("worker_lanes", [1, 3])
+async def test_a_worker_reads_lanes_it_was_not_configured_for(
+    cluster_url: str, unique_name: str, worker_lanes: int
+) -> None:
+    # A producer with more lanes than the worker (a rolling deploy that
+    # changes priority_lanes): its top lane must not strand tasks.
+    producer = await _started(cluster_url, unique_name, shards=1, priority_lanes=5)
+    worker = await _started(cluster_url, unique_name, shards=1, priority_lanes=worker_lanes,
+                            trim_interval=0.5)
+    got: list[str] = []
+    listen = worker.listen()
+
+    async def consume() -> None:
+        async for msg in listen:
+            assert isinstance(msg, AckableMessage)
+            got.append(task_id_of(msg.data))
+            await msg.ack()  # type: ignore[misc]
+
+    consumer = asyncio.create_task(consume())
+    try:
+        await producer.kick(make_message("top", priority=9))
+        await producer.kick(make_message("plain"))
+        await eventually(lambda: _true(len(got) == 2), "both tasks")
+        # A lane that appears while the worker listens is found at its next
+        # look (every trim_interval).
+        other = await _started(cluster_url, unique_name, shards=1, priority_lanes=8)
+        try:
+            await other.kick(make_message("newer", priority=9))
+        finally:
+            await other.shutdown()
+        await eventually(lambda: _true(len(got) == 3), "the task in the new lane")
+        assert sorted(got) == ["newer", "plain", "top"]
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await listen.aclose()
+        await producer.shutdown()
+        await worker.shutdown()
+
+
+@cluster
 async def test_lanes_are_reclaimed_dead_lettered_and_trimmed_like_the_stream(
     cluster_url: str, unique_name: str, cluster_client: RedisCluster
 ) -> None:

@@ -23,6 +23,7 @@ Per shard (all keys share the shard's hash tag, so its Lua scripts,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -37,7 +38,7 @@ from taskiq import AckableMessage, BrokerMessage
 
 from .._errors import ConfigurationError, InvalidOptionError, ReplicationTimeoutError
 from .._events import BrokerEvents
-from .._keys import ShardKeys, slot_of
+from .._keys import MAX_LANES, ShardKeys, slot_of
 from .._lifecycle import check_client_kwargs
 from .._options import StreamOptions, resolve_options
 from .._planning import Shard
@@ -628,20 +629,19 @@ class ClusterStreamBroker(ShardedBroker):
         priority message must not wait behind that (see ``_buffer``).
         """
         keys = ShardKeys(self.options.prefix, shard.tag)
-        lanes = self.options.priority_lanes
         # Due delayed tasks of this shard go into its streams while it is read.
-        promoter = DelayedPromoter(self.client, keys, self._trim_args(), lanes=lanes)
+        promoter = DelayedPromoter(
+            self.client, keys, self._trim_args(), lanes=self.options.priority_lanes
+        )
         promoting = start_promoter(promoter)
         self._promoters[promoting] = promoter
         promoting.add_done_callback(self._promoters.pop)
-        readers = [self._read_lanes(keys, shard, [0], sink=sink, count=count, stop=stop)]
-        if lanes > 1:
-            high = list(range(lanes - 1, 0, -1))  # highest first: the order of the reply
-            readers.append(self._read_lanes(keys, shard, high, sink=sink, count=count, stop=stop))
-        if len(readers) == 1:
-            await readers[0]
-            return
-        tasks = [asyncio.ensure_future(reader) for reader in readers]
+        tasks = [
+            asyncio.ensure_future(
+                self._read_lanes(keys, shard, lanes, sink=sink, count=count, stop=stop)
+            )
+            for lanes in ([0], None)
+        ]
         try:
             # Both return once stop is set; an error in one ends both, and
             # the supervisor restarts the shard's reader.
@@ -654,25 +654,59 @@ class ClusterStreamBroker(ShardedBroker):
                 task.cancel()
             await asyncio.wait(tasks)
 
+    async def _priority_lanes(self, keys: ShardKeys) -> list[int]:
+        """The shard's priority lanes to read, highest first.
+
+        Those of ``priority_lanes`` and any other that exists: a producer
+        configured with more lanes than this worker (a rolling deploy that
+        changes the option, say) must not strand its tasks in a lane
+        nobody reads.
+        """
+        wanted = set(range(1, self.options.priority_lanes))
+
+        async def existing() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for lane in range(1, MAX_LANES):
+                pipe.exists(keys.lane(lane))
+            return await pipe.execute()
+
+        found = await self._idempotent(existing)
+        wanted.update(lane for lane, there in enumerate(found, start=1) if there)
+        return sorted(wanted, reverse=True)
+
     async def _read_lanes(
-        self, keys: ShardKeys, shard: Shard, lanes: list[int], *, sink: Sink, count: int,
-        stop: StopSignal,
+        self, keys: ShardKeys, shard: Shard, lanes: list[int] | None, *, sink: Sink,
+        count: int, stop: StopSignal,
     ) -> None:
         """Read, reclaim and trim the streams of ``lanes`` of one shard.
 
-        One XREADGROUP reads all of them (they share the shard's slot);
-        Redis answers with up to ``count`` entries of each, in the order
-        the streams were named.
+        ``None`` means the priority lanes, looked up again every
+        ``trim_interval`` (see :meth:`_priority_lanes`). One XREADGROUP
+        reads all the streams (they share the shard's slot); Redis answers
+        with up to ``count`` entries of each, in the order they are named.
         """
         opts = self.options
-        streams = [keys.lane(lane) for lane in lanes]
-        lane_of = dict(zip(streams, lanes, strict=True))
-        for stream in streams:
-            await self._ensure_group(stream)
-        read_args = (
-            "XREADGROUP", "GROUP", opts.consumer_group_name, opts.consumer_name,
-            "COUNT", count, "BLOCK", opts.xread_block, "STREAMS", *streams, *(">",) * len(streams),
-        )
+        top = opts.priority_lanes - 1  # a lane the listen buffer does not have
+        numbers: list[int] = []
+        streams: list[str] = []
+        read_args: tuple[Any, ...] = ()
+        lane_of: dict[str, int] = {}
+
+        async def use(found: list[int]) -> None:
+            nonlocal numbers, streams, read_args, lane_of
+            fresh = [keys.lane(lane) for lane in found]
+            for stream in fresh:
+                if stream not in lane_of:
+                    await self._ensure_group(stream)
+            numbers, streams = found, fresh
+            lane_of = {stream: min(lane, top) for stream, lane in zip(streams, found, strict=True)}
+            read_args = (
+                "XREADGROUP", "GROUP", opts.consumer_group_name, opts.consumer_name,
+                "COUNT", count, "BLOCK", opts.xread_block, "STREAMS", *streams,
+                *(">",) * len(streams),
+            )
+
+        await use(lanes if lanes is not None else await self._priority_lanes(keys))
         failures = 0
         now = time.monotonic()
         next_reclaim = now  # a restarted worker picks up its crashed work first
@@ -683,12 +717,20 @@ class ClusterStreamBroker(ShardedBroker):
                 now = time.monotonic()
                 if now >= next_reclaim:
                     next_reclaim = now + opts.effective_reclaim_interval
-                    for stream, lane in zip(streams, lanes, strict=True):
-                        await self._reclaim(keys, shard, stream, lane, sink, stop)
+                    for stream in streams:
+                        await self._reclaim(keys, shard, stream, lane_of[stream], sink, stop)
                 if now >= next_trim:
                     next_trim = now + opts.trim_interval
                     for stream in streams:
                         await self._housekeep(stream)
+                    if lanes is None:
+                        found = await self._priority_lanes(keys)
+                        if found != numbers:
+                            await use(found)
+                if not streams:  # no priority lanes (yet): look again later
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), max(0.0, next_trim - now))
+                    continue
                 rows = await self._read_new(streams, read_args, count)
                 failures = 0
             except asyncio.CancelledError:
@@ -702,11 +744,11 @@ class ClusterStreamBroker(ShardedBroker):
                 if not is_transient(exc):
                     raise
                 failures += 1
-                await self._backoff(streams[0], exc, failures)
+                await self._backoff(streams[0] if streams else keys.stream, exc, failures)
                 continue
             for key, entries in rows:
                 name = key.decode() if isinstance(key, bytes) else str(key)
-                await self._hand_out(keys, shard, name, lane_of.get(name, lanes[0]),
+                await self._hand_out(keys, shard, name, lane_of.get(name, 0),
                                      [(i, e, 1) for i, e in entries], sink, stop)
 
     async def _hand_out(

@@ -2,7 +2,12 @@
 
 :class:`QueueStateReader` reads every shard stream of the planned queues:
 length, lag, pending entries, the idle time of the oldest pending entry,
-consumers, plan epoch and how the shards sit on the masters. One read gives
+consumers, plan epoch and how the shards sit on the masters. A shard's
+priority lane streams (``P:{T}:lane:N``, found by key: the reader knows no
+broker option) count as part of the shard: the per-shard and per-group
+gauges combine the lanes the way their spec merges samples (lengths, lags
+and pending entries add up; ages, delivery counts and flags take the
+largest), and ``lane_backlog``/``lane_lag_seconds`` tell the lanes apart. One read gives
 a :class:`QueueSnapshot`; nothing is cached between scrapes. A failed part
 is reported as a reason in the snapshot, never raised, so that a scrape
 always answers with what could be read.
@@ -23,7 +28,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from .._errors import InvalidOptionError, PlanError
-from .._keys import DEFAULT_PREFIX, ShardKeys
+from .._keys import DEFAULT_PREFIX, MAX_LANES, ShardKeys
 from .._planning import PlanStore, ShardPlan, Topology, balance, read_topology
 from .._redis import error_kind
 from ._specs import METRIC_PREFIX, METRICS, SPECS_BY_NAME, empty_family
@@ -71,6 +76,18 @@ class _ShardRef:
 
 
 @dataclass(frozen=True)
+class _LaneRef:
+    """One stream of a shard: lane 0 is the shard's stream, others its priority lanes."""
+
+    shard: _ShardRef
+    lane: int
+
+    @property
+    def stream(self) -> str:
+        return self.shard.keys.lane(self.lane)
+
+
+@dataclass(frozen=True)
 class _StreamFacts:
     """What XINFO STREAM tells about one shard stream."""
 
@@ -101,9 +118,10 @@ class _StreamFacts:
 
 @dataclass
 class _GroupState:
-    """What round 1 learned about one group of one shard."""
+    """What round 1 learned about one group of one shard stream (lane)."""
 
     shard: _ShardRef
+    lane: int
     name: str
     pending: int
     consumers: int
@@ -115,6 +133,14 @@ class _GroupState:
     @property
     def labels(self) -> tuple[str, str, str, str]:
         return (*self.shard.stream_labels, self.name)
+
+    @property
+    def lane_labels(self) -> tuple[str, str, str, str, str]:
+        return (*self.labels, str(self.lane))
+
+    @property
+    def stream(self) -> str:
+        return self.shard.keys.lane(self.lane)
 
 
 class _Samples:
@@ -192,7 +218,9 @@ class QueueStateReader:
 
     Each read loads the plans and the topology, then sends per master one
     pipeline of ``XINFO STREAM``/``XINFO GROUPS``/``XLEN`` for all its
-    shards, then one pipeline of ``XPENDING - + 1`` (oldest pending entry)
+    shards, with a ``TYPE`` of each possible priority lane stream; then one
+    of ``XINFO STREAM``/``XINFO GROUPS`` of the lane streams that exist
+    (skipped when none does), then one pipeline of ``XPENDING - + 1`` (oldest pending entry)
     and ``XRANGE (last-delivered-id + COUNT 1`` (oldest undelivered entry)
     where needed. Masters are read concurrently and independently: a dead
     master costs only its own shards.
@@ -333,36 +361,62 @@ class QueueStateReader:
         self, snap: QueueSnapshot, shards: list[_ShardRef], deadline: float
     ) -> list[_GroupState]:
         """XINFO STREAM, XINFO GROUPS, the dead-letter XLEN and the delayed
-        ZCARD of every shard."""
-        commands: list[tuple[_ShardRef, _Command]] = []
+        ZCARD of every shard, and which priority lane streams it has; then
+        XINFO STREAM and XINFO GROUPS of those lanes."""
+        per_shard = 4 + MAX_LANES - 1
+        commands: list[_Command] = []
         for ref in shards:
             stream, dead, delayed = ref.keys.stream, ref.keys.dead, ref.keys.delayed
-            commands.append((ref, _Command(stream, "xinfo_stream", (stream,))))
-            commands.append((ref, _Command(stream, "xinfo_groups", (stream,))))
-            commands.append((ref, _Command(dead, "xlen", (dead,))))
-            commands.append((ref, _Command(delayed, "zcard", (delayed,))))
-        replies, reasons = await self._pipelined([c for _, c in commands], deadline)
+            commands.append(_Command(stream, "xinfo_stream", (stream,)))
+            commands.append(_Command(stream, "xinfo_groups", (stream,)))
+            commands.append(_Command(dead, "xlen", (dead,)))
+            commands.append(_Command(delayed, "zcard", (delayed,)))
+            # TYPE answers for a missing key too (XINFO would raise).
+            for n in range(1, MAX_LANES):
+                commands.append(_Command(ref.keys.lane(n), "type", (ref.keys.lane(n),)))
+        replies, reasons = await self._pipelined(commands, deadline)
         snap.errors.extend(reasons)
         states: list[_GroupState] = []
-        for i in range(0, len(commands), 4):
-            ref = commands[i][0]
+        lanes: list[_LaneRef] = []
+        for ref, i in zip(shards, range(0, len(commands), per_shard), strict=True):
             info, groups, dead, delayed = replies[i : i + 4]
             if isinstance(dead, int):
                 snap.samples.add(f"{_P}dead_letter_length", ref.stream_labels, dead)
             if isinstance(delayed, int):
                 snap.samples.add(f"{_P}delayed", ref.stream_labels, delayed)
-            if _missing_key(info):
-                # The stream does not exist yet (nothing kicked, no reader).
-                snap.samples.add(f"{_P}stream_length", ref.stream_labels, 0)
-                continue
-            if not isinstance(info, Mapping) or not isinstance(groups, list):
-                continue  # failed; the reason is already in snap.errors
-            states += self._stream_samples(snap.samples, ref, info, groups)
+            lanes += [
+                _LaneRef(ref, n)
+                for n, kind in enumerate(replies[i + 4 : i + per_shard], start=1)
+                if not isinstance(kind, BaseException) and _text(kind) == "stream"
+            ]
+            states += self._lane_samples(snap.samples, _LaneRef(ref, 0), info, groups)
+        if lanes:
+            lane_commands: list[_Command] = []
+            for lane in lanes:
+                lane_commands.append(_Command(lane.stream, "xinfo_stream", (lane.stream,)))
+                lane_commands.append(_Command(lane.stream, "xinfo_groups", (lane.stream,)))
+            replies, reasons = await self._pipelined(lane_commands, deadline)
+            snap.errors.extend(reasons)
+            for lane, i in zip(lanes, range(0, len(lane_commands), 2), strict=True):
+                states += self._lane_samples(snap.samples, lane, replies[i], replies[i + 1])
         return states
 
-    def _stream_samples(
-        self, samples: _Samples, ref: _ShardRef, info: Mapping[Any, Any], groups: list[Any]
+    def _lane_samples(
+        self, samples: _Samples, lane: _LaneRef, info: Any, groups: Any
     ) -> list[_GroupState]:
+        if _missing_key(info):
+            # The stream does not exist (nothing kicked, no reader; or a
+            # lane deleted since its TYPE was read).
+            samples.add(f"{_P}stream_length", lane.shard.stream_labels, 0)
+            return []
+        if not isinstance(info, Mapping) or not isinstance(groups, list):
+            return []  # failed; the reason is already in snap.errors
+        return self._stream_samples(samples, lane, info, groups)
+
+    def _stream_samples(
+        self, samples: _Samples, lane: _LaneRef, info: Mapping[Any, Any], groups: list[Any]
+    ) -> list[_GroupState]:
+        ref = lane.shard
         labels = ref.stream_labels
         length = int(_get(info, "length") or 0)
         samples.add(f"{_P}stream_length", labels, length)
@@ -387,6 +441,7 @@ class QueueStateReader:
             last = _parse_id(_get(group, "last-delivered-id")) or (0, 0)
             state = _GroupState(
                 shard=ref,
+                lane=lane.lane,
                 name=name,
                 pending=int(_get(group, "pending") or 0),
                 consumers=int(_get(group, "consumers") or 0),
@@ -404,6 +459,8 @@ class QueueStateReader:
             samples.add(
                 f"{_P}group_undelivered_trimmed", glabels, 1 if state.deleted_past_delivery else 0
             )
+            if state.lag is not None:
+                samples.add(f"{_P}lane_backlog", state.lane_labels, state.lag + state.pending)
             states.append(state)
         return states
 
@@ -414,7 +471,7 @@ class QueueStateReader:
         """Oldest pending entry, oldest undelivered entry (and consumers) per group."""
         commands: list[tuple[_GroupState, str, _Command]] = []
         for g in groups:
-            stream = g.shard.keys.stream
+            stream = g.stream
             if g.pending > 0:
                 commands.append(
                     (
@@ -433,6 +490,7 @@ class QueueStateReader:
                 snap.samples.add(f"{_P}group_oldest_pending_deliveries", g.labels, 0)
             if g.caught_up or g.lag == 0:
                 snap.samples.add(f"{_P}group_lag_seconds", g.labels, 0)
+                snap.samples.add(f"{_P}lane_lag_seconds", g.lane_labels, 0)
             else:
                 start = "({}-{}".format(*g.last_delivered)
                 commands.append(
@@ -464,6 +522,7 @@ class QueueStateReader:
                 first = _parse_id(reply[0][0]) if reply else None
                 age = 0.0 if first is None else max(0.0, (now_ms - first[0]) / 1000)
                 snap.samples.add(f"{_P}group_lag_seconds", g.labels, age)
+                snap.samples.add(f"{_P}lane_lag_seconds", g.lane_labels, age)
             else:
                 for consumer in reply or ():
                     row = _as_map(consumer)

@@ -56,19 +56,25 @@ class MetricSpec:
 
 _STREAM = ("queue", "shard", "state")
 _GROUP = ("queue", "shard", "state", "group")
+_LANE = (*_GROUP, "lane")
 _P = METRIC_PREFIX
 
 #: Every metric of the package. docs/metrics.md is tested against this.
 METRICS: tuple[MetricSpec, ...] = (
     # ------------------------------------------------ exporter: per shard stream
     MetricSpec(
-        f"{_P}stream_length", "gauge", _STREAM, "Entries in the shard stream (XLEN).", "exporter"
+        f"{_P}stream_length",
+        "gauge",
+        _STREAM,
+        "Entries in the shard's streams, its priority lanes included (XLEN, summed).",
+        "exporter",
     ),
     MetricSpec(
         f"{_P}stream_entries_added_total",
         "counter",
         _STREAM,
-        "Entries ever added to the shard stream (XINFO STREAM entries-added).",
+        "Entries ever added to the shard's streams, its priority lanes included "
+        "(XINFO STREAM entries-added, summed).",
         "exporter",
     ),
     MetricSpec(
@@ -91,8 +97,9 @@ METRICS: tuple[MetricSpec, ...] = (
         f"{_P}group_lag",
         "gauge",
         _GROUP,
-        "Entries not yet delivered to the group (XINFO GROUPS lag); "
-        "absent while Redis cannot tell (see group_lag_unknown).",
+        "Entries not yet delivered to the group (XINFO GROUPS lag), summed over the "
+        "shard's priority lanes; absent when Redis can tell no lane's lag, else the sum "
+        "of the lanes whose lag it can tell (see group_lag_unknown).",
         "exporter",
     ),
     MetricSpec(
@@ -109,7 +116,8 @@ METRICS: tuple[MetricSpec, ...] = (
         "gauge",
         _GROUP,
         "Age of the oldest entry not yet delivered to the group (now minus the "
-        "time in its id); 0 when every entry was delivered.",
+        "time in its id), the oldest over the shard's priority lanes; 0 when every "
+        "entry was delivered.",
         "exporter",
         merge="max",
     ),
@@ -117,7 +125,8 @@ METRICS: tuple[MetricSpec, ...] = (
         f"{_P}group_pending",
         "gauge",
         _GROUP,
-        "Delivered but unacknowledged entries (XPENDING count).",
+        "Delivered but unacknowledged entries (XPENDING count), summed over the "
+        "shard's priority lanes.",
         "exporter",
     ),
     MetricSpec(
@@ -141,7 +150,8 @@ METRICS: tuple[MetricSpec, ...] = (
         f"{_P}group_consumers",
         "gauge",
         _GROUP,
-        "Consumers known to the group (XINFO GROUPS consumers).",
+        "Consumers known to the group (XINFO GROUPS consumers; the most of one of "
+        "the shard's priority lanes).",
         "exporter",
         merge="max",
     ),
@@ -151,6 +161,25 @@ METRICS: tuple[MetricSpec, ...] = (
         _GROUP,
         "1 when entries the group had not yet received were trimmed or deleted "
         "(lost tasks), else 0.",
+        "exporter",
+        merge="max",
+    ),
+    # ------------------------------------------------ exporter: per priority lane
+    MetricSpec(
+        f"{_P}lane_backlog",
+        "gauge",
+        _LANE,
+        "Entries of one priority lane of the shard (lane 0: the shard's stream) the "
+        "group has not acknowledged: undelivered (lag) plus pending; absent while "
+        "Redis cannot tell the lane's lag.",
+        "exporter",
+    ),
+    MetricSpec(
+        f"{_P}lane_lag_seconds",
+        "gauge",
+        _LANE,
+        "Age of the oldest entry of the priority lane not yet delivered to the group; "
+        "0 when every entry was delivered.",
         "exporter",
         merge="max",
     ),

@@ -3,6 +3,12 @@
 A ``kill -9`` anywhere gives duplicates at worst, never a loss: every entry
 is written to the target before it leaves the source.
 
+Everything below about "the stream" holds for each of a shard's streams:
+lane 0 (``P:{T}:stream``) and every priority lane stream (``P:{T}:lane:N``)
+that exists; a lane's entries go to the same lane of the target. Lanes are
+found by key (``TYPE`` of lanes 1..``MAX_LANES``-1, pipelined), so the
+rebalancer needs no broker option.
+
 * stream with consumer groups: one Lua script claims the next batch into
   the mover consumer (:data:`MOVER_CONSUMER`, ``XREADGROUP`` in every group
   that has not had the batch delivered); the entries are ``XADD``-ed to the
@@ -18,10 +24,12 @@ is written to the target before it leaves the source.
 * list (list broker): ``LRANGE`` of the oldest entries, ``LPUSH`` to the new
   list, then one script removes from the old list whatever of that batch
   the consumers have not popped meanwhile;
-* delayed set (delayed tasks of the stream broker): members with their due
-  times, ``ZADD`` to the new shard's set before ``ZREM`` from the old one. A
-  worker still promoting the old shard may meanwhile move a member to the
-  old stream: that task then runs twice, never zero times.
+* delayed set (delayed tasks of the stream broker): members as they are
+  (a priority lane's ``NUL L<n> NUL`` marker goes along, so the new shard's
+  promoter puts them into the same lane), with their due times, ``ZADD`` to
+  the new shard's set before ``ZREM`` from the old one. A worker still
+  promoting the old shard may meanwhile move a member to the old stream:
+  that task then runs twice, never zero times.
 
 Entries keep their relative order; copies land behind whatever the target
 already holds. Copying is throttled by ``max_entries_per_second``, one pace
@@ -41,7 +49,7 @@ from typing import Any
 from redis.asyncio import RedisCluster
 
 from .._errors import RebalanceError
-from .._keys import ShardKeys
+from .._keys import MAX_LANES, ShardKeys
 from .._planning import Shard
 from .._redis import load_script
 from ._options import RebalanceOptions
@@ -71,7 +79,11 @@ def _text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class DrainState:
-    """What is left to consume in one shard's stream and list."""
+    """What is left to consume in one shard's streams and list.
+
+    The stream figures are summed over the shard's stream and its priority
+    lane streams (``groups`` is the most groups of one of them).
+    """
 
     exists: bool
     length: int
@@ -84,6 +96,8 @@ class DrainState:
     processing: int = 0
     #: delayed tasks not due yet, in the shard's delayed set
     delayed: int = 0
+    #: priority lanes (> 0) whose stream exists
+    lanes: tuple[int, ...] = ()
 
     @property
     def drained(self) -> bool:
@@ -116,17 +130,21 @@ class ShardCopier:
     async def drain_state(self, shard: Shard | str, *, delete: bool = False) -> DrainState:
         """What is left to consume in ``shard`` (a Shard or a tag).
 
-        With ``delete=True`` the stream and list are deleted in the same
-        atomic step when they are drained (``deleted`` tells).
+        With ``delete=True`` the streams (lane 0 and every lane) and the
+        list are deleted in the same atomic step when they are drained
+        (``deleted`` tells): a stale producer's ``NOMKSTREAM`` kick into
+        any lane of the retired shard is then refused.
         """
         tag = shard.tag if isinstance(shard, Shard) else shard
         keys = ShardKeys(self.prefix, tag)
+        # Every possible lane is named: the script checks them atomically
+        # with the rest, and a missing one costs a TYPE.
         reply = await _DRAIN_STATE(
             self._client,
-            keys=[keys.stream, keys.list, keys.consumers, keys.delayed],
+            keys=[keys.stream, keys.list, keys.consumers, keys.delayed, *keys.lanes()[1:]],
             args=["1" if delete else "0", keys.processing("")],
         )
-        values = [int(v) for v in reply]
+        values = [int(v) for v in reply[:9]]
         return DrainState(
             exists=bool(values[0]),
             length=values[1],
@@ -137,7 +155,17 @@ class ShardCopier:
             deleted=values[6] > 0,
             processing=values[7],
             delayed=values[8],
+            lanes=tuple(int(lane) for lane in reply[9]),
         )
+
+    async def lanes(self, shard: Shard | str) -> list[int]:
+        """Priority lanes (> 0) of ``shard`` whose stream exists (one pipeline)."""
+        keys = ShardKeys(self.prefix, shard.tag if isinstance(shard, Shard) else shard)
+        pipe = self._client.pipeline(transaction=False)
+        for lane in range(1, MAX_LANES):
+            pipe.type(keys.lane(lane))
+        types = await pipe.execute()
+        return [lane for lane, kind in enumerate(types, start=1) if _text(kind) == "stream"]
 
     # ------------------------------------------------------------- copying
     async def copy_entries(
@@ -145,8 +173,9 @@ class ShardCopier:
     ) -> int:
         """Move what is left to consume in shard ``source`` to shard ``target``.
 
-        Streams: first whatever the mover consumer still has pending (an
-        interrupted run), then every entry some group has not had delivered,
+        Streams (lane 0 and each priority lane stream that exists, each to
+        the same lane of ``target``): first whatever the mover consumer
+        still has pending (an interrupted run), then every entry some group has not had delivered,
         then entries pending on dead consumers or idle for ``idle_timeout``.
         Entries pending on live consumers stay. Lists: from the oldest end.
         Each entry is written to ``target`` before it leaves ``source``, so
@@ -162,7 +191,11 @@ class ShardCopier:
         if src.tag == dst.tag:
             raise RebalanceError(message=f"cannot copy shard {src.tag} onto itself")
         throttle = self._throttle
-        copied = await self._copy_stream(src.stream, dst.stream, throttle, snapshot=snapshot)
+        copied = 0
+        for lane in [0, *await self.lanes(src.tag)]:
+            copied += await self._copy_stream(
+                src.lane(lane), dst.lane(lane), throttle, snapshot=snapshot
+            )
         # Reliable list consumers that died hand their processing lists back
         # first (the broker's own rule: the heartbeat expired).
         recovered = await _LIST_RECOVER(

@@ -15,13 +15,15 @@ old shard:
    reading the old one until it is finalized.
 4. **drained**: after the settle window (``settle``, at least the brokers'
    ``plan_poll_interval``: a producer with a stale plan may still write to
-   the old tag until then), whatever is left on the old shard is copied,
+   the old tag until then), whatever is left on the old shard is copied
+   (each priority lane's entries to the same lane of the new tag),
    entries pending on dead consumers are reclaimed and copied, and only
    entries pending on live consumers are waited for.
 5. **finalized** (new epoch): the old shard leaves ``draining``; consumers
    stop its reader within about one poll interval.
 6. **cleaned**: after the settle window, one Lua script checks the old
-   stream and list once more and deletes them only if still drained (if
+   streams (the shard's stream and its priority lane streams) and list once
+   more and deletes them only if still drained (if
    something arrived, the old shard goes back into ``draining`` and step 4
    repeats). Dead letters move to the dead-letter stream of the shard that
    now holds the index; the tag is remembered as *retired*.

@@ -189,8 +189,9 @@ class Rebalancer:
     async def drain_state(self, shard: Shard | str, *, delete: bool = False) -> DrainState:
         """What is left to consume in ``shard`` (a Shard or a tag).
 
-        With ``delete=True`` the stream and list are deleted in the same
-        atomic step when they are drained (``deleted`` tells).
+        Stream figures cover the shard's stream and its priority lane
+        streams. With ``delete=True`` the streams and the list are deleted
+        in the same atomic step when they are drained (``deleted`` tells).
         """
         return await self._copier.drain_state(shard, delete=delete)
 

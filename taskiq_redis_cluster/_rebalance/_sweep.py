@@ -4,8 +4,10 @@ When a move is cleaned its old tag is remembered as *retired* in the journal
 (for ``retired_memory`` seconds). Only a producer that did not follow the
 plan (an old version, or one that could not read the plan) still writes to
 a removed tag; with ``XADD NOMKSTREAM`` a kick never recreates a deleted
-stream, but a list push always does. :class:`Sweeper` copies such entries
-to the live shard of the same index and deletes the retired keys;
+stream (nor a deleted priority lane stream), but a list push always does,
+and so may an old broker version or a worker's reader that still ran.
+:class:`Sweeper` copies such entries (each lane's to the same lane) to the
+live shard of the same index and deletes the retired keys;
 ``Rebalancer.sweep`` runs it under the lease (from ``apply`` and on every
 ``watch`` pass).
 """
