@@ -386,7 +386,7 @@ async def _purge(client: RedisCluster, queue: str) -> None:
         tags |= {rec.old.tag, rec.new.tag}
     for tag in tags:
         keys = ShardKeys(DEFAULT_PREFIX, tag)
-        await client.delete(keys.stream, keys.dead, keys.list)
+        await client.delete(keys.dead, keys.list, keys.delayed, *keys.lanes())
     await client.delete(rebalance_journal_key(DEFAULT_PREFIX, queue))
     await store.delete(queue)
 
@@ -426,7 +426,7 @@ async def _run_cli(*args: str, timeout: float = 120.0) -> tuple[int, str, str]:
 async def _old_keys_gone(client: RedisCluster, tags: Iterable[str]) -> bool:
     for tag in tags:
         keys = ShardKeys(DEFAULT_PREFIX, tag)
-        if await client.exists(keys.stream, keys.dead, keys.list):
+        if await client.exists(keys.dead, keys.list, *keys.lanes()):
             return False
     return True
 
@@ -1186,6 +1186,86 @@ async def test_move_without_workers_copies_the_backlog_in_order(
     assert sorted(got) == kicked
     chunks = [sorted(kicked[c : c + 50]) for c in range(0, 300, 50)]
     assert [sorted(got[c : c + 50]) for c in range(0, 300, 50)] == chunks
+
+
+async def _lane_ids(client: RedisCluster, keys: ShardKeys, lanes: int) -> list[list[str]]:
+    """Task ids in each lane stream of a shard, in stream order."""
+    out: list[list[str]] = []
+    for lane in range(lanes):
+        rows: list[Any] = await client.xrange(keys.lane(lane)) or []
+        out.append([task_id_of(fields[b"data"]) for _, fields in rows])
+    return out
+
+
+@pytest.mark.cluster
+async def test_move_without_workers_keeps_every_entry_in_its_priority_lane(
+    cluster_client: RedisCluster, cluster_url: str, queue: str
+) -> None:
+    """Issue 16: lanes move like the shard's stream: same lane on the new tag,
+    nothing lost, the old lane keys deleted, and a stale producer's priority
+    kick (plan never re-polled) lands on the new tag's lane."""
+    await _weighted_plan(cluster_client, queue)
+    preview = await Rebalancer(cluster_client).preview(queue)
+    moving = {m.index: m for m in preview.moves}
+    key = next(f"k{i}" for i in range(10_000) if slot_of(f"k{i}") % 6 in moving)
+    move = moving[slot_of(key) % 6]
+    # Default options: 3 lanes, max_priority 9 -> 0: lane 0, 3: lane 1, 9: lane 2.
+    wanted: list[list[str]] = [[], [], []]
+    for lane, priority in ((0, None), (1, 3), (2, 9)):
+        ids = [f"{queue}-l{lane}-{i:03d}" for i in range(40)]
+        labels: dict[str, Any] = {"partition_key": key}
+        if priority is not None:
+            labels["priority"] = priority
+        for chunk in range(0, len(ids), 20):  # in order: one chunk after the other
+            await _kick_all(cluster_url, queue, ids[chunk : chunk + 20], **labels)
+        wanted[lane] = ids
+    # A delayed task bound for lane 2, not due for a minute: copied raw.
+    await _kick_all(cluster_url, queue, [f"{queue}-later"], partition_key=key, priority=9,
+                    delay=60)
+    old = ShardKeys(DEFAULT_PREFIX, move.old.tag)
+    got = await _lane_ids(cluster_client, old, 3)
+    assert [sorted(ids) for ids in got] == wanted
+    # A producer whose plan is frozen at the old epoch (it never polls again).
+    stale = ClusterStreamBroker(cluster_url, queue_name=queue, plan_poll_interval=3600)
+    await stale.startup()
+    try:
+        results = await Rebalancer(cluster_client, options=_opts()).apply([queue])
+        assert results[0].moves == 2
+        ok, counts = await _status_ok(cluster_client, queue)
+        assert ok, counts
+        plan = await PlanStore(cluster_client).load(queue)
+        assert plan is not None
+        new = ShardKeys(DEFAULT_PREFIX, plan.shards[move.index].tag)
+        assert new.tag != old.tag
+        # Every entry in the same lane on the new tag, each once.
+        got = await _lane_ids(cluster_client, new, 3)
+        assert [sorted(ids) for ids in got] == wanted
+        assert [len(set(ids)) for ids in got] == [40, 40, 40]
+        # The delayed member went along with its lane marker.
+        members: list[bytes] = await cluster_client.zrange(new.delayed, 0, -1)
+        assert len(members) == 1
+        assert members[0].startswith(b"\0L2\0")
+        # Every old stream is gone: lane kicks into them are refused (NOMKSTREAM).
+        assert not await cluster_client.exists(*old.lanes(), old.delayed)
+        await stale.kick(make_message(f"{queue}-stale", partition_key=key, priority=9))
+        assert not await cluster_client.exists(*old.lanes())
+        got = await _lane_ids(cluster_client, new, 3)
+        assert got[2][-1] == f"{queue}-stale"
+        assert sorted(got[2][:-1]) == wanted[2]
+        # Something that still recreates an old lane (an old producer version):
+        # the sweep moves it to the same lane of the live shard.
+        await cluster_client.xadd(old.lane(1), {b"data": make_message(f"{queue}-swept").message})
+        assert await Rebalancer(cluster_client, options=_opts()).sweep([queue]) == 1
+        assert not await cluster_client.exists(*old.lanes())
+        got = await _lane_ids(cluster_client, new, 3)
+        assert got[1][-1] == f"{queue}-swept"
+    finally:
+        await stale.shutdown()
+    # A worker started now gets all of it, lane by lane.
+    drained = await _drain_all(cluster_url, queue, 122, timeout=30)
+    assert set(drained) == {
+        *(i for ids in wanted for i in ids), f"{queue}-stale", f"{queue}-swept"
+    }
 
 
 def _tags(queue: str, n: int) -> list[str]:
