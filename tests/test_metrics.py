@@ -514,6 +514,72 @@ async def test_trimmed_undelivered_entries_are_flagged(
 
 
 @pytest.mark.cluster
+async def test_priority_lanes_count_in_the_shard_and_per_lane(
+    cluster_client: RedisCluster, unique_name: str, cluster_url: str
+) -> None:
+    """Issue 16: lane streams take part in the per-shard metrics, and
+    lane_backlog / lane_lag_seconds tell the lanes apart."""
+    broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, shards=1, xread_block=200)
+    await broker.startup()
+    try:
+        # Default options: 3 lanes; priority 3 is lane 1, 9 lane 2. One entry
+        # per lane delivered (what was read is left pending at shutdown).
+        for labels in ({}, {"priority": 3}, {"priority": 9}):
+            await broker.kick(make_message(f"read-{labels}", **labels))
+        assert len(await take(broker, 3, ack=False)) == 3
+    finally:
+        await broker.shutdown()
+    producer = ClusterStreamBroker(cluster_url, queue_name=unique_name)
+    await producer.startup()
+    try:  # and undelivered ones in every lane: 5, 4 and 3
+        for lane, priority in ((0, 0), (1, 3), (2, 9)):
+            for i in range(5 - lane):
+                await producer.kick(make_message(f"p{lane}-{i}", priority=priority))
+    finally:
+        await producer.shutdown()
+    await asyncio.sleep(0.05)  # so that the undelivered entries have an age
+    keys = (await _shard_streams(cluster_client, unique_name)).shards[0].keys("tqrc")
+    lengths, lags, pendings = [], [], []
+    for lane in range(3):
+        stream = keys.lane(lane)
+        lengths.append(await cluster_client.xlen(stream))
+        (group,) = await cluster_client.xinfo_groups(stream)
+        lags.append(group["lag"])
+        pendings.append(group["pending"])
+    assert lengths == [6, 5, 4]
+    assert (lags, pendings) == ([5, 4, 3], [1, 1, 1])
+    snapshot = await QueueStateReader(cluster_client, queues=[unique_name]).read()
+    assert snapshot.errors == []
+    samples = snapshot.samples
+    shard = (unique_name, "0", "active")
+    group = (*shard, "taskiq")
+    assert samples.value(METRIC_PREFIX + "stream_length", shard) == 15
+    assert samples.value(METRIC_PREFIX + "group_lag", group) == 12
+    assert samples.value(METRIC_PREFIX + "group_pending", group) == 3
+    backlog = dict(samples.items(METRIC_PREFIX + "lane_backlog"))
+    assert backlog == {
+        (*group, str(lane)): float(lags[lane] + pendings[lane]) for lane in range(3)
+    }
+    ages = dict(samples.items(METRIC_PREFIX + "lane_lag_seconds"))
+    assert set(ages) == {(*group, str(lane)) for lane in range(3)}
+    assert all(age > 0 for age in ages.values())
+    assert samples.value(METRIC_PREFIX + "group_lag_seconds", group) == max(ages.values())
+    # A queue without lanes has only lane 0.
+    plain = ClusterStreamBroker(
+        cluster_url, queue_name=unique_name + "-plain", shards=1, priority_lanes=1
+    )
+    await plain.startup()
+    try:
+        await plain.kick(make_message("x"))
+    finally:
+        await plain.shutdown()
+    snapshot = await QueueStateReader(cluster_client, queues=[unique_name + "-plain"]).read()
+    assert [labels[-1] for labels, _ in snapshot.samples.items(METRIC_PREFIX + "lane_backlog")] == [
+        "0"
+    ]
+
+
+@pytest.mark.cluster
 async def test_collector_bridges_to_the_loop_and_counts_timeouts(
     cluster_client: RedisCluster, loaded_queue: str
 ) -> None:
