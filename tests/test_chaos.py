@@ -21,10 +21,12 @@ from there; the installed CLI must not offer it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -39,10 +41,10 @@ if str(ROOT / "scripts") not in sys.path:
     sys.path.insert(0, str(ROOT / "scripts"))
 
 from chaos.config import ChaosConfig  # noqa: E402
-from chaos.harness import chaos_cluster, run_scenario  # noqa: E402
+from chaos.harness import _drain, chaos_cluster, run_scenario  # noqa: E402
 from chaos.ledger import Execution  # noqa: E402
-from chaos.producer import Kick  # noqa: E402
-from chaos.report import ScenarioResult, analyse, format_table  # noqa: E402
+from chaos.producer import KINDS, Kick, kick_kind  # noqa: E402
+from chaos.report import ScenarioResult, analyse, by_kind, format_table  # noqa: E402
 from chaos.scenarios import CI_SCENARIOS, SCENARIOS, skip_reason  # noqa: E402
 from chaos.worker import task_sleep  # noqa: E402
 
@@ -109,6 +111,60 @@ def test_analyse_excludes_tasks_the_fault_deleted() -> None:
     counts = analyse(kicks, runs, fault_start=4.0, fault_end=4.0, destroyed_before=4.5)
     assert counts.destroyed == frozenset({"old"})
     assert counts.lost == frozenset({"new"})
+
+
+def test_kick_mix_has_every_kind_with_short_delays_and_lanes() -> None:
+    kinds = [kick_kind(f"t-{i:06d}") for i in range(2000)]
+    share = {kind: sum(k == kind for k, _ in kinds) / len(kinds) for kind in KINDS}
+    assert share == pytest.approx(
+        {"plain": 3 / 8, "priority": 1 / 4, "delayed": 1 / 4, "delayed+priority": 1 / 8},
+        abs=0.04,
+    )
+    delays = [labels["delay"] for _, labels in kinds if "delay" in labels]
+    assert 0.2 <= min(delays) < 0.3
+    assert 1.4 < max(delays) <= 1.5
+    # Priorities 1-9: lanes 1 and 2 with the broker's defaults (lane 0 is plain).
+    assert {labels["priority"] for _, labels in kinds if "priority" in labels} == set(range(1, 10))
+    assert kick_kind("t-000001") == kinds[1]  # fixed by the id
+
+
+def test_counts_by_kind_and_the_table_line() -> None:
+    kicks = [
+        Kick("p", 0.0, 0.1, "acked"),
+        Kick("d", 0.0, 0.1, "acked", kind="delayed", delay=1.0),
+        Kick("q", 0.0, 0.1, "acked", kind="priority"),
+        Kick("x", 0.0, 0.1, "failed", kind="priority"),
+    ]
+    runs = [Execution("p", 1.0, 1), Execution("q", 1.0, 1)]
+    counts = analyse(kicks, runs)
+    kinds = by_kind(kicks, runs, counts.lost)
+    assert kinds == {
+        "plain": {"kicked": 1, "acked": 1, "executed": 1, "lost": 0},
+        "priority": {"kicked": 2, "acked": 1, "executed": 1, "lost": 0},
+        "delayed": {"kicked": 1, "acked": 1, "executed": 0, "lost": 1},
+    }
+    assert kicks[1].due == pytest.approx(1.1)
+    result = ScenarioResult("worker-kill", "ours", 0, kinds=kinds)
+    assert "worker-kill [ours] by kind: plain 1/1 ran, 0 lost; priority 1/1 ran, 0 lost; " \
+        "delayed 0/1 ran, 1 lost" in format_table([result])
+
+
+async def test_drain_waits_for_the_last_delayed_task_to_come_due(tmp_path: Path) -> None:
+    # A stall bound alone would give up before a delayed task is due.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await _drain(tmp_path, {"late"}, timeout=5.0, stall=0.2, not_before=time.time() + 1.0)
+    assert loop.time() - started >= 1.0
+    started = loop.time()
+    await _drain(tmp_path, {"late"}, timeout=5.0, stall=0.2)
+    assert loop.time() - started < 1.0
+
+
+def _check_kinds(result: ScenarioResult) -> None:
+    """The stream broker's mix: every kind kicked, none lost, none left delayed."""
+    assert set(result.kinds) == set(KINDS), result.kinds
+    assert all(c["lost"] == 0 for c in result.kinds.values()), result.kinds
+    assert result.delayed_end == 0
 
 
 def test_table_lists_every_result_and_its_violations() -> None:
@@ -207,6 +263,7 @@ async def test_ci_scenario_loses_nothing(
     result = await run_scenario(chaos_cluster_fixture, SCENARIOS[name], CI_CONFIG, tmp_path)
     _check_common(result)
     assert result.lost == 0, result.lost_sample
+    _check_kinds(result)
     assert result.status == "ok", result.violations
 
 
@@ -267,6 +324,9 @@ async def test_rolling_restart_loses_nothing(
     assert result.lost == 0, (result.lost_sample, result.queued_end, result.pending_end)
     if broker == "ours":
         assert result.dead_lettered == 0
+        _check_kinds(result)
+    else:
+        assert set(result.kinds) == {"plain"}  # the list broker has no labels
     assert result.status == "ok", result.violations
 
 

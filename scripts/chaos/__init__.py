@@ -8,7 +8,8 @@ the comparison broker) and is not part of the installed package.
 * :mod:`.worker`: the broker factory ``taskiq worker`` imports, the ledger task;
 * :mod:`.ledger`: the execution ledger and worker events (files, not Redis);
 * :mod:`.processes`: worker process groups and one-shot commands;
-* :mod:`.producer`: kicks at a fixed rate with the outcome of each;
+* :mod:`.producer`: kicks at a fixed rate with the outcome of each (for the
+  stream broker a mix of plain, prioritised and delayed kicks);
 * :mod:`.probes`: what the queue holds in Redis (backlog, pending, dead letters);
 * :mod:`.faults`: what each scenario does to workers, nodes, slots, the rebalancer;
 * :mod:`.scenarios`: each fault with its acceptance rules and defaults;

@@ -10,6 +10,12 @@ An option left out takes the scenario's own default where it has one
 (rolling-restart: 15000 tasks at 1000/s, and more while the restarts
 last; 3 workers, tasks of 0.2-0.5 s, idle_timeout 600 s), else the value
 shown in its help.
+
+With the stream broker (``ours``) the producer mixes kinds of kick: plain,
+with a ``priority`` label (the lanes above 0), with a short ``delay``
+(0.2-1.5 s) and with both; the report counts each kind apart, and no verdict
+is taken before the last delayed task is due. ``--no-mix`` kicks plain
+tasks only.
 """
 
 from __future__ import annotations
@@ -76,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="seconds to wait for acked tasks after the fault",
     )
+    parser.add_argument(
+        "--no-mix",
+        dest="mix",
+        action="store_false",
+        default=None,
+        help="ours: kick plain tasks only (default: a mix with priority and delay labels)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write a JSON report")
     parser.add_argument(
         "--workdir", type=Path, help="keep cluster data, worker logs and ledgers here"
@@ -103,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     options = ("tasks", "rate", "workers", "wait_replicas", "idle_timeout", "xread_block",
-               "task_sleep", "task_sleep_max", "drain_timeout")  # fmt: skip
+               "task_sleep", "task_sleep_max", "drain_timeout", "mix")  # fmt: skip
     given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
     brokers = list(dict.fromkeys(args.broker)) or ["ours"]
     try:

@@ -52,6 +52,9 @@ class ChaosConfig:
     :param drain_stall: end the drain early once no task ran for this many
         seconds (``None``: wait the whole ``drain_timeout``).
     :param worker_args: extra ``taskiq worker`` options.
+    :param mix: ClusterStreamBroker only: besides plain kicks, kick tasks with
+        a ``priority`` label (spread over the priority lanes), with a short
+        ``delay`` label (0.2-1.5 s), and with both (see ``producer.kick_kind``).
     :param defaulted: fields the user left at their default, which a
         scenario may set to its own (see :meth:`given`).
     """
@@ -72,6 +75,7 @@ class ChaosConfig:
     task_sleep_max: float | None = None
     drain_stall: float | None = None
     worker_args: tuple[str, ...] = WORKER_ARGS
+    mix: bool = True
     defaulted: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:

@@ -51,10 +51,16 @@ from taskiq_redis_cluster.testing import DevCluster, throwaway_cluster
 from .config import POLL, ChaosConfig
 from .faults import ScenarioContext
 from .ledger import Execution, read_executions
-from .probes import dead_letter_count, dead_letter_keys, queue_depth, stream_keys
+from .probes import (
+    dead_letter_count,
+    dead_letter_keys,
+    delayed_count,
+    queue_depth,
+    stream_keys,
+)
 from .processes import WorkerPool, worker_env
 from .producer import Kick, KickEvents, produce, producer_broker, short_error
-from .report import ScenarioResult, analyse
+from .report import ScenarioResult, analyse, by_kind
 from .scenarios import KICK_CAP, SCENARIOS, Scenario, scenario_bound, skip_reason
 
 logger = logging.getLogger(__name__)
@@ -146,6 +152,7 @@ async def _run_body(
         kicking = produce(
             producer, ids, config.rate, config.kick_timeout,
             record=ctx.kicks, stop_after=config.tasks, stop=fault_over,
+            mix=config.mix and config.broker == "ours",
         )  # fmt: skip
         kicks_task = asyncio.ensure_future(kicking)
         try:
@@ -163,7 +170,11 @@ async def _run_body(
                 kicks_task.cancel()
                 await asyncio.gather(kicks_task, return_exceptions=True)
         acked = {k.task_id for k in kicks if k.outcome == "acked"}
-        await _drain(directory, acked, config.effective_drain_timeout, config.drain_stall)
+        # Delayed tasks run once due: no verdict before the last one is.
+        due = max((k.due for k in kicks if k.outcome == "acked"), default=0.0)
+        await _drain(
+            directory, acked, config.effective_drain_timeout, config.drain_stall, not_before=due
+        )
         await asyncio.sleep(config.settle)
         result.queued_end, result.pending_end = await queue_depth(
             admin, config.broker, await stream_keys(producer, queue)
@@ -174,6 +185,8 @@ async def _run_body(
                 result.dead_lettered = await dead_letter_count(admin, dead)
             except Exception as exc:
                 ctx.notes.append(f"dead letters not counted: {short_error(exc)}")
+            with contextlib.suppress(Exception):
+                result.delayed_end = await delayed_count(producer, admin)
         _fill(result, ctx, kicks, read_executions(directory), pool, scenario)
         if config.broker != "taskiq-redis":
             result.rerouted = kick_events.rerouted_count
@@ -196,21 +209,32 @@ async def _monitor(pool: WorkerPool) -> None:
 
 
 async def _drain(
-    directory: Path, acked: set[str], timeout: float, stall: float | None = None
+    directory: Path,
+    acked: set[str],
+    timeout: float,
+    stall: float | None = None,
+    *,
+    not_before: float = 0.0,
 ) -> None:
     """Wait until every acked task ran, at most ``timeout`` seconds, and at
-    most ``stall`` seconds without any new execution (if set)."""
+    most ``stall`` seconds without any new execution (if set); but never
+    give up before the Unix time ``not_before`` (the last delayed task's
+    due time) plus ``stall`` or, without it, a few seconds."""
     now = time.monotonic()
-    deadline = now + timeout
+    # The wait starts counting once the last delayed task is due.
+    wait_due = max(0.0, not_before - time.time())
+    deadline = now + wait_due + timeout
+    due_at = now + wait_due + (stall if stall is not None else 5.0)
     runs, last_progress = -1, now
-    for _ in range(int(timeout / POLL) + 2):
+    for _ in range(int((wait_due + timeout) / POLL) + 2):
         executions = read_executions(directory)
         if acked <= {e.task_id for e in executions}:
             return
         now = time.monotonic()
         if len(executions) != runs:
             runs, last_progress = len(executions), now
-        if now >= deadline or (stall is not None and now - last_progress >= stall):
+        stalled = stall is not None and now - last_progress >= stall
+        if now >= deadline or (stalled and now >= due_at):
             return
         await asyncio.sleep(POLL)
 
@@ -241,6 +265,7 @@ def _fill(
     result.stall_s = _round(counts.stall_s)
     result.done_s = _round(counts.done_s)
     result.lost_sample = sorted(counts.lost)[:10]
+    result.kinds = by_kind(kicks, executions, counts.lost)
     result.kick_errors = dict(Counter(k.error.split(":")[0] for k in kicks if k.error))
     result.worker_exits = pool.unexpected_exits()
     result.child_restarts = pool.child_restarts()
@@ -268,7 +293,7 @@ def _fill(
 
 def _settings(config: ChaosConfig) -> dict[str, Any]:
     keys = ("tasks", "rate", "workers", "task_sleep", "task_sleep_max", "idle_timeout",
-            "xread_block", "wait_replicas", "worker_args")  # fmt: skip
+            "xread_block", "wait_replicas", "worker_args", "mix")  # fmt: skip
     return {k: v for k, v in config.to_dict().items() if k in keys}
 
 

@@ -29,10 +29,16 @@ async def pending_entries(
 
 async def stream_keys(producer: AsyncBroker, queue: str) -> list[str]:
     """The keys holding ``queue``'s tasks: one stream (or list) per shard, or
-    taskiq-redis's one stream."""
+    taskiq-redis's one stream.
+
+    For ClusterStreamBroker the shards' streams come first, in shard order
+    (the faults aim at the first), then their priority lane streams.
+    """
     if isinstance(producer, ClusterStreamBroker):
         plan = await producer.current_plan()
-        return [ShardKeys(producer.options.prefix, s.tag).stream for s in plan.shards]
+        keys = [ShardKeys(producer.options.prefix, s.tag) for s in plan.shards]
+        lanes = range(1, producer.options.priority_lanes)
+        return [k.stream for k in keys] + [k.lane(n) for k in keys for n in lanes]
     if isinstance(producer, ClusterListQueueBroker):
         plan = await producer.current_plan()
         return [ShardKeys(producer.options.prefix, s.tag).list for s in plan.shards]
@@ -46,6 +52,18 @@ async def dead_letter_keys(producer: AsyncBroker) -> list[str]:
     plan = await producer.current_plan()
     prefix = producer.options.prefix
     return [ShardKeys(prefix, s.tag).dead for s in (*plan.shards, *plan.draining)]
+
+
+async def delayed_count(producer: AsyncBroker, admin: RedisCluster) -> int:
+    """Delayed tasks not promoted yet, over the shards' delayed sets (ours only)."""
+    if not isinstance(producer, ClusterStreamBroker):
+        return 0
+    plan = await producer.current_plan()
+    prefix = producer.options.prefix
+    total = 0
+    for shard in (*plan.shards, *plan.draining):
+        total += int(await admin.zcard(ShardKeys(prefix, shard.tag).delayed))
+    return total
 
 
 async def dead_letter_count(admin: RedisCluster, keys: Iterable[str]) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import ChaosConfig
 from .ledger import Execution
-from .producer import Kick
+from .producer import KINDS, Kick
 
 
 @dataclass
@@ -41,6 +41,7 @@ class ScenarioResult:
     dead_lettered: int | None = None  #: entries in the dead-letter streams (ours only)
     queued_end: int | None = None  #: still queued in Redis at the end (never delivered)
     pending_end: int | None = None  #: delivered, never acked, at the end (streams)
+    delayed_end: int | None = None  #: delayed tasks never promoted, at the end (ours only)
     duplicates: int = 0
     phantoms: int = 0
     unknown_executed: int = 0
@@ -59,6 +60,9 @@ class ScenarioResult:
     violations: list[str] = field(default_factory=list)
     #: The knobs this scenario ran with (after its own defaults).
     settings: dict[str, Any] = field(default_factory=dict)
+    #: Per kind of kick (plain, priority, delayed, delayed+priority):
+    #: kicked, acked, executed (distinct ids) and lost.
+    kinds: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -82,6 +86,26 @@ class Counts:
     resume_s: float | None
     stall_s: float | None
     done_s: float | None
+
+
+def by_kind(
+    kicks: Sequence[Kick], executions: Sequence[Execution], lost: frozenset[str]
+) -> dict[str, dict[str, int]]:
+    """Kicked, acked, executed and lost per kind of kick, in :data:`KINDS` order."""
+    ran = {e.task_id for e in executions}
+    out: dict[str, dict[str, int]] = {}
+    for kind in KINDS:
+        mine = [k for k in kicks if k.kind == kind]
+        if not mine:
+            continue
+        acked = {k.task_id for k in mine if k.outcome == "acked"}
+        out[kind] = {
+            "kicked": len(mine),
+            "acked": len(acked),
+            "executed": len(acked & ran),
+            "lost": len(acked & lost),
+        }
+    return out
 
 
 def analyse(
@@ -187,6 +211,13 @@ def format_table(results: Sequence[ScenarioResult]) -> str:
 
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in rows]
+    for r in results:
+        if len(r.kinds) > 1:
+            parts = [
+                f"{kind} {c['executed']}/{c['acked']} ran, {c['lost']} lost"
+                for kind, c in r.kinds.items()
+            ]
+            out.append(f"{r.name} [{r.broker}] by kind: {'; '.join(parts)}")
     for r in results:
         if r.reason or r.violations:
             out.append(f"{r.name} [{r.broker}]: {r.reason or '; '.join(r.violations)}")
