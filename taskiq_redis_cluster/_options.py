@@ -268,6 +268,8 @@ class ListOptions(QueueOptions):
         than this has its messages handed to others and run twice.
     :param recovery_interval: seconds between checks, per shard, for
         processing lists of dead consumers (reliable mode).
+    :param dedup_ttl: seconds a ``dedup_key`` blocks later kicks of the same
+        key, for kicks without a ``dedup_ttl`` label.
     """
 
     brpop_timeout: float = 1.0
@@ -277,10 +279,11 @@ class ListOptions(QueueOptions):
     consumer_name: str = field(default_factory=default_consumer_name)
     heartbeat_ttl: float = 30.0
     recovery_interval: float = 10.0
+    dedup_ttl: float = 3600.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_name(self.consumer_name, "consumer")
         for name in ("brpop_timeout", "max_batch", "prefetch", "heartbeat_ttl",
-                     "recovery_interval"):
+                     "recovery_interval", "dedup_ttl"):
             _positive(name, getattr(self, name))

@@ -1,13 +1,15 @@
-"""Delayed tasks: moving them from a shard's delayed set into its stream.
+"""Delayed tasks: moving them from a shard's delayed set into its queue.
 
 A kick with a ``delay`` label is held in the shard's delayed set (a sorted
 set in the shard's slot, scored by its due time in the master's clock) by
-``stream_kick_controlled.lua``, marked with its priority lane if it has
-one. Every listening worker runs one
-:class:`DelayedPromoter` per shard it reads; it runs
-``stream_promote_delayed.lua``, which adds what is due to the stream and
-removes it from the set in one atomic step, so any number of workers may
-run it at once and each message still reaches the stream exactly once.
+the broker's kick script (``stream_kick_controlled.lua``, which marks a
+member with its priority lane if it has one, or ``list_kick_controlled.lua``).
+Every listening worker runs one :class:`DelayedPromoter` per shard it reads;
+it runs the broker's promote script (``stream_promote_delayed.lua``, or
+``list_promote_delayed.lua`` from :func:`list_promoter`), which adds what is
+due to the stream (or pushes it to the list) and removes it from the set in
+one atomic step, so any number of workers may run it at once and each
+message still reaches the queue exactly once.
 
 No polling storm: a promoter sleeps until the earliest due time the script
 reported (the set's first score), at least ``min_interval`` and at most
@@ -22,18 +24,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import RedisCluster
 
 from .._keys import ShardKeys
-from .._redis import error_kind, is_transient, load_script
+from .._redis import LuaScript, error_kind, is_transient, load_script
 
 logger = logging.getLogger(__name__)
 
 _PROMOTE = load_script("stream_promote_delayed")
+_PROMOTE_LIST = load_script("list_promote_delayed")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,13 @@ class PromoterTiming:
 
 
 class DelayedPromoter:
-    """Moves the due delayed messages of one shard into its stream, forever.
+    """Moves the due delayed messages of one shard into its queue, forever.
+
+    By default into the shard's stream (and priority lanes); ``script`` and
+    ``script_keys`` name another promote script, such as the list broker's
+    (see :func:`list_promoter`). Such a script takes the batch size as its
+    first argument and answers ``{moved, next due ms or -1, now ms}``, with
+    ``moved`` -1 when its target is missing.
 
     :param client: the broker's cluster client.
     :param keys: the shard's keys.
@@ -63,6 +72,9 @@ class DelayedPromoter:
     :param lanes: the shard's priority lanes; a delayed message goes to
         the lane its kick asked for.
     :param on_moved: called with the number of messages each call moved.
+    :param script: the promote script (default: the stream's).
+    :param script_keys: its keys (default: the shard's stream, delayed set
+        and the streams of its priority lanes).
     """
 
     def __init__(
@@ -74,12 +86,18 @@ class DelayedPromoter:
         lanes: int = 1,
         timing: PromoterTiming | None = None,
         on_moved: Callable[[int], None] | None = None,
+        script: LuaScript | None = None,
+        script_keys: Sequence[str] | None = None,
     ) -> None:
         self._client = client
         self.keys = keys
         self.timing = timing or PromoterTiming()
+        self._script = script or _PROMOTE
         self._args: list[Any] = [self.timing.batch, *trim]
-        self._keys = [keys.stream, keys.delayed, *keys.lanes(lanes)[1:]]
+        self._keys = (
+            list(script_keys) if script_keys is not None
+            else [keys.stream, keys.delayed, *keys.lanes(lanes)[1:]]
+        )
         self._on_moved = on_moved
         self._random = random.Random()
         self._stopping = False
@@ -96,7 +114,7 @@ class DelayedPromoter:
     async def step(self) -> float:
         """Move what is due once; return how long to sleep before the next step."""
         timing = self.timing
-        reply = await _PROMOTE(self._client, keys=self._keys, args=self._args)
+        reply = await self._script(self._client, keys=self._keys, args=self._args)
         moved, next_due, now = int(reply[0]), int(reply[1]), int(reply[2])
         if moved > 0 and self._on_moved is not None:
             self._on_moved(moved)
@@ -104,7 +122,8 @@ class DelayedPromoter:
             return 0.0  # more may be due right now
         if moved < 0:
             # The stream is gone: its reader recreates it (NOGROUP path);
-            # the delayed messages wait in the set meanwhile.
+            # the delayed messages wait in the set meanwhile. (A list needs
+            # no such wait: LPUSH creates it.)
             wait = timing.max_sleep
         elif next_due < 0:
             wait = timing.max_sleep
@@ -136,6 +155,24 @@ class DelayedPromoter:
                 await asyncio.sleep(wait)
 
 
+def list_promoter(
+    client: RedisCluster,
+    keys: ShardKeys,
+    *,
+    timing: PromoterTiming | None = None,
+    on_moved: Callable[[int], None] | None = None,
+) -> DelayedPromoter:
+    """A promoter that pushes the due tasks of ``keys.delayed`` to ``keys.list``.
+
+    A list has no lanes; a due task is pushed at the producing end, like a
+    new kick, so it queues behind what already waits (FIFO).
+    """
+    return DelayedPromoter(
+        client, keys, timing=timing, on_moved=on_moved, script=_PROMOTE_LIST,
+        script_keys=[keys.list, keys.delayed],
+    )
+
+
 def start_promoter(promoter: DelayedPromoter) -> asyncio.Task[None]:
     """Run ``promoter`` for as long as the calling task (a shard reader) lives.
 
@@ -157,4 +194,10 @@ def stop_promoter(promoter: DelayedPromoter, task: asyncio.Task[None]) -> None:
     task.cancel()
 
 
-__all__ = ["DelayedPromoter", "PromoterTiming", "start_promoter", "stop_promoter"]
+__all__ = [
+    "DelayedPromoter",
+    "PromoterTiming",
+    "list_promoter",
+    "start_promoter",
+    "stop_promoter",
+]

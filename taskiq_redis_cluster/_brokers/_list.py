@@ -16,6 +16,14 @@ Two delivery modes:
   task, says the consumer is alive; when it expires, any reader of the shard
   moves the dead consumer's processing list back to the shard (one Lua
   script, all keys one hash tag). This is Sidekiq's "super_fetch" pattern.
+
+Task controls, in both modes (labels parsed in ``_controls``): a
+``dedup_key`` kick sets its marker and pushes in one script on the key's
+shard; a ``delay`` kick waits in the shard's delayed set, and every reader
+runs a promoter (``_delayed``) that pushes due tasks to the producing end
+of its list, like a new kick. ``priority`` is not implemented: it needs a
+list per lane and a fair pop over them (a BRPOP over several lists is
+strict priority and would starve the lower ones).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from taskiq import AckableMessage
+from taskiq import AckableMessage, BrokerMessage
 
 from .._events import BrokerEvents
 from .._keys import ShardKeys
@@ -41,6 +49,7 @@ from .._planning import Shard
 from .._redis import (
     AutoPipeline,
     CommandFailure,
+    Reply,
     RetryPolicy,
     Unroutable,
     error_kind,
@@ -48,6 +57,8 @@ from .._redis import (
     load_script,
 )
 from ._base import ShardedBroker, Sink, StopSignal
+from ._controls import TaskControls, dedup_task_id, duplicate_of, read_controls, submit_script
+from ._delayed import DelayedPromoter, list_promoter, start_promoter, stop_promoter
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +66,7 @@ logger = logging.getLogger(__name__)
 _HAND_BACK = load_script("list_hand_back")
 _RELIABLE_HAND_BACK = load_script("list_reliable_hand_back")
 _RETIRE = load_script("list_retire")
+_KICK_CONTROLLED = load_script("list_kick_controlled")
 
 #: Most messages one hand-back script call pushes (Lua's unpack() limit is ~8000).
 _HAND_BACK_CHUNK = 1000
@@ -75,6 +87,10 @@ class ClusterListQueueBroker(ShardedBroker):
     Shards (default: 4 per master) are spread evenly over the masters; kicks
     go round-robin, or by the ``partition_key`` label, and every worker pops
     from every shard with one reader each, so no shard starves.
+
+    The ``delay`` and ``dedup_key`` (``dedup_ttl``) labels work as with
+    :class:`ClusterStreamBroker`; a due delayed task joins the back of its
+    shard's list. The ``priority`` label is ignored (see docs/brokers.md).
     """
 
     options: ListOptions
@@ -119,6 +135,9 @@ class ClusterListQueueBroker(ShardedBroker):
         # the task that keeps its heartbeats alive until shutdown.
         self._registered: dict[str, tuple[ShardKeys, int]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        # Running delayed-task promoters (one per shard reader), so that
+        # shutdown can wait for them.
+        self._promoters: dict[asyncio.Task[None], DelayedPromoter] = {}
 
     def _blocking_seconds(self) -> float:
         return self.options.brpop_timeout
@@ -138,6 +157,51 @@ class ClusterListQueueBroker(ShardedBroker):
 
     def _write_command(self, keys: ShardKeys) -> tuple[str, tuple[Any, ...]]:
         return keys.list, ("LPUSH", keys.list)
+
+    # --------------------------------------------------------- task controls
+    def _controls(self, message: BrokerMessage) -> TaskControls | None:
+        """The ``delay``/``dedup_key`` a message asks for; None for a plain LPUSH.
+
+        ``priority`` is not read: this broker has no lanes.
+
+        :raises InvalidOptionError: for a bad ``delay`` or ``dedup_ttl``.
+        """
+        return read_controls(message.labels, dedup_ttl=self.options.dedup_ttl)
+
+    async def _write_controlled(
+        self, pipeline: AutoPipeline, shard: Shard, message: BrokerMessage, controls: Any
+    ) -> Reply:
+        """Delay and/or deduplicate a kick in one atomic script on its shard.
+
+        A duplicate (the key was kicked within its TTL) writes nothing and is
+        not an error: the kick returns normally, as the first one did, and
+        :meth:`dedup_task_id` tells the task id whose result to look for.
+        A retry (``_retries`` label) of the task that holds the key is queued.
+        """
+        assert isinstance(controls, TaskControls)
+        keys = ShardKeys(self.options.prefix, shard.tag)
+        script_keys = [keys.list, keys.delayed]
+        if controls.dedup_key is not None:
+            script_keys.append(keys.dedup(controls.dedup_key))
+        args = [message.message, controls.delay_ms, controls.dedup_ttl_ms, message.task_id,
+                "1" if controls.retry else "0"]
+        reply = await submit_script(pipeline, _KICK_CONTROLLED, script_keys, args)
+        holder = duplicate_of(reply)
+        if holder is not None:
+            logger.debug("Task %s not queued: dedup key %r of %s is held by task %s",
+                         message.task_id, controls.dedup_key, self.queue_name, holder)
+        return reply
+
+    async def dedup_task_id(
+        self, dedup_key: str, *, partition_key: str | None = None
+    ) -> str | None:
+        """The task id that holds ``dedup_key``, or None once its TTL ran out.
+
+        That is the task that was queued; a duplicate kick's own task id
+        never gets a result. Pass the ``partition_key`` the kicks carried, if
+        any: it, not the dedup key, picks their shard.
+        """
+        return await dedup_task_id(self, dedup_key, partition_key)
 
     # ------------------------------------------------------------------- pop
     async def _pop(self, keys: ShardKeys) -> bytes | None:
@@ -169,6 +233,11 @@ class ClusterListQueueBroker(ShardedBroker):
         self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal
     ) -> None:
         keys = ShardKeys(self.options.prefix, shard.tag)
+        # Due delayed tasks of this shard go into its list while it is read.
+        promoter = list_promoter(self.client, keys)
+        promoting = start_promoter(promoter)
+        self._promoters[promoting] = promoter
+        promoting.add_done_callback(self._promoters.pop)
         reliable = self.options.reliable
         next_recovery = 0.0
         if reliable:
@@ -372,14 +441,22 @@ class ClusterListQueueBroker(ShardedBroker):
             logger.warning("Recovery pass on %s failed: %r", keys.list, exc)
 
     async def _before_close(self) -> None:
-        """Reliable mode: stop the heartbeat and give back what was never acked.
+        """Stop the promoters; reliable mode: stop the heartbeat, give back the unacked.
 
         By now taskiq has finished (or abandoned) every task it took, so what
         is left in this consumer's processing lists will never be acked here:
         tasks cut off by ``--wait-tasks-timeout``, or messages whose ack
         failed. They go back to their shards now instead of after the
         heartbeat expires.
+
+        The delayed-task promoters go first: they end with their readers, but
+        a reader that was cancelled may leave its promoter mid-command, and
+        none may touch the client after it is closed.
         """
+        for task, promoter in list(self._promoters.items()):
+            stop_promoter(promoter, task)
+        if self._promoters:
+            await asyncio.wait(set(self._promoters), timeout=5.0)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)

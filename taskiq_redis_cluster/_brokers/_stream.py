@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 from taskiq import AckableMessage, BrokerMessage
 
-from .._errors import ConfigurationError, InvalidOptionError, ReplicationTimeoutError
+from .._errors import ConfigurationError, ReplicationTimeoutError
 from .._events import BrokerEvents
 from .._keys import MAX_LANES, ShardKeys, slot_of
 from .._lifecycle import check_client_kwargs
@@ -53,6 +52,16 @@ from .._redis import (
     load_script,
 )
 from ._base import DEDUP_KEY_LABEL, ShardedBroker, Sink, StopSignal
+from ._controls import (
+    _DUPLICATE,
+    _RETRIES_LABEL,
+    DEDUP_TTL_LABEL,
+    DELAY_LABEL,
+    PRIORITY_LABEL,
+    TaskControls,
+    _label_ms,
+    _label_priority,
+)
 from ._delayed import DelayedPromoter, start_promoter, stop_promoter
 from ._lease import Lease, LeaseRenewer, TaskStartWatcher
 
@@ -66,85 +75,6 @@ _DEAD_LETTER = load_script("stream_dead_letter")
 _REMOVE_STALE_CONSUMERS = load_script("stream_remove_stale_consumers")
 _RENEW_LEASES = load_script("stream_lease_renew")
 _KICK_CONTROLLED = load_script("stream_kick_controlled")
-
-#: Label: seconds (int, float or a numeric string) before the task may run.
-DELAY_LABEL = "delay"
-#: Label: an integer, higher runs sooner (taskiq's convention); see
-#: ``StreamOptions.priority_lanes``.
-PRIORITY_LABEL = "priority"
-#: Label: seconds a ``dedup_key`` blocks other kicks with the same key.
-DEDUP_TTL_LABEL = "dedup_ttl"
-#: Longest accepted delay or dedup TTL (ten years), so a typo in the unit
-#: is refused instead of parking a task forever.
-_MAX_CONTROL_SECONDS = 10 * 365 * 86_400
-_DUPLICATE = b"duplicate"
-#: Label taskiq's retry middlewares put on the re-kick of a failed task.
-_RETRIES_LABEL = "_retries"
-
-
-@dataclass(frozen=True)
-class TaskControls:
-    """What a kick's labels ask for beyond a plain XADD (ms; key as text).
-
-    ``retry``: the kick is a retry of a failed task (same task id), which
-    a dedup key held by that task id must not block. ``lane``: the priority
-    lane the ``priority`` label picks (0 without one).
-    """
-
-    delay_ms: int
-    dedup_key: str | None
-    dedup_ttl_ms: int
-    retry: bool = False
-    lane: int = 0
-
-
-def _label_priority(value: Any) -> int:
-    """A ``priority`` label as an int (an int, or a string of one).
-
-    :raises InvalidOptionError: for anything else, and for a negative value.
-    """
-    priority: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        priority = value
-    elif isinstance(value, str):
-        try:
-            priority = int(value.strip())
-        except ValueError:
-            priority = None
-    elif isinstance(value, float) and value.is_integer():
-        priority = int(value)
-    if priority is None or priority < 0:
-        raise InvalidOptionError(
-            option=f"{PRIORITY_LABEL} label",
-            reason=f"must be a non-negative integer (higher runs sooner), got {value!r}",
-        )
-    return priority
-
-
-def _label_ms(label: str, value: Any, *, allow_zero: bool) -> int:
-    """Seconds given in a label, as whole ms rounded up (never early).
-
-    :raises InvalidOptionError: for anything but a finite, non-negative
-        number of seconds (a bool, NaN, a word...), before any I/O.
-    """
-    seconds: float | None = None
-    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = None
-    if seconds is None or not math.isfinite(seconds):
-        raise InvalidOptionError(
-            option=f"{label} label", reason=f"must be a number of seconds, got {value!r}"
-        )
-    if seconds < 0 or (seconds == 0 and not allow_zero) or seconds > _MAX_CONTROL_SECONDS:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise InvalidOptionError(
-            option=f"{label} label",
-            reason=f"must be {bound} and at most {_MAX_CONTROL_SECONDS} seconds, got {value!r}",
-        )
-    return math.ceil(seconds * 1000)
-
 
 @dataclass
 class _AckBatcher:
