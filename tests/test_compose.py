@@ -133,11 +133,14 @@ def test_recording_rules_aggregate_declared_metrics_per_queue() -> None:
     records = {r["record"]: r["expr"] for r in rules}
     assert len(records) == len(rules), "a recorded name is defined twice"
     for name, expr in records.items():
-        # level:metric:operation, one series per queue (and group, where the
-        # metric has one)
-        match = re.fullmatch(r"(queue_group|queue):taskiq_redis_cluster_[a-z_]+:(sum|max)", name)
+        # level:metric:operation, one series per queue (and group, and
+        # priority lane, where the metric has them)
+        match = re.fullmatch(
+            r"(queue_group_lane|queue_group|queue):taskiq_redis_cluster_[a-z_]+:(sum|max)", name
+        )
         assert match, name
-        by = "(queue, group)" if match.group(1) == "queue_group" else "(queue)"
+        by = {"queue_group_lane": "(queue, group, lane)", "queue_group": "(queue, group)",
+              "queue": "(queue)"}[match.group(1)]
         assert f"by {by}" in expr, name
         used = set(re.findall(r"\btaskiq_redis_cluster_[a-z_]+", expr))
         assert used, name
