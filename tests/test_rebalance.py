@@ -221,6 +221,7 @@ def test_rebalance_modules_import_only_downwards() -> None:
         "_journal",
         "_options",
         "_lease",
+        "_markers",
         "_copy",
         "_writer",
         "_sweep",
@@ -1266,6 +1267,182 @@ async def test_move_without_workers_keeps_every_entry_in_its_priority_lane(
     assert set(drained) == {
         *(i for ids in wanted for i in ids), f"{queue}-stale", f"{queue}-swept"
     }
+
+
+async def _stream_ids(client: RedisCluster, keys: ShardKeys) -> list[str]:
+    rows: list[Any] = await client.xrange(keys.stream) or []
+    return [task_id_of(fields[b"data"]) for _, fields in rows]
+
+
+async def _pttl_at(client: RedisCluster, key: str) -> tuple[int, float]:
+    """A key's PTTL, and the latest monotonic time (ms) it can have been read at."""
+    pttl = int(await client.pttl(key))
+    return pttl, time.monotonic() * 1000
+
+
+@pytest.mark.cluster
+async def test_move_takes_dedup_markers_along(
+    cluster_client: RedisCluster, cluster_url: str, queue: str
+) -> None:
+    """A key kicked before the move, or by a stale producer during it, stays
+    held on the new tag by the same task id with no more than what was left
+    of its TTL; the old markers go with the old shard."""
+    await _weighted_plan(cluster_client, queue)
+    preview = await Rebalancer(cluster_client).preview(queue)
+    moving = {m.index: m for m in preview.moves}
+    key = next(f"k{i}" for i in range(10_000) if slot_of(f"k{i}") % 6 in moving)
+    move = moving[slot_of(key) % 6]
+    old = ShardKeys(DEFAULT_PREFIX, move.old.tag)
+    await _kick_all(cluster_url, queue, [f"{queue}-first"], partition_key=key, dedup_key="K",
+                    dedup_ttl=600)
+    # A short TTL: the copy must let it run out when the original would have.
+    await _kick_all(cluster_url, queue, [f"{queue}-brief"], partition_key=key,
+                    dedup_key="brief", dedup_ttl=2)
+    brief_gone_at = time.monotonic() + 2.0
+    ttl_before, read_by = await _pttl_at(cluster_client, old.dedup("K"))
+    assert 0 < ttl_before <= 600_000
+    # A producer whose plan is frozen at the old epoch kicks a new key while
+    # the move runs, after the switch: its marker lands on the old tag.
+    stale = ClusterStreamBroker(cluster_url, queue_name=queue, plan_poll_interval=3600)
+    await stale.startup()
+    stale_kicks: list[asyncio.Task[Any]] = []
+
+    def on_event(event: RebalanceEvent) -> None:
+        if event.kind is RebalanceEventKind.SWITCHED and event.index == move.index:
+            stale_kicks.append(asyncio.get_running_loop().create_task(stale.kick(
+                make_message(f"{queue}-stale", partition_key=key, dedup_key="S")
+            )))
+
+    fresh = ClusterStreamBroker(cluster_url, queue_name=queue, plan_poll_interval=POLL)
+    try:
+        results = await Rebalancer(cluster_client, options=_opts(), on_event=on_event).apply(
+            [queue]
+        )
+        assert results[0].moves == 2
+        assert len(stale_kicks) == 1
+        await stale_kicks[0]
+        plan = await PlanStore(cluster_client).load(queue)
+        assert plan is not None
+        new = ShardKeys(DEFAULT_PREFIX, plan.shards[move.index].tag)
+        assert new.tag != old.tag
+        # Same task ids; the TTL was not extended by the copy.
+        assert await cluster_client.get(new.dedup("K")) == f"{queue}-first".encode()
+        assert await cluster_client.get(new.dedup("S")) == f"{queue}-stale".encode()
+        started = time.monotonic() * 1000
+        ttl_after, _ = await _pttl_at(cluster_client, new.dedup("K"))
+        assert ttl_after > 0
+        assert started + ttl_after <= read_by + ttl_before + 1
+        # The old markers went with the old shard's streams.
+        assert not await cluster_client.exists(old.dedup("K"), old.dedup("S"), *old.lanes())
+        # Kicks of the held keys after the move are duplicates: from a
+        # producer on the new plan, and from the stale one (its kick into the
+        # deleted stream is refused, it re-reads the plan and kicks again).
+        await fresh.startup()
+        assert await fresh.dedup_task_id("K", partition_key=key) == f"{queue}-first"
+        assert await fresh.dedup_task_id("S", partition_key=key) == f"{queue}-stale"
+        for task_id, dedup_key in ((f"{queue}-again", "K"), (f"{queue}-again-s", "S")):
+            await fresh.kick(make_message(task_id, partition_key=key, dedup_key=dedup_key))
+        await stale.kick(make_message(f"{queue}-stale-again", partition_key=key, dedup_key="K"))
+        assert not await cluster_client.exists(*old.lanes())
+        got = Counter(await _stream_ids(cluster_client, new))
+        assert got == Counter([f"{queue}-first", f"{queue}-brief", f"{queue}-stale"])
+        # The short marker runs out when its original would have: not revived,
+        # not extended; the key can then be queued again.
+        await asyncio.sleep(max(0.0, brief_gone_at - time.monotonic()) + 0.05)
+        assert not await cluster_client.exists(new.dedup("brief"), old.dedup("brief"))
+        assert await fresh.dedup_task_id("brief", partition_key=key) is None
+        await fresh.kick(make_message(f"{queue}-brief-2", partition_key=key, dedup_key="brief"))
+        assert (await _stream_ids(cluster_client, new))[-1] == f"{queue}-brief-2"
+        await cluster_client.delete(new.dedup("K"), new.dedup("S"), new.dedup("brief"))
+    finally:
+        await fresh.shutdown()
+        await stale.shutdown()
+
+
+@pytest.mark.cluster
+async def test_marker_copy_keeps_ttls_and_never_overwrites_or_revives(
+    cluster_client: RedisCluster, unique_name: str
+) -> None:
+    from taskiq_redis_cluster._rebalance._copy import ShardCopier
+
+    src_tag, dst_tag = _tags(unique_name, 2)
+    src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
+    names = [f"k{i}" for i in range(20)] + ["odd{key}:*?", "forever", "gone"]
+    copier = ShardCopier(cluster_client, DEFAULT_PREFIX, _opts(copy_batch=7))
+    try:
+        for i, name in enumerate(names[:21]):
+            await cluster_client.set(src.dedup(name), f"t{i}", px=60_000 + i)
+        await cluster_client.set(src.dedup("forever"), "t-forever")
+        await cluster_client.set(src.dedup("gone"), "t-gone", px=100)
+        # A key of the slot that is no marker; and a marker a producer on the
+        # new plan set first.
+        await cluster_client.zadd(src.delayed, {"x": 1})
+        await cluster_client.set(dst.dedup("k0"), "fresh", px=5_000)
+        await asyncio.sleep(0.3)  # "gone" expired (maybe not yet evicted)
+        before = {name: await _pttl_at(cluster_client, src.dedup(name)) for name in names[:21]}
+        assert await copier.copy_markers(src_tag, dst_tag) == 21  # all but k0 and gone
+        for i, name in enumerate(names[:21]):
+            started = time.monotonic() * 1000
+            ttl, _ = await _pttl_at(cluster_client, dst.dedup(name))
+            if name == "k0":
+                assert await cluster_client.get(dst.dedup(name)) == b"fresh"
+                assert ttl <= 5_000
+                continue
+            assert await cluster_client.get(dst.dedup(name)) == f"t{i}".encode()
+            ttl_src, read_by = before[name]
+            assert ttl > 0, name
+            assert started + ttl <= read_by + ttl_src + 1, name
+        assert await cluster_client.get(dst.dedup("forever")) == b"t-forever"
+        assert await cluster_client.pttl(dst.dedup("forever")) == -1
+        assert not await cluster_client.exists(dst.dedup("gone"), dst.delayed)
+        # A rerun writes nothing; with delete the source markers go, the
+        # rest of the slot stays.
+        assert await copier.copy_markers(src_tag, dst_tag) == 0
+        assert await cluster_client.exists(*(src.dedup(n) for n in names[:22])) == 22
+        assert await copier.copy_markers(src_tag, dst_tag, delete=True) == 0
+        assert not await cluster_client.exists(*(src.dedup(n) for n in names))
+        assert await cluster_client.exists(src.delayed)
+        assert await cluster_client.get(dst.dedup("k1")) == b"t1"
+    finally:
+        for keys in (src, dst):
+            await cluster_client.delete(keys.delayed, *(keys.dedup(n) for n in names))
+
+
+@pytest.mark.cluster
+async def test_marker_listing_waits_while_the_slot_migrates(
+    cluster_client: RedisCluster, unique_name: str
+) -> None:
+    """GETKEYSINSLOT answers for part of a migrating slot without an error;
+    the listing notices (ASK on its probe) and waits for a stable owner."""
+    from taskiq_redis_cluster._rebalance._copy import ShardCopier
+
+    src_tag, dst_tag = _tags(unique_name, 2)
+    src, dst = ShardKeys(DEFAULT_PREFIX, src_tag), ShardKeys(DEFAULT_PREFIX, dst_tag)
+    owner = cluster_client.get_node_from_key(src.stream)
+    assert owner is not None
+    other = next(n for n in cluster_client.get_primaries() if n.name != owner.name)
+    other_id = await cluster_client.execute_command("CLUSTER MYID", target_nodes=other)
+    copier = ShardCopier(cluster_client, DEFAULT_PREFIX, _opts())
+    try:
+        for i in range(5):
+            await cluster_client.set(src.dedup(f"k{i}"), f"t{i}", px=60_000)
+        await cluster_client.execute_command(
+            "CLUSTER SETSLOT", src.slot, "MIGRATING", other_id, target_nodes=owner
+        )
+        started = time.monotonic()
+        copy = asyncio.create_task(copier.copy_markers(src_tag, dst_tag))
+        await asyncio.sleep(0.8)
+        assert not copy.done()
+        await cluster_client.execute_command(
+            "CLUSTER SETSLOT", src.slot, "STABLE", target_nodes=owner
+        )
+        assert await asyncio.wait_for(copy, 10) == 5
+        assert time.monotonic() - started >= 0.8
+    finally:
+        await cluster_client.execute_command(
+            "CLUSTER SETSLOT", src.slot, "STABLE", target_nodes=owner
+        )
+        await cluster_client.delete(*(k.dedup(f"k{i}") for k in (src, dst) for i in range(5)))
 
 
 def _tags(queue: str, n: int) -> list[str]:

@@ -35,6 +35,9 @@ Entries keep their relative order; copies land behind whatever the target
 already holds. Copying is throttled by ``max_entries_per_second``, one pace
 shared by every move in flight. Dead letters move with
 :meth:`ShardCopier.move_dead_letters`.
+
+Dedup markers are not entries: :meth:`ShardCopier.copy_markers` hands them
+to :class:`~._markers.MarkerCopier`, paced by the same throttle.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from .._errors import RebalanceError
 from .._keys import MAX_LANES, ShardKeys
 from .._planning import Shard
 from .._redis import load_script
+from ._markers import MarkerCopier
 from ._options import RebalanceOptions
 
 logger = logging.getLogger(__name__)
@@ -126,6 +130,7 @@ class ShardCopier:
         self.options = options
         # One pace for all moves in flight: the cap is per rebalancer.
         self._throttle = _Throttle(options.max_entries_per_second)
+        self._markers = MarkerCopier(client, prefix, options.copy_batch, self._throttle)
 
     async def drain_state(self, shard: Shard | str, *, delete: bool = False) -> DrainState:
         """What is left to consume in ``shard`` (a Shard or a tag).
@@ -396,6 +401,15 @@ class ShardCopier:
             copied += len(items)
             await throttle(len(items))
         return copied
+
+    async def copy_markers(
+        self, source: Shard | str, target: Shard | str, *, delete: bool = False
+    ) -> int:
+        """Copy the dedup markers of shard ``source`` to shard ``target``
+        (see :meth:`MarkerCopier.copy <._markers.MarkerCopier.copy>`)."""
+        src = source.tag if isinstance(source, Shard) else source
+        dst = target.tag if isinstance(target, Shard) else target
+        return await self._markers.copy(src, dst, delete=delete)
 
     async def move_dead_letters(self, source: str, target: str) -> None:
         """Move every entry of dead stream ``source`` to ``target``, then delete it.

@@ -8,7 +8,7 @@ old shard:
 1. **planned**: the move is written to the journal.
 2. **pre-copy** (still ``planned``, ``precopy`` set): the old shard's
    backlog up to the moment the copy starts is copied to the new tag, which
-   nobody reads or writes yet, in order.
+   nobody reads or writes yet, in order; so are its dedup markers.
 3. **switch** (new epoch): the shard's index gets its new tag; the old shard
    goes into ``draining``. Producers follow within one
    ``plan_poll_interval``; consumers start a reader for the new tag and keep
@@ -18,15 +18,21 @@ old shard:
    the old tag until then), whatever is left on the old shard is copied
    (each priority lane's entries to the same lane of the new tag),
    entries pending on dead consumers are reclaimed and copied, and only
-   entries pending on live consumers are waited for.
+   entries pending on live consumers are waited for. Dedup markers are
+   copied again right after the switch (keys kicked since the pre-copy) and
+   after the settle window (keys a stale producer kicked meanwhile).
 5. **finalized** (new epoch): the old shard leaves ``draining``; consumers
    stop its reader within about one poll interval.
 6. **cleaned**: after the settle window, one Lua script checks the old
    streams (the shard's stream and its priority lane streams) and list once
    more and deletes them only if still drained (if
    something arrived, the old shard goes back into ``draining`` and step 4
-   repeats). Dead letters move to the dead-letter stream of the shard that
-   now holds the index; the tag is remembered as *retired*.
+   repeats). Then its dedup markers are copied a last time and deleted:
+   with its streams gone no stream kick can set one there any more (the
+   kick script refuses a shard whose stream is missing; what a list push
+   recreates is the sweep's, see ``_sweep``). Dead letters move to
+   the dead-letter stream of the shard that now holds the index; the tag is
+   remembered as *retired*.
 
 Finalizing *before* deleting is deliberate: a draining reader that still ran
 when its stream vanished would get ``NOGROUP`` and recreate the stream.
@@ -223,6 +229,8 @@ class MoveDriver:
             rec.copied += copied
             await journal.put(rec)
             self._emit(RebalanceEventKind.COPIED, queue, rec, done=copied, total=copied)
+        # Markers too: a kick on the new plan then finds its key held.
+        await self._copier.copy_markers(rec.old, rec.new)
 
     async def _abandon_precopy(self, queue: str, rec: MoveRecord) -> None:
         """A pre-copied move that will not switch: return its copies to the live shard."""
@@ -238,6 +246,8 @@ class MoveDriver:
         target = plan.shards[rec.index]
         copied = await self._copier.copy_entries(rec.new, target)
         state = await self._copier.drain_state(rec.new, delete=True)
+        # The pre-copied markers are copies of the live shard's (NX: no-ops).
+        await self._copier.copy_markers(rec.new, target, delete=True)
         logger.warning(
             "Queue %s: move of shard %d abandoned; %d pre-copied entries returned to %s%s",
             queue,
@@ -275,7 +285,14 @@ class MoveDriver:
             # the settle window from now, which is later than the real one.
             rec.switched_at = time.time()
             await journal.put(rec)
+        if rec.switched_at + self.options.settle > time.time():
+            # Keys kicked between the pre-copy and the switch: without this
+            # a producer already on the new plan could queue them again
+            # until the copy after the settle window.
+            await self._copy_markers(queue, rec)
         await self._wait_settled(rec.switched_at)
+        # Keys a producer on the old plan kicked during the settle window.
+        await self._copy_markers(queue, rec)
         # Bounded by the deadline (checked every pass) and a hard count.
         limit = (
             # x10: the deadline moves on while copying or acks make progress.
@@ -435,6 +452,9 @@ class MoveDriver:
             await self._redrain(queue, journal, rec, state, deadline)
             return
         target = plan.shards[rec.index]
+        # Its streams are gone, so no stream kick sets a marker there any
+        # more: the last copy takes every one, and they go with the shard.
+        await self._copier.copy_markers(rec.draining, target, delete=True)
         await self._copier.move_dead_letters(
             ShardKeys(self.prefix, rec.draining).dead, ShardKeys(self.prefix, target.tag).dead
         )
@@ -478,6 +498,17 @@ class MoveDriver:
         )
         if time.monotonic() >= deadline:
             await self._timed_out(queue, journal, rec, state)
+
+    async def _copy_markers(self, queue: str, rec: MoveRecord) -> None:
+        """Copy the draining tag's dedup markers to the tag that holds its index now.
+
+        Skipped (the cleanup step decides what happens) when the plan has
+        no such index or the draining tag is active again.
+        """
+        plan = await self._writer.load(queue)
+        if not 0 <= rec.index < len(plan.shards) or plan.shards[rec.index].tag == rec.draining:
+            return
+        await self._copier.copy_markers(rec.draining, plan.shards[rec.index])
 
     async def _target_tag(self, queue: str, rec: MoveRecord) -> str:
         """Where a record's draining entries go: the tag that holds its index now."""

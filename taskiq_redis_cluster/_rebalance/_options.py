@@ -29,9 +29,9 @@ class RebalanceOptions:
     :param move_timeout: seconds one move may go without progress (nothing
         copied, nothing acknowledged) before it is reverted.
     :param max_moves_at_once: moves of one queue driven concurrently.
-    :param max_entries_per_second: cap on entries (tasks and dead letters)
-        copied per second.
-    :param copy_batch: entries copied per round trip.
+    :param max_entries_per_second: cap on entries (tasks, dead letters and
+        dedup markers written) copied per second.
+    :param copy_batch: entries (or dedup markers) copied per round trip.
     :param idle_timeout: seconds after which an entry pending on any
         consumer is reclaimed and copied (use the brokers' ``idle_timeout``,
         which is in ms there).

@@ -7,7 +7,8 @@ a removed tag; with ``XADD NOMKSTREAM`` a kick never recreates a deleted
 stream (nor a deleted priority lane stream), but a list push always does,
 and so may an old broker version or a worker's reader that still ran.
 :class:`Sweeper` copies such entries (each lane's to the same lane) to the
-live shard of the same index and deletes the retired keys;
+live shard of the same index and deletes the retired keys (dedup kicks into
+a recreated stream or list may have set markers there too: they go along);
 ``Rebalancer.sweep`` runs it under the lease (from ``apply`` and on every
 ``watch`` pass).
 """
@@ -113,6 +114,10 @@ class Sweeper:
                     total=count,
                 )
             state = await self._copier.drain_state(tag, delete=True)
+            if state.deleted and 0 <= index < len(plan.shards):
+                # Dedup kicks into a recreated stream or list set markers on
+                # the retired tag; with those keys gone again they go along.
+                await self._copier.copy_markers(tag, plan.shards[index], delete=True)
             if not state.deleted and not state.drained:
                 logger.warning(
                     "Queue %s: retired shard %s still has %d pending on live consumers; "
