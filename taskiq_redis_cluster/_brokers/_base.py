@@ -436,6 +436,24 @@ class ShardedBroker(AsyncBroker):
                         shard.tag, self.queue_name, fresh.epoch)
         return fresh
 
+    async def dedup_task_id(
+        self, dedup_key: str, *, partition_key: str | None = None
+    ) -> str | None:
+        """The task id that holds ``dedup_key``, or None once its TTL ran out.
+
+        That is the task that was queued; a duplicate kick's own task id
+        never gets a result. Pass the ``partition_key`` the kicks carried, if
+        any: it, not the dedup key, picks their shard (``ROUTING_LABELS``).
+        """
+        plan = await self.current_plan()
+        routing = partition_key if partition_key not in (None, "") else dedup_key
+        shard = plan.shards[self._shard_index(plan, str(routing))]
+        marker = ShardKeys(self.options.prefix, shard.tag).dedup(str(dedup_key))
+        value = await self._idempotent(lambda: self.client.get(marker))
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
     def _landed(self, reply: Reply) -> bool:
         """Hook: False when the write was refused because the shard's key is gone."""
         return True

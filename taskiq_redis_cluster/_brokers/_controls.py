@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import NoScriptError
 
 from .._errors import InvalidOptionError
-from .._keys import ShardKeys, slot_of
 from .._redis import AutoPipeline, CommandFailure, LuaScript, Reply
 from ._base import DEDUP_KEY_LABEL
 
 if TYPE_CHECKING:
-    from ._base import ShardedBroker
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -166,30 +165,11 @@ def duplicate_of(reply: Reply) -> str | None:
     return None
 
 
-async def dedup_task_id(
-    broker: ShardedBroker, dedup_key: str, partition_key: str | None
-) -> str | None:
-    """The task id that holds ``dedup_key`` on ``broker``'s queue, or None.
-
-    The shard is the one the kicks went to: the ``partition_key``'s if
-    they had one, else the dedup key's (see ``ROUTING_LABELS``).
-    """
-    plan = await broker.current_plan()
-    routing = partition_key if partition_key not in (None, "") else dedup_key
-    shard = plan.shards[slot_of(str(routing)) % len(plan.shards)]
-    marker = ShardKeys(broker.options.prefix, shard.tag).dedup(str(dedup_key))
-    value = await broker._idempotent(lambda: broker.client.get(marker))
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 __all__ = [
     "DEDUP_TTL_LABEL",
     "DELAY_LABEL",
     "PRIORITY_LABEL",
     "TaskControls",
-    "dedup_task_id",
     "duplicate_of",
     "read_controls",
     "submit_script",

@@ -57,7 +57,7 @@ from .._redis import (
     load_script,
 )
 from ._base import ShardedBroker, Sink, StopSignal
-from ._controls import TaskControls, dedup_task_id, duplicate_of, read_controls, submit_script
+from ._controls import TaskControls, duplicate_of, read_controls, submit_script
 from ._delayed import DelayedPromoter, list_promoter, start_promoter, stop_promoter
 
 logger = logging.getLogger(__name__)
@@ -191,17 +191,6 @@ class ClusterListQueueBroker(ShardedBroker):
             logger.debug("Task %s not queued: dedup key %r of %s is held by task %s",
                          message.task_id, controls.dedup_key, self.queue_name, holder)
         return reply
-
-    async def dedup_task_id(
-        self, dedup_key: str, *, partition_key: str | None = None
-    ) -> str | None:
-        """The task id that holds ``dedup_key``, or None once its TTL ran out.
-
-        That is the task that was queued; a duplicate kick's own task id
-        never gets a result. Pass the ``partition_key`` the kicks carried, if
-        any: it, not the dedup key, picks their shard.
-        """
-        return await dedup_task_id(self, dedup_key, partition_key)
 
     # ------------------------------------------------------------------- pop
     async def _pop(self, keys: ShardKeys) -> bytes | None:

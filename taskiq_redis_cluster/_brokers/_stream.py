@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from taskiq import AckableMessage, BrokerMessage
 
 from .._errors import ConfigurationError, ReplicationTimeoutError
 from .._events import BrokerEvents
-from .._keys import MAX_LANES, ShardKeys, slot_of
+from .._keys import MAX_LANES, ShardKeys
 from .._lifecycle import check_client_kwargs
 from .._options import StreamOptions, resolve_options
 from .._planning import Shard
@@ -51,17 +51,8 @@ from .._redis import (
     is_transient,
     load_script,
 )
-from ._base import DEDUP_KEY_LABEL, ShardedBroker, Sink, StopSignal
-from ._controls import (
-    _DUPLICATE,
-    _RETRIES_LABEL,
-    DEDUP_TTL_LABEL,
-    DELAY_LABEL,
-    PRIORITY_LABEL,
-    TaskControls,
-    _label_ms,
-    _label_priority,
-)
+from ._base import ShardedBroker, Sink, StopSignal
+from ._controls import TaskControls, duplicate_of, read_controls, submit_script
 from ._delayed import DelayedPromoter, start_promoter, stop_promoter
 from ._lease import Lease, LeaseRenewer, TaskStartWatcher
 
@@ -454,20 +445,8 @@ class ClusterStreamBroker(ShardedBroker):
         :raises InvalidOptionError: for a bad ``delay``, ``dedup_ttl`` or
             ``priority``.
         """
-        labels = message.labels
-        delay = labels.get(DELAY_LABEL)
-        dedup = labels.get(DEDUP_KEY_LABEL)
-        priority = labels.get(PRIORITY_LABEL)
-        delay_ms = 0 if delay is None else _label_ms(DELAY_LABEL, delay, allow_zero=True)
-        lane = 0 if priority is None else self.options.lane_of(_label_priority(priority))
-        if dedup is None or dedup == "":
-            return TaskControls(delay_ms, None, 0, lane=lane) if delay_ms or lane else None
-        ttl = labels.get(DEDUP_TTL_LABEL)
-        ttl_ms = _label_ms(
-            DEDUP_TTL_LABEL, self.options.dedup_ttl if ttl is None else ttl, allow_zero=False
-        )
-        return TaskControls(
-            delay_ms, str(dedup), ttl_ms, labels.get(_RETRIES_LABEL) is not None, lane
+        return read_controls(
+            message.labels, dedup_ttl=self.options.dedup_ttl, lane_of=self.options.lane_of
         )
 
     async def _write_controlled(
@@ -494,39 +473,12 @@ class ClusterStreamBroker(ShardedBroker):
             script_keys.append(keys.dedup(controls.dedup_key))
         args = [message.message, controls.delay_ms, controls.dedup_ttl_ms, message.task_id,
                 "1" if controls.retry else "0", controls.lane, *self._trim_args()]
-        try:
-            reply = await pipeline.submit(stream, *_KICK_CONTROLLED.command(script_keys, args))
-        except CommandFailure as failure:
-            if not isinstance(failure.error, NoScriptError):
-                raise
-            # Nothing ran (a restarted or promoted master); EVAL also caches it.
-            reply = await pipeline.submit(
-                stream, *_KICK_CONTROLLED.eval_command(script_keys, args)
-            )
-        value = reply.value
-        if isinstance(value, list) and value and value[0] == _DUPLICATE:
-            original = value[1].decode() if isinstance(value[1], bytes) else str(value[1])
+        reply = await submit_script(pipeline, _KICK_CONTROLLED, script_keys, args)
+        original = duplicate_of(reply)
+        if original is not None:
             logger.debug("Task %s not queued: dedup key %r of %s is held by task %s",
                          message.task_id, controls.dedup_key, self.queue_name, original)
         return reply
-
-    async def dedup_task_id(
-        self, dedup_key: str, *, partition_key: str | None = None
-    ) -> str | None:
-        """The task id that holds ``dedup_key``, or None once its TTL ran out.
-
-        That is the task that was queued; a duplicate kick's own task id
-        never gets a result. Pass the ``partition_key`` the kicks carried, if
-        any: it, not the dedup key, picks their shard.
-        """
-        plan = await self.current_plan()
-        routing = partition_key if partition_key not in (None, "") else dedup_key
-        shard = plan.shards[slot_of(str(routing)) % len(plan.shards)]
-        marker = ShardKeys(self.options.prefix, shard.tag).dedup(str(dedup_key))
-        value = await self._idempotent(lambda: self.client.get(marker))
-        if value is None:
-            return None
-        return value.decode() if isinstance(value, bytes) else str(value)
 
     def _landed(self, reply: Reply) -> bool:
         # NOMKSTREAM answers nil, writing nothing, when the stream is missing.
