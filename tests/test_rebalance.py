@@ -1592,6 +1592,9 @@ async def test_list_queue_moves_without_workers(
             await producer.kick(make_message(task_id, partition_key=key))
         for i in range(60):
             await producer.kick(make_message(f"{queue}-rr{i}"))
+        # A dedup key held before the move stays held after it.
+        kicked.append(f"{queue}-dedup")
+        await producer.kick(make_message(kicked[-1], partition_key=key, dedup_key="LK"))
     finally:
         await producer.shutdown()
     results = await Rebalancer(cluster_client, options=_opts()).apply([queue])
@@ -1601,6 +1604,26 @@ async def test_list_queue_moves_without_workers(
     final = await PlanStore(cluster_client).load(queue)
     assert final is not None
     assert await _old_keys_gone(cluster_client, set(plan.tags()) - set(final.tags()))
+    old = ShardKeys(DEFAULT_PREFIX, move.old.tag)
+    new = ShardKeys(DEFAULT_PREFIX, final.shards[move.index].tag)
+    assert not await cluster_client.exists(old.dedup("LK"))
+    producer = ClusterListQueueBroker(cluster_url, queue_name=queue, plan_poll_interval=POLL)
+    await producer.startup()
+    try:
+        await producer.kick(make_message(f"{queue}-dedup-2", partition_key=key, dedup_key="LK"))
+        assert await producer.dedup_task_id("LK", partition_key=key) == f"{queue}-dedup"
+        # A list push is not fenced: what the kick script of a producer that
+        # kept the old plan does (marker, then LPUSH) recreates the old list;
+        # the sweep moves both to the live shard.
+        await cluster_client.set(old.dedup("LS"), f"{queue}-stale", px=60_000)
+        await cluster_client.lpush(old.list, make_message(f"{queue}-stale").message)
+        assert await Rebalancer(cluster_client, options=_opts()).sweep([queue]) == 1
+        assert not await cluster_client.exists(old.dedup("LS"), old.list)
+        assert await producer.dedup_task_id("LS", partition_key=key) == f"{queue}-stale"
+        await cluster_client.delete(new.dedup("LK"), new.dedup("LS"))
+    finally:
+        await producer.shutdown()
+    kicked.append(f"{queue}-stale")
     # Oldest at the right end, where consumers pop: the kick order is kept.
     moved = ShardKeys(DEFAULT_PREFIX, final.shards[move.index].tag).list
     keyed = [task_id_of(m) for m in reversed(await cluster_client.lrange(moved, 0, -1))]
@@ -1608,7 +1631,7 @@ async def test_list_queue_moves_without_workers(
     total = 0
     for shard in final.shards:
         total += await cluster_client.llen(ShardKeys(DEFAULT_PREFIX, shard.tag).list)
-    assert total == 210
+    assert total == 212
 
 
 async def _reshard_a_third(

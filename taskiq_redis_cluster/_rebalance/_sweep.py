@@ -114,9 +114,10 @@ class Sweeper:
                     total=count,
                 )
             state = await self._copier.drain_state(tag, delete=True)
-            if state.deleted and 0 <= index < len(plan.shards):
+            if state.drained and 0 <= index < len(plan.shards):
                 # Dedup kicks into a recreated stream or list set markers on
-                # the retired tag; with those keys gone again they go along.
+                # the retired tag; with those keys gone again (drained means
+                # deleted here, or emptied by the copy) they go along.
                 await self._copier.copy_markers(tag, plan.shards[index], delete=True)
             if not state.deleted and not state.drained:
                 logger.warning(
