@@ -1260,6 +1260,13 @@ async def test_move_without_workers_keeps_every_entry_in_its_priority_lane(
         assert not await cluster_client.exists(*old.lanes())
         got = await _lane_ids(cluster_client, new, 3)
         assert got[1][-1] == f"{queue}-swept"
+        # A delayed kick into the retired shard (the list broker's cannot be
+        # fenced) leaves only its delayed set there: swept too.
+        await cluster_client.zadd(old.delayed, {b"late-member": 1})
+        assert await Rebalancer(cluster_client, options=_opts()).sweep([queue]) == 1
+        assert not await cluster_client.exists(old.delayed)
+        assert await cluster_client.zscore(new.delayed, b"late-member") == 1
+        await cluster_client.zrem(new.delayed, b"late-member")
     finally:
         await stale.shutdown()
     # A worker started now gets all of it, lane by lane.

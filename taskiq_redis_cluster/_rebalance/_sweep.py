@@ -71,11 +71,12 @@ class Sweeper:
         return {tag: index for tag, index in retired.items() if tag not in live}
 
     async def has_stranded(self, queue: str) -> bool:
-        """Whether a retired shard of ``queue`` holds entries or a stream (no lease)."""
+        """Whether a retired shard of ``queue`` holds entries, delayed tasks or a
+        stream (no lease)."""
         journal = Journal(self._client, self.prefix, queue)
         for tag in await self.retired_tags(queue, journal):
             state = await self._copier.drain_state(tag)
-            if state.exists or state.list_length or state.processing:
+            if state.exists or state.list_length or state.processing or state.delayed:
                 return True
         return False
 
@@ -86,7 +87,9 @@ class Sweeper:
         moved = 0
         for tag, index in (await self.retired_tags(queue, journal)).items():
             state = await self._copier.drain_state(tag)
-            if not state.exists and not state.list_length and not state.processing:
+            # A delayed kick (list broker) cannot be fenced like XADD
+            # NOMKSTREAM: a retired shard may hold nothing but its delayed set.
+            if not (state.exists or state.list_length or state.processing or state.delayed):
                 continue
             if not state.drained:
                 if not 0 <= index < len(plan.shards):
