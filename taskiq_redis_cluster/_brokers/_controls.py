@@ -13,16 +13,15 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.exceptions import NoScriptError
+from taskiq import BrokerMessage
 
 from .._errors import InvalidOptionError
+from .._keys import ShardKeys
 from .._redis import AutoPipeline, CommandFailure, LuaScript, Reply
 from ._base import DEDUP_KEY_LABEL
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +155,37 @@ async def submit_script(
     return await pipeline.submit(keys[0], *script.eval_command(keys, args))
 
 
+async def kick_controlled(
+    pipeline: AutoPipeline,
+    script: LuaScript,
+    target: str,
+    keys: ShardKeys,
+    message: BrokerMessage,
+    controls: TaskControls,
+    *extra: Any,
+) -> Reply:
+    """Run a broker's controlled-kick script: one atomic step on the shard.
+
+    ``target`` is where a due task goes (the shard's stream or lane, or its
+    list); the script gets the shard's delayed set and, with a dedup key,
+    its marker. The arguments both scripts share come first, then
+    ``extra``. A duplicate is logged; the reply tells the caller the rest.
+
+    :raises CommandFailure: as the auto-pipeline raises it.
+    """
+    script_keys = [target, keys.delayed]
+    if controls.dedup_key is not None:
+        script_keys.append(keys.dedup(controls.dedup_key))
+    args = [message.message, controls.delay_ms, controls.dedup_ttl_ms, message.task_id,
+            "1" if controls.retry else "0", *extra]
+    reply = await submit_script(pipeline, script, script_keys, args)
+    holder = duplicate_of(reply)
+    if holder is not None:
+        logger.debug("Task %s not queued: its dedup key %r is held by task %s",
+                     message.task_id, controls.dedup_key, holder)
+    return reply
+
+
 def duplicate_of(reply: Reply) -> str | None:
     """The task id holding the dedup key when a kick script answered "duplicate"."""
     value = reply.value
@@ -171,6 +201,7 @@ __all__ = [
     "PRIORITY_LABEL",
     "TaskControls",
     "duplicate_of",
+    "kick_controlled",
     "read_controls",
     "submit_script",
 ]

@@ -57,7 +57,7 @@ from .._redis import (
     load_script,
 )
 from ._base import ShardedBroker, Sink, StopSignal
-from ._controls import TaskControls, duplicate_of, read_controls, submit_script
+from ._controls import TaskControls, kick_controlled, read_controls
 from ._delayed import DelayedPromoter, list_promoter, start_promoter, stop_promoter
 
 logger = logging.getLogger(__name__)
@@ -180,17 +180,8 @@ class ClusterListQueueBroker(ShardedBroker):
         """
         assert isinstance(controls, TaskControls)
         keys = ShardKeys(self.options.prefix, shard.tag)
-        script_keys = [keys.list, keys.delayed]
-        if controls.dedup_key is not None:
-            script_keys.append(keys.dedup(controls.dedup_key))
-        args = [message.message, controls.delay_ms, controls.dedup_ttl_ms, message.task_id,
-                "1" if controls.retry else "0"]
-        reply = await submit_script(pipeline, _KICK_CONTROLLED, script_keys, args)
-        holder = duplicate_of(reply)
-        if holder is not None:
-            logger.debug("Task %s not queued: dedup key %r of %s is held by task %s",
-                         message.task_id, controls.dedup_key, self.queue_name, holder)
-        return reply
+        return await kick_controlled(pipeline, _KICK_CONTROLLED, keys.list, keys, message,
+                                     controls)
 
     # ------------------------------------------------------------------- pop
     async def _pop(self, keys: ShardKeys) -> bytes | None:

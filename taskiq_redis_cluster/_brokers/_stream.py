@@ -52,7 +52,7 @@ from .._redis import (
     load_script,
 )
 from ._base import ShardedBroker, Sink, StopSignal
-from ._controls import TaskControls, duplicate_of, read_controls, submit_script
+from ._controls import TaskControls, kick_controlled, read_controls
 from ._delayed import DelayedPromoter, start_promoter, stop_promoter
 from ._lease import Lease, LeaseRenewer, TaskStartWatcher
 
@@ -468,17 +468,8 @@ class ClusterStreamBroker(ShardedBroker):
                 stream, "XADD", stream, "NOMKSTREAM", *self._trim_args(), "*", _DATA,
                 message.message,
             )
-        script_keys = [stream, keys.delayed]
-        if controls.dedup_key is not None:
-            script_keys.append(keys.dedup(controls.dedup_key))
-        args = [message.message, controls.delay_ms, controls.dedup_ttl_ms, message.task_id,
-                "1" if controls.retry else "0", controls.lane, *self._trim_args()]
-        reply = await submit_script(pipeline, _KICK_CONTROLLED, script_keys, args)
-        original = duplicate_of(reply)
-        if original is not None:
-            logger.debug("Task %s not queued: dedup key %r of %s is held by task %s",
-                         message.task_id, controls.dedup_key, self.queue_name, original)
-        return reply
+        return await kick_controlled(pipeline, _KICK_CONTROLLED, stream, keys, message, controls,
+                                     controls.lane, *self._trim_args())
 
     def _landed(self, reply: Reply) -> bool:
         # NOMKSTREAM answers nil, writing nothing, when the stream is missing.
