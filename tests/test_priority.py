@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, make_message, task_id_of
+from helpers import consuming, eventually, make_message, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 from taskiq.kicker import AsyncKicker
@@ -258,33 +258,21 @@ async def test_a_worker_reads_lanes_it_was_not_configured_for(
     producer = await _started(cluster_url, unique_name, shards=1, priority_lanes=5)
     worker = await _started(cluster_url, unique_name, shards=1, priority_lanes=worker_lanes,
                             trim_interval=0.5)
-    got: list[str] = []
-    listen = worker.listen()
-
-    async def consume() -> None:
-        async for msg in listen:
-            assert isinstance(msg, AckableMessage)
-            got.append(task_id_of(msg.data))
-            await msg.ack()  # type: ignore[misc]
-
-    consumer = asyncio.create_task(consume())
     try:
-        await producer.kick(make_message("top", priority=9))
-        await producer.kick(make_message("plain"))
-        await eventually(lambda: _true(len(got) == 2), "both tasks")
-        # A lane that appears while the worker listens is found at its next
-        # look (every trim_interval).
-        other = await _started(cluster_url, unique_name, shards=1, priority_lanes=8)
-        try:
-            await other.kick(make_message("newer", priority=9))
-        finally:
-            await other.shutdown()
-        await eventually(lambda: _true(len(got) == 3), "the task in the new lane")
-        assert sorted(got) == ["newer", "plain", "top"]
+        async with consuming(worker) as got:
+            await producer.kick(make_message("top", priority=9))
+            await producer.kick(make_message("plain"))
+            await eventually(lambda: _true(len(got) == 2), "both tasks")
+            # A lane that appears while the worker listens is found at its
+            # next look (every trim_interval).
+            other = await _started(cluster_url, unique_name, shards=1, priority_lanes=8)
+            try:
+                await other.kick(make_message("newer", priority=9))
+            finally:
+                await other.shutdown()
+            await eventually(lambda: _true(len(got) == 3), "the task in the new lane")
+            assert sorted(got) == ["newer", "plain", "top"]
     finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
-        await listen.aclose()
         await producer.shutdown()
         await worker.shutdown()
 
@@ -304,23 +292,9 @@ async def test_lanes_are_reclaimed_dead_lettered_and_trimmed_like_the_stream(
         # A consumer that then dies takes the lane-2 entry.
         await cluster_client.xreadgroup(group, "dead-worker", {keys.lane(2): ">"}, count=1)
         await asyncio.sleep(1.1)
-        got: list[str] = []
-        listen = broker.listen()
-
-        async def consume() -> None:
-            async for msg in listen:
-                assert isinstance(msg, AckableMessage)
-                got.append(task_id_of(msg.data))
-                await msg.ack()  # type: ignore[misc]
-
-        consumer = asyncio.create_task(consume())
-        try:
+        async with consuming(broker) as got:
             await eventually(lambda: _dead_count(cluster_client, keys.dead), "the dead letter")
             await eventually(lambda: _true(got), "the reclaimed entry")
-        finally:
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await listen.aclose()
         assert got == ["orphan"]  # reclaimed from lane 2
         await broker._acks.drain()  # type: ignore[union-attr]
         [(_, fields)] = await cluster_client.xrange(keys.dead)
