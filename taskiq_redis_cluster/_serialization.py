@@ -21,6 +21,11 @@ _Model = TypeVar("_Model", bound=BaseModel)
 
 #: Longest decode-error text put into a log line or an exception.
 _MAX_REASON = 300
+#: Most parsed messages a formatter keeps for the receiver (see ``remember``),
+#: and the largest message it keeps: a message taskiq never parses (released
+#: at shutdown, say) stays until pushed out, so what can linger is bounded.
+_MAX_REMEMBERED = 512
+_MAX_REMEMBERED_BYTES = 16_384
 
 
 def default_serializer() -> TaskiqSerializer:
@@ -39,7 +44,45 @@ class MessageFormatter(ProxyFormatter):
     separators, and non-ASCII text as UTF-8 instead of ``\\u`` escapes.
     Any other serializer is used exactly as taskiq would; decoding is
     taskiq's own.
+
+    A broker that parses a message before handing it out (the stream
+    broker checks that it is a taskiq message) may :meth:`remember` the
+    result: taskiq's receiver then gets that object for the same bytes
+    object instead of parsing them a second time.
     """
+
+    def __init__(self, broker: Any) -> None:
+        super().__init__(broker)
+        # id() of the message bytes -> (those bytes, their parse). The bytes
+        # are kept, so their id() cannot be reused while the entry exists.
+        self._remembered: dict[int, tuple[bytes, TaskiqMessage]] = {}
+
+    def remember(self, data: bytes, message: TaskiqMessage) -> None:
+        """Let the next :meth:`loads` of this very ``data`` object return ``message``.
+
+        ``message`` must be what :meth:`loads` made of ``data``. It is
+        returned once: taskiq's receiver changes the message it runs.
+        """
+        if len(data) > _MAX_REMEMBERED_BYTES:
+            return
+        remembered = self._remembered
+        if len(remembered) >= _MAX_REMEMBERED:
+            del remembered[next(iter(remembered))]
+        remembered[id(data)] = (data, message)
+
+    def forget(self, data: bytes) -> None:
+        """Drop what :meth:`remember` kept for ``data`` (it will not be parsed)."""
+        kept = self._remembered.get(id(data))
+        if kept is not None and kept[0] is data:
+            del self._remembered[id(data)]
+
+    def loads(self, message: bytes) -> TaskiqMessage:
+        """Decode ``message``; a remembered parse of the same object is used once."""
+        if self._remembered:
+            kept = self._remembered.pop(id(message), None)
+            if kept is not None and kept[0] is message:
+                return kept[1]
+        return super().loads(message)
 
     def dumps(self, message: TaskiqMessage) -> BrokerMessage:
         """Encode ``message`` for the broker."""

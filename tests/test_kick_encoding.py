@@ -91,3 +91,40 @@ def test_a_custom_serializer_subclass_is_not_bypassed() -> None:
     broker = ClusterStreamBroker(_URL).with_serializer(Tagged())
     message = TaskiqMessage(task_id="t", task_name="m:t", labels={}, args=[], kwargs={})
     assert broker.formatter.dumps(message).message.startswith(b"tagged:")
+
+
+def test_a_remembered_parse_is_returned_once_for_the_same_bytes_object() -> None:
+    # The stream broker parses a message to validate it; taskiq's receiver
+    # then parses the same bytes object, and gets that parse instead.
+    formatter = MessageFormatter(InMemoryBroker())
+    message = TaskiqMessage(task_id="t", task_name="m:t", labels={}, args=[1], kwargs={})
+    data = formatter.dumps(message).message
+    parsed = formatter.loads(data)
+    formatter.remember(data, parsed)
+    equal_copy = bytes(bytearray(data))
+    assert formatter.loads(equal_copy) is not parsed  # only the very same object
+    assert formatter.loads(data) is parsed
+    again = formatter.loads(data)  # once: the receiver changes what it runs
+    assert again is not parsed
+    assert again == parsed
+    formatter.remember(data, parsed)
+    formatter.forget(data)
+    assert formatter.loads(data) is not parsed
+
+
+def test_remembered_parses_are_bounded() -> None:
+    formatter = MessageFormatter(InMemoryBroker())
+    message = TaskiqMessage(task_id="t", task_name="m:t", labels={}, args=[], kwargs={})
+    kept = []
+    for i in range(600):
+        data = formatter.dumps(message).message + b" " * (i % 3)
+        kept.append(data)
+        formatter.remember(data, message)
+    assert len(formatter._remembered) == 512
+    assert formatter.loads(kept[0]) is not message  # pushed out: parsed anew
+    assert formatter.loads(kept[-1]) is message
+    big = formatter.dumps(
+        TaskiqMessage(task_id="t", task_name="m:t", labels={}, args=["x" * 20_000], kwargs={})
+    ).message
+    formatter.remember(big, message)
+    assert formatter.loads(big) is not message  # too large to keep

@@ -51,6 +51,7 @@ from .._redis import (
     is_transient,
     load_script,
 )
+from .._serialization import MessageFormatter
 from ._base import ShardedBroker, Sink, StopSignal
 from ._controls import TaskControls, kick_controlled, read_controls
 from ._delayed import DelayedPromoter, start_promoter, stop_promoter
@@ -370,10 +371,13 @@ class ClusterStreamBroker(ShardedBroker):
         """
         by_stream: dict[str, list[bytes]] = {}
         unread, self._unread = self._unread, []
+        formatter = self.formatter
         for message in messages:
             meta = self._unhanded.pop(id(message), None)
             if meta is not None:
                 unread.append(meta)
+            if isinstance(message, AckableMessage) and isinstance(formatter, MessageFormatter):
+                formatter.forget(message.data)
         for stream, entry_id in unread:
             ids = by_stream.setdefault(stream, [])
             if entry_id not in ids:
@@ -827,12 +831,16 @@ class ClusterStreamBroker(ShardedBroker):
             return "missing 'data' field"
         if not self.is_worker_process:
             return None
+        formatter = self.formatter
         try:
-            message = self.formatter.loads(message=data)
+            message = formatter.loads(message=data)
         except Exception as exc:
             return f"not a taskiq message: {type(exc).__name__}"
         if self.find_task(message.task_name) is None:
             return f"unknown task {message.task_name!r}"
+        if isinstance(formatter, MessageFormatter):
+            # taskiq's receiver parses the same bytes next: spare it that.
+            formatter.remember(data, message)
         return None
 
     async def _dead_letter(
