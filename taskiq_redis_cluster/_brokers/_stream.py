@@ -769,8 +769,10 @@ class ClusterStreamBroker(ShardedBroker):
         acks = self._acks
         assert acks is not None
         ack = _EntryAck(acks, stream, shard.index, entry_id, lease, self._leases)
-        # Built without validation: both fields are ours and of the right type.
-        message = AckableMessage.model_construct(data=entry[_DATA], ack=ack)
+        # Validated: pydantic-core checks two fields faster (1.7 us) than
+        # model_construct's Python code skips the check (4.4 us). It keeps the
+        # bytes object itself, which the formatter's remembered parse needs.
+        message = AckableMessage(data=entry[_DATA], ack=ack)
         self._unhanded[id(message)] = (stream, entry_id)
         await sink(message, lane)
 
