@@ -286,14 +286,14 @@ async def test_harness_terminates_and_reports_on_taskiq_redis(
     # taskiq-redis's worker crashes on a deleted stream and loses tasks: the
     # harness must still end within its bound and report it.
     config = ChaosConfig(
-        tasks=120, rate=30.0, workers=1, idle_timeout=2000, xread_block=500, task_sleep=0.05,
-        broker="taskiq-redis", drain_timeout=8.0,
+        tasks=60, rate=30.0, workers=1, idle_timeout=2000, xread_block=500, task_sleep=0.05,
+        broker="taskiq-redis", drain_timeout=5.0,
     )  # fmt: skip
     result = await run_scenario(chaos_cluster_fixture, SCENARIOS["stream-del"], config, tmp_path)
     print()
     print(format_table([result]))
     assert result.status == "fail", (result.reason, result.violations)
-    assert result.kicked == 120
+    assert result.kicked == 60
     assert result.duration_s <= result.bound_s
     assert result.lost > 0 or result.worker_exits, result.violations
     assert any("lost" in v or "worker exited" in v for v in result.violations)
@@ -337,7 +337,7 @@ def test_cli_runs_a_scenario_end_to_end(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "chaos.py"), "--scenario", "worker-kill",
-         "--tasks", "60", "--rate", "20", "--workers", "2", "--task-sleep", "0.1",
+         "--tasks", "40", "--rate", "20", "--workers", "2", "--task-sleep", "0.1",
          "--json", str(report), "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=170, check=False,
     )  # fmt: skip

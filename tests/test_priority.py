@@ -332,7 +332,7 @@ _APP = textwrap.dedent(
     async def work(tag: str) -> None:
         with open(os.environ["TQRC_LEDGER"], "a") as ledger:
             ledger.write(f"{tag} {time.time()}\\n")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
     """
 )
 
