@@ -14,20 +14,17 @@
 -- The due time is this master's clock, the one the promoter compares with,
 -- so producers' clocks do not matter. A list has no priority lanes, so the
 -- member is the bare message.
+--!include kick_controls
 if #KEYS >= 3 then
-  -- The check and the write are this one script: two racing kicks of one
-  -- key queue it once.
-  if not redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then
-    local holder = redis.call('GET', KEYS[3]) or ''
-    if not (ARGV[5] == '1' and holder == ARGV[4]) then
-      return {'duplicate', holder}
-    end
+  local holder = dedup_holder(KEYS[3], ARGV[4], ARGV[3], ARGV[5])
+  if holder ~= nil then
+    return {'duplicate', holder}
   end
 end
+--!include clock
 local delay = tonumber(ARGV[2])
 if delay > 0 then
-  local t = redis.call('TIME')
-  local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + delay
+  local due = now_ms() + delay
   redis.call('ZADD', KEYS[2], due, ARGV[1])
   return {'delayed', due}
 end

@@ -9,8 +9,8 @@
 -- Safe to run from many workers at once: each message is pushed and removed
 -- in the same atomic step, so it reaches the list exactly once.
 --!include delayed_lane
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--!include clock
+local now = now_ms()
 local moved = 0
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 if #due > 0 then
@@ -25,9 +25,4 @@ if #due > 0 then
   redis.call('ZREM', KEYS[2], unpack(due))
   moved = #due
 end
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local next_due = -1
-if #first > 0 then
-  next_due = tonumber(first[2])
-end
-return {moved, next_due, now}
+return {moved, first_due(KEYS[2]), now}

@@ -9,8 +9,8 @@
 -- Returns {written, this master's time in ms}. Called with KEYS[1] alone it
 -- only tells the time: the caller asks it before reading the source markers'
 -- TTLs, so that time plus a TTL is never later than the original's expiry.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--!include clock
+local now = now_ms()
 local written = 0
 for i = 2, #KEYS do
   local value, at = ARGV[2 * i - 3], tonumber(ARGV[2 * i - 2])

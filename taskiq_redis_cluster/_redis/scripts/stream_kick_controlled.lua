@@ -17,21 +17,18 @@
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return false
 end
+--!include kick_controls
 if #KEYS >= 3 then
-  -- The check and the write are this one script: two racing kicks of one
-  -- key queue it once.
-  if not redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then
-    local holder = redis.call('GET', KEYS[3]) or ''
-    if not (ARGV[5] == '1' and holder == ARGV[4]) then
-      return {'duplicate', holder}
-    end
+  local holder = dedup_holder(KEYS[3], ARGV[4], ARGV[3], ARGV[5])
+  if holder ~= nil then
+    return {'duplicate', holder}
   end
 end
 --!include delayed_lane
+--!include clock
 local delay = tonumber(ARGV[2])
 if delay > 0 then
-  local t = redis.call('TIME')
-  local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + delay
+  local due = now_ms() + delay
   redis.call('ZADD', KEYS[2], due, delayed_member(tonumber(ARGV[6]), ARGV[1]))
   return {'delayed', due}
 end

@@ -8,8 +8,8 @@
 -- Safe to run from many workers at once: each message is added and removed
 -- in the same atomic step, so it reaches the stream exactly once.
 --!include delayed_lane
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--!include clock
+local now = now_ms()
 local moved = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
   moved = -1
@@ -38,9 +38,4 @@ else
     moved = #due
   end
 end
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local next_due = -1
-if #first > 0 then
-  next_due = tonumber(first[2])
-end
-return {moved, next_due, now}
+return {moved, first_due(KEYS[2]), now}

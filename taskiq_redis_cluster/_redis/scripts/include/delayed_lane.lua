@@ -8,6 +8,14 @@ local function delayed_member(lane, message)
   end
   return message
 end
+-- Due time (ms) of the earliest member of delayed set key, or -1 if empty.
+local function first_due(key)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    return tonumber(first[2])
+  end
+  return -1
+end
 local function delayed_lane(member)
   if string.sub(member, 1, 2) ~= '\0L' then
     return 0, member
