@@ -194,9 +194,40 @@ def stop_promoter(promoter: DelayedPromoter, task: asyncio.Task[None]) -> None:
     task.cancel()
 
 
+class Promoters:
+    """A broker's running promoters (one per shard reader), so that its
+    shutdown can stop them and wait for them."""
+
+    def __init__(self) -> None:
+        self._running: dict[asyncio.Task[None], DelayedPromoter] = {}
+
+    def __len__(self) -> int:
+        """How many are running."""
+        return len(self._running)
+
+    def start(self, promoter: DelayedPromoter) -> None:
+        """:func:`start_promoter`, remembered until its task ends."""
+        task = start_promoter(promoter)
+        self._running[task] = promoter
+        task.add_done_callback(self._running.pop)
+
+    async def stop_all(self, timeout: float = 5.0) -> None:
+        """Stop every promoter and wait for them.
+
+        They end with their readers, but a reader that was cancelled may
+        leave its promoter mid-command: waiting keeps any of them from
+        touching the client after it is closed.
+        """
+        for task, promoter in list(self._running.items()):
+            stop_promoter(promoter, task)
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=timeout)
+
+
 __all__ = [
     "DelayedPromoter",
     "PromoterTiming",
+    "Promoters",
     "list_promoter",
     "start_promoter",
     "stop_promoter",

@@ -58,7 +58,7 @@ from .._redis import (
 )
 from ._base import ShardedBroker, Sink, StopSignal
 from ._controls import TaskControls, kick_controlled, read_controls
-from ._delayed import DelayedPromoter, list_promoter, start_promoter, stop_promoter
+from ._delayed import Promoters, list_promoter
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class ClusterListQueueBroker(ShardedBroker):
         self._heartbeat: asyncio.Task[None] | None = None
         # Running delayed-task promoters (one per shard reader), so that
         # shutdown can wait for them.
-        self._promoters: dict[asyncio.Task[None], DelayedPromoter] = {}
+        self._promoters = Promoters()
 
     def _blocking_seconds(self) -> float:
         return self.options.brpop_timeout
@@ -215,9 +215,7 @@ class ClusterListQueueBroker(ShardedBroker):
         keys = ShardKeys(self.options.prefix, shard.tag)
         # Due delayed tasks of this shard go into its list while it is read.
         promoter = list_promoter(self.client, keys)
-        promoting = start_promoter(promoter)
-        self._promoters[promoting] = promoter
-        promoting.add_done_callback(self._promoters.pop)
+        self._promoters.start(promoter)
         reliable = self.options.reliable
         next_recovery = 0.0
         if reliable:
@@ -433,10 +431,7 @@ class ClusterListQueueBroker(ShardedBroker):
         a reader that was cancelled may leave its promoter mid-command, and
         none may touch the client after it is closed.
         """
-        for task, promoter in list(self._promoters.items()):
-            stop_promoter(promoter, task)
-        if self._promoters:
-            await asyncio.wait(set(self._promoters), timeout=5.0)
+        await self._promoters.stop_all()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)

@@ -54,7 +54,7 @@ from .._redis import (
 from .._serialization import MessageFormatter
 from ._base import ShardedBroker, Sink, StopSignal
 from ._controls import TaskControls, kick_controlled, read_controls
-from ._delayed import DelayedPromoter, start_promoter, stop_promoter
+from ._delayed import DelayedPromoter, Promoters
 from ._lease import Lease, LeaseRenewer, TaskStartWatcher
 
 logger = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class ClusterStreamBroker(ShardedBroker):
         self._unread: list[tuple[str, bytes]] = []
         # Running delayed-task promoters (one per shard reader), so that
         # shutdown can wait for them.
-        self._promoters: dict[asyncio.Task[None], DelayedPromoter] = {}
+        self._promoters = Promoters()
 
     # ------------------------------------------------------------ lifecycle
     def _blocking_seconds(self) -> float:
@@ -413,13 +413,7 @@ class ClusterStreamBroker(ShardedBroker):
         logger.info("Released %d unprocessed entries of %s for other workers", len(ids), stream)
 
     async def _before_close(self) -> None:
-        # Promoters end with their readers, but a reader that was cancelled
-        # may leave its promoter mid-command: wait for all of them, so none
-        # touches the client after it is closed.
-        for task, promoter in list(self._promoters.items()):
-            stop_promoter(promoter, task)
-        if self._promoters:
-            await asyncio.wait(set(self._promoters), timeout=5.0)
+        await self._promoters.stop_all()
         if self._leases is not None:
             await self._leases.close()
         if self._acks is not None:
@@ -510,9 +504,7 @@ class ClusterStreamBroker(ShardedBroker):
         promoter = DelayedPromoter(
             self.client, keys, self._trim_args(), lanes=self.options.priority_lanes
         )
-        promoting = start_promoter(promoter)
-        self._promoters[promoting] = promoter
-        promoting.add_done_callback(self._promoters.pop)
+        self._promoters.start(promoter)
         tasks = [
             asyncio.ensure_future(
                 self._read_lanes(keys, shard, lanes, sink=sink, count=count, stop=stop)
