@@ -58,6 +58,15 @@ async def take(
     return got
 
 
+async def started(url: str, queue: str, **kwargs: Any) -> ClusterStreamBroker:
+    """A started stream broker that notices changes fast: short blocking
+    reads (200 ms) and plan polls (0.5 s); ``kwargs`` are broker options."""
+    broker = ClusterStreamBroker(url, queue_name=queue, xread_block=200,
+                                 plan_poll_interval=0.5, **kwargs)
+    await broker.startup()
+    return broker
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 10.0
 ) -> None:

@@ -98,9 +98,6 @@ class _Receiver:
         await self._listen.aclose()
 
 
-async def _true(value: object) -> bool:
-    return bool(value)
-
 
 # ------------------------------------------------------------------ delay
 async def test_delayed_kick_waits_in_its_shard_then_runs_on_time(
@@ -113,7 +110,7 @@ async def test_delayed_kick_waits_in_its_shard_then_runs_on_time(
     assert await _counts(cluster_client, keys) == (0, 1)
     receiver = _Receiver(broker)
     try:
-        await eventually(lambda: _true(receiver.at), "the delayed task", timeout=10)
+        await eventually(lambda: bool(receiver.at), "the delayed task", timeout=10)
     finally:
         await receiver.close()
     waited = receiver.at["late"] - kicked
@@ -186,7 +183,7 @@ async def test_delay_keeps_the_partition_shard(
     assert int(await cluster_client.zcard(home.delayed)) == 6
     receiver = _Receiver(broker)
     try:
-        await eventually(lambda: _true(len(receiver.at) == 6), "six delayed tasks")
+        await eventually(lambda: bool(len(receiver.at) == 6), "six delayed tasks")
     finally:
         await receiver.close()
     assert await _counts(cluster_client, keys) == (0, 0)
@@ -211,7 +208,7 @@ async def test_delayed_tasks_outlive_the_listening_worker(
     second = await _started(cluster_url, unique_name, reliable=reliable)
     receiver = _Receiver(second)
     try:
-        await eventually(lambda: _true(len(receiver.at) == 10), "ten delayed tasks")
+        await eventually(lambda: bool(len(receiver.at) == 10), "ten delayed tasks")
     finally:
         await receiver.close()
         await second.shutdown()
@@ -411,7 +408,7 @@ async def _ready(worker: _Worker, producer: ClusterListQueueBroker) -> None:
     """The worker runs tasks (a ping went through)."""
     tag = uuid.uuid4().hex[:6]
     await AsyncKicker("app:stamp", producer, {}).kiq(f"ping-{tag}")
-    await eventually(lambda: _true(worker.lines(f"stamp ping-{tag}")), "the worker",
+    await eventually(lambda: bool(worker.lines(f"stamp ping-{tag}")), "the worker",
                      timeout=30)
 
 
@@ -421,7 +418,7 @@ async def test_worker_runs_delay_3_after_3_seconds(
     await _ready(worker, producer)
     kicked = time.time()
     await AsyncKicker("app:stamp", producer, {}).with_labels(delay=3).kiq("d3")
-    await eventually(lambda: _true(worker.lines("stamp d3")), "the delayed task", timeout=10)
+    await eventually(lambda: bool(worker.lines("stamp d3")), "the delayed task", timeout=10)
     started = worker.lines("stamp d3")[0] - kicked
     print(f"list broker (reliable={worker.reliable}): delay=3 started after {started:.3f} s")
     assert 2.8 <= started <= 4.0, started
@@ -433,7 +430,7 @@ async def test_smart_retry_waits_its_default_delay_without_a_schedule_source(
     await _ready(worker, producer)
     tag = f"f1-{uuid.uuid4().hex[:6]}"
     await AsyncKicker("app:flaky", producer, {}).kiq(tag)
-    await eventually(lambda: _true(len(worker.lines(f"flaky {tag}")) >= 2), "the retry",
+    await eventually(lambda: bool(len(worker.lines(f"flaky {tag}")) >= 2), "the retry",
                      timeout=10)
     first, second = worker.lines(f"flaky {tag}")[:2]
     print(f"list broker (reliable={worker.reliable}): SmartRetryMiddleware(default_delay=2) "
@@ -449,11 +446,11 @@ async def test_smart_retry_of_a_deduplicated_task_still_runs(
     await _ready(worker, producer)
     key = f"sync-{uuid.uuid4().hex[:6]}"
     await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq(f"{key}-a")
-    await eventually(lambda: _true(len(worker.lines(f"flaky {key}-a")) >= 2), "the retry",
+    await eventually(lambda: bool(len(worker.lines(f"flaky {key}-a")) >= 2), "the retry",
                      timeout=10)
     await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq(f"{key}-b")
     await AsyncKicker("app:stamp", producer, {}).kiq(f"after-{key}")
-    await eventually(lambda: _true(worker.lines(f"stamp after-{key}")), "the next task")
+    await eventually(lambda: bool(worker.lines(f"stamp after-{key}")), "the next task")
     await asyncio.sleep(1.0)
     assert len(worker.lines(f"flaky {key}-a")) == 2
     assert worker.lines(f"flaky {key}-b") == []  # a duplicate of the first one's key
@@ -469,7 +466,7 @@ async def test_worker_runs_five_kicks_of_one_dedup_key_once(
         await kicker.with_labels(dedup_key=key).kiq(f"{key}-{i}")
     await kicker.with_labels(dedup_key=key + "-other").kiq(f"{key}-other")
     await eventually(
-        lambda: _true(worker.lines(f"stamp {key}-other") and worker.lines(f"stamp {key}-0")),
+        lambda: bool(worker.lines(f"stamp {key}-other") and worker.lines(f"stamp {key}-0")),
         "both keys' tasks",
     )
     await asyncio.sleep(1.0)  # a duplicate, had one been queued, would have run by now

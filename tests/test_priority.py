@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import consuming, eventually, make_message, task_id_of
+from helpers import consuming, eventually, make_message, started, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 from taskiq.kicker import AsyncKicker
@@ -110,16 +110,9 @@ def test_bad_lane_options_are_refused(values: dict[str, int]) -> None:
 cluster = pytest.mark.cluster
 
 
-async def _started(url: str, queue: str, **kwargs: Any) -> ClusterStreamBroker:
-    broker = ClusterStreamBroker(url, queue_name=queue, xread_block=200,
-                                 plan_poll_interval=0.5, **kwargs)
-    await broker.startup()
-    return broker
-
-
 @pytest.fixture
 async def broker(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterStreamBroker]:
-    b = await _started(cluster_url, unique_name, shards=1)
+    b = await started(cluster_url, unique_name, shards=1)
     try:
         yield b
     finally:
@@ -196,7 +189,7 @@ async def test_bad_priority_is_refused_before_any_write(
 async def test_priorities_off_puts_everything_in_the_stream(
     cluster_url: str, unique_name: str, cluster_client: RedisCluster
 ) -> None:
-    broker = await _started(cluster_url, unique_name, shards=1, priority_lanes=1)
+    broker = await started(cluster_url, unique_name, shards=1, priority_lanes=1)
     try:
         await broker.kick(make_message("p9", priority=9))
         assert await _lane_lengths(cluster_client, broker) == [1, 0, 0]
@@ -209,7 +202,7 @@ async def test_priorities_off_puts_everything_in_the_stream(
 async def test_a_busy_high_lane_does_not_starve_lane_0(
     cluster_url: str, unique_name: str
 ) -> None:
-    broker = await _started(cluster_url, unique_name, shards=1, xread_count=20)
+    broker = await started(cluster_url, unique_name, shards=1, xread_count=20)
     try:
         for i in range(30):
             await broker.kick(make_message(f"low{i}"))
@@ -255,22 +248,22 @@ async def test_a_worker_reads_lanes_it_was_not_configured_for(
 ) -> None:
     # A producer with more lanes than the worker (a rolling deploy that
     # changes priority_lanes): its top lane must not strand tasks.
-    producer = await _started(cluster_url, unique_name, shards=1, priority_lanes=5)
-    worker = await _started(cluster_url, unique_name, shards=1, priority_lanes=worker_lanes,
+    producer = await started(cluster_url, unique_name, shards=1, priority_lanes=5)
+    worker = await started(cluster_url, unique_name, shards=1, priority_lanes=worker_lanes,
                             trim_interval=0.5)
     try:
         async with consuming(worker) as got:
             await producer.kick(make_message("top", priority=9))
             await producer.kick(make_message("plain"))
-            await eventually(lambda: _true(len(got) == 2), "both tasks")
+            await eventually(lambda: bool(len(got) == 2), "both tasks")
             # A lane that appears while the worker listens is found at its
             # next look (every trim_interval).
-            other = await _started(cluster_url, unique_name, shards=1, priority_lanes=8)
+            other = await started(cluster_url, unique_name, shards=1, priority_lanes=8)
             try:
                 await other.kick(make_message("newer", priority=9))
             finally:
                 await other.shutdown()
-            await eventually(lambda: _true(len(got) == 3), "the task in the new lane")
+            await eventually(lambda: bool(len(got) == 3), "the task in the new lane")
             assert sorted(got) == ["newer", "plain", "top"]
     finally:
         await producer.shutdown()
@@ -281,7 +274,7 @@ async def test_a_worker_reads_lanes_it_was_not_configured_for(
 async def test_lanes_are_reclaimed_dead_lettered_and_trimmed_like_the_stream(
     cluster_url: str, unique_name: str, cluster_client: RedisCluster
 ) -> None:
-    broker = await _started(cluster_url, unique_name, shards=1, idle_timeout=1000,
+    broker = await started(cluster_url, unique_name, shards=1, idle_timeout=1000,
                             renew_leases=False)
     try:
         plan = await broker.current_plan()
@@ -294,7 +287,7 @@ async def test_lanes_are_reclaimed_dead_lettered_and_trimmed_like_the_stream(
         await asyncio.sleep(1.1)
         async with consuming(broker) as got:
             await eventually(lambda: _dead_count(cluster_client, keys.dead), "the dead letter")
-            await eventually(lambda: _true(got), "the reclaimed entry")
+            await eventually(lambda: bool(got), "the reclaimed entry")
         assert got == ["orphan"]  # reclaimed from lane 2
         await broker._acks.drain()  # type: ignore[union-attr]
         [(_, fields)] = await cluster_client.xrange(keys.dead)
@@ -394,22 +387,22 @@ async def test_worker_starts_20_urgent_tasks_within_the_first_80(
     worker_env: tuple[Path, str, str],
 ) -> None:
     tmp, url, queue = worker_env
-    producer = await _started(url, queue)
+    producer = await started(url, queue)
     worker: _Worker | None = None
     try:
         # Queued before the worker starts.
         await _kick_defaults(producer, "cold")
         await _kick_urgent(producer, "cold")
         worker = _Worker(tmp, url, queue)
-        await eventually(lambda: _true(len(worker.started()) >= 420), "the cold backlog",
+        await eventually(lambda: bool(len(worker.started()) >= 420), "the cold backlog",
                          timeout=60)
         _check_first_80(worker.started(), "cold")
         # Kicked while the worker is busy with the default ones (its buffer
         # full of them).
         await _kick_defaults(producer, "busy")
-        await eventually(lambda: _true(len(worker.started()) >= 440), "the busy worker")
+        await eventually(lambda: bool(len(worker.started()) >= 440), "the busy worker")
         await _kick_urgent(producer, "busy")
-        await eventually(lambda: _true(len(worker.started()) >= 840), "the busy backlog",
+        await eventually(lambda: bool(len(worker.started()) >= 840), "the busy backlog",
                          timeout=60)
         _check_first_80(worker.started(), "busy")
         await asyncio.sleep(0.2)
@@ -419,6 +412,3 @@ async def test_worker_starts_20_urgent_tasks_within_the_first_80(
             worker.stop()
         await producer.shutdown()
 
-
-async def _true(value: object) -> bool:
-    return bool(value)

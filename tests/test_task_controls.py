@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, make_message, task_id_of
+from helpers import eventually, make_message, started, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 from taskiq.kicker import AsyncKicker
@@ -43,16 +43,9 @@ from taskiq_redis_cluster.testing import DevCluster
 pytestmark = pytest.mark.cluster
 
 
-async def _started(url: str, queue: str, **kwargs: Any) -> ClusterStreamBroker:
-    broker = ClusterStreamBroker(url, queue_name=queue, xread_block=200,
-                                 plan_poll_interval=0.5, **kwargs)
-    await broker.startup()
-    return broker
-
-
 @pytest.fixture
 async def broker(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterStreamBroker]:
-    b = await _started(cluster_url, unique_name, shards=3)
+    b = await started(cluster_url, unique_name, shards=3)
     try:
         yield b
     finally:
@@ -102,16 +95,13 @@ async def test_delayed_kick_waits_in_its_shard_then_runs_on_time(
     assert await _counts(cluster_client, keys) == (0, 1)
     receiver = _Receiver(broker)
     try:
-        await eventually(lambda: _true(receiver.at), "the delayed task", timeout=10)
+        await eventually(lambda: bool(receiver.at), "the delayed task", timeout=10)
     finally:
         await receiver.close()
     waited = receiver.at["late"] - kicked
     assert 1.2 <= waited < 2.2, waited
     assert await _counts(cluster_client, keys) == (1, 0)
 
-
-async def _true(value: object) -> bool:
-    return bool(value)
 
 
 @pytest.mark.parametrize("bad", [-1, -0.001, math.nan, math.inf, "soon", True, [3], 1e12])
@@ -143,7 +133,7 @@ async def test_delay_keeps_the_partition_shard(
     assert int(await cluster_client.zcard(home.delayed)) == 6
     receiver = _Receiver(broker)
     try:
-        await eventually(lambda: _true(len(receiver.at) == 6), "six delayed tasks")
+        await eventually(lambda: bool(len(receiver.at) == 6), "six delayed tasks")
     finally:
         await receiver.close()
     assert int(await cluster_client.xlen(home.stream)) == 6
@@ -154,7 +144,7 @@ async def test_delayed_tasks_outlive_the_listening_worker(
     cluster_url: str, unique_name: str, cluster_client: RedisCluster
 ) -> None:
     """Kicked while one worker listens, due after it stopped: the next one runs them."""
-    first = await _started(cluster_url, unique_name, shards=3)
+    first = await started(cluster_url, unique_name, shards=3)
     receiver = _Receiver(first)
     try:
         for i in range(10):
@@ -164,10 +154,10 @@ async def test_delayed_tasks_outlive_the_listening_worker(
         await receiver.close()
         await first.shutdown()
     assert receiver.at == {}
-    second = await _started(cluster_url, unique_name)
+    second = await started(cluster_url, unique_name)
     receiver = _Receiver(second)
     try:
-        await eventually(lambda: _true(len(receiver.at) == 10), "ten delayed tasks")
+        await eventually(lambda: bool(len(receiver.at) == 10), "ten delayed tasks")
     finally:
         await receiver.close()
         await second.shutdown()
@@ -177,7 +167,7 @@ async def test_delayed_tasks_and_dedup_markers_outlive_a_failover(
     healthy_cluster: DevCluster, cluster_url: str, unique_name: str
 ) -> None:
     """A manual failover of the shard's master, while a worker listens."""
-    broker = await _started(cluster_url, unique_name, shards=1)
+    broker = await started(cluster_url, unique_name, shards=1)
     receiver = _Receiver(broker)
     try:
         keys = (await _shard_keys(broker))[0]
@@ -187,7 +177,7 @@ async def test_delayed_tasks_and_dedup_markers_outlive_a_failover(
         master = await healthy_cluster.master_of_key(keys.delayed)
         await healthy_cluster.failover(await healthy_cluster.replica_of(master))
         await broker.kick(make_message("twice", dedup_key="fo-key"))
-        await eventually(lambda: _true(len(receiver.at) == 21), "20 delayed tasks and one",
+        await eventually(lambda: bool(len(receiver.at) == 21), "20 delayed tasks and one",
                          timeout=60)
         await asyncio.sleep(0.5)
     finally:
@@ -235,7 +225,7 @@ async def _precision_run(
                 due[f"d{i}"] = time.time() + delay
                 batch.append(broker.kick(make_message(f"d{i}", delay=delay)))
             await asyncio.gather(*batch)
-        await eventually(lambda: _true(len(receiver.at) == tasks), f"{tasks} delayed tasks",
+        await eventually(lambda: bool(len(receiver.at) == tasks), f"{tasks} delayed tasks",
                          timeout=spread + 30)
     finally:
         await receiver.close()
@@ -265,7 +255,7 @@ async def test_many_listening_workers_poll_gently(
     A promoter that woke at its 50 ms floor while the set is empty (or only
     holds far future tasks) would send ten times as many.
     """
-    workers = [await _started(cluster_url, unique_name, shards=3) for _ in range(4)]
+    workers = [await started(cluster_url, unique_name, shards=3) for _ in range(4)]
     await workers[0].kick(make_message("far", delay=600))
     receivers = [_Receiver(w) for w in workers]
     try:
@@ -287,7 +277,7 @@ async def test_many_listening_workers_poll_gently(
 async def test_racing_producers_queue_a_dedup_key_once(
     cluster_url: str, unique_name: str, cluster_client: RedisCluster
 ) -> None:
-    producers = [await _started(cluster_url, unique_name, shards=3) for _ in range(3)]
+    producers = [await started(cluster_url, unique_name, shards=3) for _ in range(3)]
     try:
         kicks = [
             p.kick(make_message(f"r{n}-{i}", dedup_key="invoice-42"))
@@ -453,7 +443,7 @@ def worker(
 
 @pytest.fixture
 async def producer(cluster_url: str, worker_queue: str) -> AsyncIterator[ClusterStreamBroker]:
-    b = await _started(cluster_url, worker_queue)
+    b = await started(cluster_url, worker_queue)
     try:
         yield b
     finally:
@@ -464,7 +454,7 @@ async def _ready(worker: _Worker, producer: ClusterStreamBroker) -> None:
     """The worker runs tasks (a ping went through)."""
     tag = uuid.uuid4().hex[:6]
     await AsyncKicker("app:stamp", producer, {}).kiq(f"ping-{tag}")
-    await eventually(lambda: _true(worker.lines(f"stamp ping-{tag}")), "the worker",
+    await eventually(lambda: bool(worker.lines(f"stamp ping-{tag}")), "the worker",
                      timeout=30)
 
 
@@ -474,7 +464,7 @@ async def test_worker_runs_delay_3_after_3_seconds(
     await _ready(worker, producer)
     kicked = time.time()
     await AsyncKicker("app:stamp", producer, {}).with_labels(delay=3).kiq("d3")
-    await eventually(lambda: _true(worker.lines("stamp d3")), "the delayed task", timeout=10)
+    await eventually(lambda: bool(worker.lines("stamp d3")), "the delayed task", timeout=10)
     started = worker.lines("stamp d3")[0] - kicked
     print(f"delay=3 started after {started:.3f} s")
     assert 2.8 <= started <= 4.0, started
@@ -485,7 +475,7 @@ async def test_smart_retry_waits_its_default_delay_without_a_schedule_source(
 ) -> None:
     await _ready(worker, producer)
     await AsyncKicker("app:flaky", producer, {}).kiq("f1")
-    await eventually(lambda: _true(len(worker.lines("flaky f1")) >= 2), "the retry",
+    await eventually(lambda: bool(len(worker.lines("flaky f1")) >= 2), "the retry",
                      timeout=10)
     first, second = worker.lines("flaky f1")[:2]
     print(f"SmartRetryMiddleware(default_delay=2) retried after {second - first:.3f} s")
@@ -500,11 +490,11 @@ async def test_smart_retry_of_a_deduplicated_task_still_runs(
     await _ready(worker, producer)
     key = f"sync-{uuid.uuid4().hex[:6]}"
     await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq("f2")
-    await eventually(lambda: _true(len(worker.lines("flaky f2")) >= 2), "the retry",
+    await eventually(lambda: bool(len(worker.lines("flaky f2")) >= 2), "the retry",
                      timeout=10)
     await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq("f3")
     await AsyncKicker("app:stamp", producer, {}).kiq("after-f3")
-    await eventually(lambda: _true(worker.lines("stamp after-f3")), "the next task")
+    await eventually(lambda: bool(worker.lines("stamp after-f3")), "the next task")
     await asyncio.sleep(1.0)
     assert len(worker.lines("flaky f2")) == 2
     assert worker.lines("flaky f3") == []  # a duplicate of f2's key
@@ -520,7 +510,7 @@ async def test_worker_runs_five_kicks_of_one_dedup_key_once(
         await kicker.with_labels(dedup_key=key).kiq(f"dup-{i}")
     await kicker.with_labels(dedup_key=key + "-other").kiq("dup-other")
     await eventually(
-        lambda: _true(worker.lines("stamp dup-other") and worker.lines("stamp dup-0")),
+        lambda: bool(worker.lines("stamp dup-other") and worker.lines("stamp dup-0")),
         "both keys' tasks",
     )
     await asyncio.sleep(1.0)  # a duplicate, had one been queued, would have run by now
@@ -551,7 +541,7 @@ async def test_a_rebalance_move_takes_the_delayed_tasks_along(
     heavy = topology.slot_masters[0].node_id
     spec = QueueSpec(unique_name, 6, weights={heavy: 4.0})  # crowded: shards must move
     before = await PlanStore(cluster_client).get_or_create(topology, spec)
-    producer = await _started(cluster_url, unique_name)
+    producer = await started(cluster_url, unique_name)
     try:
         for i in range(30):
             await producer.kick(make_message(f"mv{i}", partition_key=f"k{i}", delay=1.0))
@@ -571,10 +561,10 @@ async def test_a_rebalance_move_takes_the_delayed_tasks_along(
     assert (await _counts(cluster_client, new))[1] == 30
     for tag in moved:
         assert int(await cluster_client.zcard(ShardKeys(DEFAULT_PREFIX, tag).delayed)) == 0
-    worker = await _started(cluster_url, unique_name)
+    worker = await started(cluster_url, unique_name)
     receiver = _Receiver(worker)
     try:
-        await eventually(lambda: _true(len(receiver.at) == 30), "the 30 moved delayed tasks")
+        await eventually(lambda: bool(len(receiver.at) == 30), "the 30 moved delayed tasks")
     finally:
         await receiver.close()
         await worker.shutdown()
