@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from taskiq import AckableMessage, BrokerMessage, InMemoryBroker, TaskiqMessage
+from taskiq import AckableMessage, AsyncBroker, BrokerMessage, InMemoryBroker, TaskiqMessage
+from taskiq.kicker import AsyncKicker
 
 from taskiq_redis_cluster import ClusterStreamBroker
 
@@ -108,3 +116,85 @@ async def consuming(broker: ClusterStreamBroker) -> AsyncIterator[list[str]]:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await listen.aclose()
+
+
+#: Tasks of the task-control worker apps (appended to a line that makes
+#: ``broker``): ``stamp`` notes its tag; ``flaky`` fails its first attempt.
+CONTROL_TASKS = textwrap.dedent(
+    """
+    import os
+    import time
+
+    from taskiq.middlewares import SmartRetryMiddleware
+
+    broker = broker.with_middlewares(
+        SmartRetryMiddleware(
+            default_retry_count=3, default_delay=2, use_jitter=False, default_retry_label=True
+        )
+    )
+
+    def _note(line: str) -> None:
+        with open(os.environ["TQRC_LEDGER"], "a") as ledger:
+            ledger.write(f"{line} {time.time()}\\n")
+
+    @broker.task(task_name="app:stamp")
+    async def stamp(tag: str) -> None:
+        _note(f"stamp {tag}")
+
+    @broker.task(task_name="app:flaky", retry_on_error=True)
+    async def flaky(tag: str) -> None:
+        with open(os.environ["TQRC_LEDGER"]) as ledger:
+            tries = sum(1 for line in ledger if line.startswith(f"flaky {tag} "))
+        _note(f"flaky {tag}")
+        if tries == 0:
+            raise RuntimeError("first attempt fails")
+    """
+)
+
+
+class WorkerProcess:
+    """A real ``taskiq worker`` of the app ``source`` (module ``app``), in its own
+    process group.
+
+    The app reads ``TQRC_URL``, ``TQRC_QUEUE`` and ``TQRC_LEDGER`` (a file
+    its tasks append ``<words> <time>`` lines to) and any ``env`` given.
+    """
+
+    def __init__(self, tmp: Path, source: str, url: str, queue: str, *args: str,
+                 **env: str) -> None:
+        (tmp / "app.py").write_text(source)
+        self.queue = queue
+        self.ledger = tmp / "ledger.txt"
+        self.ledger.write_text("")
+        self.log = tmp / "worker.log"
+        environ = dict(os.environ, TQRC_URL=url, TQRC_QUEUE=queue, TQRC_LEDGER=str(self.ledger),
+                       PYTHONPATH=str(tmp), **env)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "taskiq", "worker", "app:broker", "--workers", "1",
+                 "--log-level", "INFO", *args],
+                cwd=tmp, env=environ, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def words(self) -> list[str]:
+        """The first word of every ledger line, in order."""
+        return [line.split()[0] for line in self.ledger.read_text().splitlines()]
+
+    def lines(self, prefix: str) -> list[float]:
+        """Times of the ledger lines that start with ``prefix``."""
+        return [float(line.split()[-1]) for line in self.ledger.read_text().splitlines()
+                if line.startswith(prefix + " ")]
+
+    async def ready(self, producer: AsyncBroker) -> None:
+        """Wait until the worker runs tasks: an ``app:stamp`` ping went through."""
+        tag = uuid.uuid4().hex[:6]
+        await AsyncKicker("app:stamp", producer, {}).kiq(f"ping-{tag}")
+        await eventually(lambda: bool(self.lines(f"stamp ping-{tag}")), "the worker",
+                         timeout=30)
+
+    def stop(self) -> None:
+        """Kill the worker and its children."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)

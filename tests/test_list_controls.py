@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 import uuid
@@ -27,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, make_message, task_id_of
+from helpers import CONTROL_TASKS, WorkerProcess, eventually, make_message, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 from taskiq.kicker import AsyncKicker
@@ -317,69 +313,23 @@ async def test_dedup_key_with_partition_key_lives_in_the_partition_shard(
 _APP = textwrap.dedent(
     """
     import os
-    import time
-
-    from taskiq.middlewares import SmartRetryMiddleware
 
     from taskiq_redis_cluster import ClusterListQueueBroker
 
     broker = ClusterListQueueBroker(
         os.environ["TQRC_URL"], queue_name=os.environ["TQRC_QUEUE"], brpop_timeout=0.2,
         plan_poll_interval=0.5, reliable=os.environ["TQRC_RELIABLE"] == "1",
-    ).with_middlewares(
-        SmartRetryMiddleware(
-            default_retry_count=3, default_delay=2, use_jitter=False, default_retry_label=True
-        )
     )
-
-    def _note(line: str) -> None:
-        with open(os.environ["TQRC_LEDGER"], "a") as ledger:
-            ledger.write(f"{line} {time.time()}\\n")
-
-    @broker.task(task_name="app:stamp")
-    async def stamp(tag: str) -> None:
-        _note(f"stamp {tag}")
-
-    @broker.task(task_name="app:flaky", retry_on_error=True)
-    async def flaky(tag: str) -> None:
-        with open(os.environ["TQRC_LEDGER"]) as ledger:
-            tries = sum(1 for line in ledger if line.startswith(f"flaky {tag} "))
-        _note(f"flaky {tag}")
-        if tries == 0:
-            raise RuntimeError("first attempt fails")
     """
-)
+) + CONTROL_TASKS
 
 
-class _Worker:
-    """One ``taskiq worker`` process of the app above, in its own process group."""
+class _Worker(WorkerProcess):
+    """A ``taskiq worker`` of the app above, in the default or the reliable mode."""
 
     def __init__(self, tmp: Path, url: str, queue: str, *, reliable: bool) -> None:
-        (tmp / "app.py").write_text(_APP)
-        self.queue = queue
+        super().__init__(tmp, _APP, url, queue, TQRC_RELIABLE="1" if reliable else "0")
         self.reliable = reliable
-        self.ledger = tmp / "ledger.txt"
-        self.ledger.write_text("")
-        self.log = tmp / "worker.log"
-        env = dict(os.environ, TQRC_URL=url, TQRC_QUEUE=queue, TQRC_LEDGER=str(self.ledger),
-                   TQRC_RELIABLE="1" if reliable else "0", PYTHONPATH=str(tmp))
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "taskiq", "worker", "app:broker", "--workers", "1",
-                 "--log-level", "INFO"],
-                cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def lines(self, prefix: str) -> list[float]:
-        """Times of the ledger lines that start with ``prefix``."""
-        return [float(line.split()[-1]) for line in self.ledger.read_text().splitlines()
-                if line.startswith(prefix + " ")]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -404,18 +354,10 @@ async def producer(cluster_url: str, worker: _Worker) -> AsyncIterator[ClusterLi
         await b.shutdown()
 
 
-async def _ready(worker: _Worker, producer: ClusterListQueueBroker) -> None:
-    """The worker runs tasks (a ping went through)."""
-    tag = uuid.uuid4().hex[:6]
-    await AsyncKicker("app:stamp", producer, {}).kiq(f"ping-{tag}")
-    await eventually(lambda: bool(worker.lines(f"stamp ping-{tag}")), "the worker",
-                     timeout=30)
-
-
 async def test_worker_runs_delay_3_after_3_seconds(
     worker: _Worker, producer: ClusterListQueueBroker
 ) -> None:
-    await _ready(worker, producer)
+    await worker.ready(producer)
     kicked = time.time()
     await AsyncKicker("app:stamp", producer, {}).with_labels(delay=3).kiq("d3")
     await eventually(lambda: bool(worker.lines("stamp d3")), "the delayed task", timeout=10)
@@ -427,7 +369,7 @@ async def test_worker_runs_delay_3_after_3_seconds(
 async def test_smart_retry_waits_its_default_delay_without_a_schedule_source(
     worker: _Worker, producer: ClusterListQueueBroker
 ) -> None:
-    await _ready(worker, producer)
+    await worker.ready(producer)
     tag = f"f1-{uuid.uuid4().hex[:6]}"
     await AsyncKicker("app:flaky", producer, {}).kiq(tag)
     await eventually(lambda: bool(len(worker.lines(f"flaky {tag}")) >= 2), "the retry",
@@ -443,7 +385,7 @@ async def test_smart_retry_waits_its_default_delay_without_a_schedule_source(
 async def test_smart_retry_of_a_deduplicated_task_still_runs(
     worker: _Worker, producer: ClusterListQueueBroker
 ) -> None:
-    await _ready(worker, producer)
+    await worker.ready(producer)
     key = f"sync-{uuid.uuid4().hex[:6]}"
     await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq(f"{key}-a")
     await eventually(lambda: bool(len(worker.lines(f"flaky {key}-a")) >= 2), "the retry",
@@ -459,7 +401,7 @@ async def test_smart_retry_of_a_deduplicated_task_still_runs(
 async def test_worker_runs_five_kicks_of_one_dedup_key_once(
     worker: _Worker, producer: ClusterListQueueBroker
 ) -> None:
-    await _ready(worker, producer)
+    await worker.ready(producer)
     key = f"order-{uuid.uuid4().hex[:6]}"
     kicker = AsyncKicker("app:stamp", producer, {})
     for i in range(5):

@@ -13,22 +13,19 @@ they were queued before the worker started or while it was busy.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import consuming, eventually, make_message, started, task_id_of
+from helpers import WorkerProcess, consuming, eventually, make_message, started, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 from taskiq.kicker import AsyncKicker
 
 from taskiq_redis_cluster import ClusterStreamBroker, InvalidOptionError, StreamOptions
+from taskiq_redis_cluster._brokers._base import Sink
 from taskiq_redis_cluster._brokers._buffer import ListenBuffer
 from taskiq_redis_cluster._keys import ShardKeys
 
@@ -84,6 +81,38 @@ async def test_a_cancelled_putter_passes_its_wake_up_on() -> None:
     first.cancel()  # ...which is cancelled before it runs
     await asyncio.wait_for(second, timeout=1)
     assert buffer.get_nowait() == "c"
+
+
+async def test_a_waiting_reader_is_woken_once_a_quarter_is_free_and_none_is_stranded() -> None:
+    buffer: ListenBuffer[int] = ListenBuffer(capacity=8)
+    for i in range(8):
+        buffer.put_nowait(i)
+    # Five readers with ten messages each wait for room (as shard readers do).
+    readers = [asyncio.ensure_future(_put_all(buffer, range(100 * r, 100 * r + 10)))
+               for r in range(1, 6)]
+    await asyncio.sleep(0.01)
+    buffer.get_nowait()  # one free slot: nobody is woken for it
+    await asyncio.sleep(0.01)
+    assert len(buffer) == 7
+    buffer.get_nowait()  # a quarter (2) free: one reader fills the room
+    await asyncio.sleep(0.01)
+    assert len(buffer) == 8
+    got = [0, 1]
+    while len(got) < 58:
+        got.append(await asyncio.wait_for(buffer.get(), timeout=1))
+    await asyncio.wait_for(asyncio.gather(*readers), timeout=1)
+    sent = [n for r in range(1, 6) for n in range(100 * r, 100 * r + 10)]
+    assert sorted(got) == [*range(8), *sent]
+    for r in range(1, 6):  # each reader's messages in its order
+        mine = [n for n in got if 100 * r <= n < 100 * r + 10]
+        assert mine == sorted(mine)
+
+
+async def _put_all(buffer: ListenBuffer[int], items: range) -> None:
+    sink = Sink(buffer)  # type: ignore[arg-type]
+    for item in items:
+        if not sink.offer(item):  # type: ignore[arg-type]
+            await sink(item)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------- bad options
@@ -330,33 +359,6 @@ _APP = textwrap.dedent(
 )
 
 
-class _Worker:
-    """``taskiq worker --max-async-tasks 5`` of the app above."""
-
-    def __init__(self, tmp: Path, url: str, queue: str) -> None:
-        (tmp / "app.py").write_text(_APP)
-        self.ledger = tmp / "ledger.txt"
-        self.ledger.write_text("")
-        env = dict(os.environ, TQRC_URL=url, TQRC_QUEUE=queue, TQRC_LEDGER=str(self.ledger),
-                   PYTHONPATH=str(tmp))
-        with (tmp / "worker.log").open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "taskiq", "worker", "app:broker", "--workers", "1",
-                 "--max-async-tasks", "5", "--log-level", "INFO"],
-                cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def started(self) -> list[str]:
-        """Tags of the tasks that started, in order."""
-        return [line.split()[0] for line in self.ledger.read_text().splitlines()]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def worker_env(tmp_path: Path, cluster_url: str, unique_name: str) -> tuple[Path, str, str]:
     return tmp_path, cluster_url, unique_name
@@ -388,25 +390,25 @@ async def test_worker_starts_20_urgent_tasks_within_the_first_80(
 ) -> None:
     tmp, url, queue = worker_env
     producer = await started(url, queue)
-    worker: _Worker | None = None
+    worker: WorkerProcess | None = None
     try:
         # Queued before the worker starts.
         await _kick_defaults(producer, "cold")
         await _kick_urgent(producer, "cold")
-        worker = _Worker(tmp, url, queue)
-        await eventually(lambda: bool(len(worker.started()) >= 420), "the cold backlog",
+        worker = WorkerProcess(tmp, _APP, url, queue, "--max-async-tasks", "5")
+        await eventually(lambda: bool(len(worker.words()) >= 420), "the cold backlog",
                          timeout=60)
-        _check_first_80(worker.started(), "cold")
+        _check_first_80(worker.words(), "cold")
         # Kicked while the worker is busy with the default ones (its buffer
         # full of them).
         await _kick_defaults(producer, "busy")
-        await eventually(lambda: bool(len(worker.started()) >= 440), "the busy worker")
+        await eventually(lambda: bool(len(worker.words()) >= 440), "the busy worker")
         await _kick_urgent(producer, "busy")
-        await eventually(lambda: bool(len(worker.started()) >= 840), "the busy backlog",
+        await eventually(lambda: bool(len(worker.words()) >= 840), "the busy backlog",
                          timeout=60)
-        _check_first_80(worker.started(), "busy")
+        _check_first_80(worker.words(), "busy")
         await asyncio.sleep(0.2)
-        assert sorted(worker.started()) == sorted(set(worker.started()))  # none ran twice
+        assert sorted(worker.words()) == sorted(set(worker.words()))  # none ran twice
     finally:
         if worker is not None:
             worker.stop()

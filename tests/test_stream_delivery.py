@@ -21,7 +21,8 @@ from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 
 from taskiq_redis_cluster import ClusterStreamBroker, PlanStore, Shard, ShardPlan
-from taskiq_redis_cluster._brokers._base import StopSignal
+from taskiq_redis_cluster._brokers._base import Sink, StopSignal
+from taskiq_redis_cluster._brokers._buffer import ListenBuffer
 from taskiq_redis_cluster._keys import ShardKeys, shard_tag, tag_slot
 
 pytestmark = pytest.mark.cluster
@@ -55,6 +56,20 @@ async def _only_shard(broker: ClusterStreamBroker) -> tuple[Shard, ShardKeys]:
     return shard, ShardKeys(broker.options.prefix, shard.tag)
 
 
+def _collecting_sink() -> tuple[Sink, list[AckableMessage | bytes]]:
+    """A reader's sink whose messages land in a list (a buffer with room for all)."""
+    buffer: ListenBuffer[AckableMessage | bytes] = ListenBuffer(10_000)
+    got: list[AckableMessage | bytes] = []
+    real_put = buffer.put_nowait
+
+    def put_nowait(item: AckableMessage | bytes, lane: int = 0) -> None:
+        got.append(item)
+        real_put(item, lane)
+
+    buffer.put_nowait = put_nowait  # type: ignore[method-assign]
+    return Sink(buffer), got
+
+
 async def _read_as(client: RedisCluster, stream: str, consumer: str, count: int) -> list[bytes]:
     reply = await client.xreadgroup(_GROUP, consumer, {stream: ">"}, count=count)
     return [entry_id for _, entries in reply for entry_id, _ in entries]
@@ -79,11 +94,7 @@ async def test_reclaimed_entries_are_counted_exactly_and_never_dead_lettered_by_
     # ...while W's own are fresh: it is alive and working on them.
     await cluster_client.xclaim(keys.stream, _GROUP, "W", 0, mine, justid=True)
 
-    got: list[AckableMessage | bytes] = []
-
-    async def sink(item: AckableMessage | bytes, lane: int = 0) -> None:
-        got.append(item)
-
+    sink, got = _collecting_sink()
     await broker._reclaim(keys, shard, keys.stream, 0, sink, StopSignal())
     assert len(got) == 51
     assert await cluster_client.xlen(keys.dead) == 0
@@ -111,11 +122,7 @@ async def test_entry_acked_between_claim_and_count_is_not_run_again(
         return await counted(stream, ids)
 
     broker._delivery_counts = ack_first  # type: ignore[method-assign]
-    got: list[AckableMessage | bytes] = []
-
-    async def sink(item: AckableMessage | bytes, lane: int = 0) -> None:
-        got.append(item)
-
+    sink, got = _collecting_sink()
     await broker._reclaim(keys, shard, keys.stream, 0, sink, StopSignal())
     assert got == []
     assert await cluster_client.xlen(keys.dead) == 0

@@ -15,19 +15,15 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, make_message, started, task_id_of
+from helpers import CONTROL_TASKS, WorkerProcess, eventually, make_message, started, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 from taskiq.kicker import AsyncKicker
@@ -362,67 +358,15 @@ async def test_dedup_key_with_partition_key_lives_in_the_partition_shard(
 _APP = textwrap.dedent(
     """
     import os
-    import time
-
-    from taskiq.middlewares import SmartRetryMiddleware
 
     from taskiq_redis_cluster import ClusterStreamBroker
 
     broker = ClusterStreamBroker(
         os.environ["TQRC_URL"], queue_name=os.environ["TQRC_QUEUE"], xread_block=200,
         plan_poll_interval=0.5,
-    ).with_middlewares(
-        SmartRetryMiddleware(
-            default_retry_count=3, default_delay=2, use_jitter=False, default_retry_label=True
-        )
     )
-
-    def _note(line: str) -> None:
-        with open(os.environ["TQRC_LEDGER"], "a") as ledger:
-            ledger.write(f"{line} {time.time()}\\n")
-
-    @broker.task(task_name="app:stamp")
-    async def stamp(tag: str) -> None:
-        _note(f"stamp {tag}")
-
-    @broker.task(task_name="app:flaky", retry_on_error=True)
-    async def flaky(tag: str) -> None:
-        with open(os.environ["TQRC_LEDGER"]) as ledger:
-            tries = sum(1 for line in ledger if line.startswith(f"flaky {tag} "))
-        _note(f"flaky {tag}")
-        if tries == 0:
-            raise RuntimeError("first attempt fails")
     """
-)
-
-
-class _Worker:
-    """One ``taskiq worker`` process of the app above, in its own process group."""
-
-    def __init__(self, tmp: Path, url: str, queue: str) -> None:
-        (tmp / "app.py").write_text(_APP)
-        self.ledger = tmp / "ledger.txt"
-        self.ledger.write_text("")
-        self.log = tmp / "worker.log"
-        env = dict(os.environ, TQRC_URL=url, TQRC_QUEUE=queue, TQRC_LEDGER=str(self.ledger),
-                   PYTHONPATH=str(tmp))
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "taskiq", "worker", "app:broker", "--workers", "1",
-                 "--log-level", "INFO"],
-                cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def lines(self, prefix: str) -> list[float]:
-        """Times of the ledger lines that start with ``prefix``."""
-        return [float(line.split()[-1]) for line in self.ledger.read_text().splitlines()
-                if line.startswith(prefix + " ")]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+) + CONTROL_TASKS
 
 
 @pytest.fixture(scope="module")
@@ -433,8 +377,8 @@ def worker_queue() -> str:
 @pytest.fixture(scope="module")
 def worker(
     cluster_url: str, worker_queue: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[_Worker]:
-    w = _Worker(tmp_path_factory.mktemp("controls"), cluster_url, worker_queue)
+) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(tmp_path_factory.mktemp("controls"), _APP, cluster_url, worker_queue)
     try:
         yield w
     finally:
@@ -450,18 +394,10 @@ async def producer(cluster_url: str, worker_queue: str) -> AsyncIterator[Cluster
         await b.shutdown()
 
 
-async def _ready(worker: _Worker, producer: ClusterStreamBroker) -> None:
-    """The worker runs tasks (a ping went through)."""
-    tag = uuid.uuid4().hex[:6]
-    await AsyncKicker("app:stamp", producer, {}).kiq(f"ping-{tag}")
-    await eventually(lambda: bool(worker.lines(f"stamp ping-{tag}")), "the worker",
-                     timeout=30)
-
-
 async def test_worker_runs_delay_3_after_3_seconds(
-    worker: _Worker, producer: ClusterStreamBroker
+    worker: WorkerProcess, producer: ClusterStreamBroker
 ) -> None:
-    await _ready(worker, producer)
+    await worker.ready(producer)
     kicked = time.time()
     await AsyncKicker("app:stamp", producer, {}).with_labels(delay=3).kiq("d3")
     await eventually(lambda: bool(worker.lines("stamp d3")), "the delayed task", timeout=10)
@@ -471,9 +407,9 @@ async def test_worker_runs_delay_3_after_3_seconds(
 
 
 async def test_smart_retry_waits_its_default_delay_without_a_schedule_source(
-    worker: _Worker, producer: ClusterStreamBroker
+    worker: WorkerProcess, producer: ClusterStreamBroker
 ) -> None:
-    await _ready(worker, producer)
+    await worker.ready(producer)
     await AsyncKicker("app:flaky", producer, {}).kiq("f1")
     await eventually(lambda: bool(len(worker.lines("flaky f1")) >= 2), "the retry",
                      timeout=10)
@@ -485,9 +421,9 @@ async def test_smart_retry_waits_its_default_delay_without_a_schedule_source(
 
 
 async def test_smart_retry_of_a_deduplicated_task_still_runs(
-    worker: _Worker, producer: ClusterStreamBroker
+    worker: WorkerProcess, producer: ClusterStreamBroker
 ) -> None:
-    await _ready(worker, producer)
+    await worker.ready(producer)
     key = f"sync-{uuid.uuid4().hex[:6]}"
     await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq("f2")
     await eventually(lambda: bool(len(worker.lines("flaky f2")) >= 2), "the retry",
@@ -501,9 +437,9 @@ async def test_smart_retry_of_a_deduplicated_task_still_runs(
 
 
 async def test_worker_runs_five_kicks_of_one_dedup_key_once(
-    worker: _Worker, producer: ClusterStreamBroker
+    worker: WorkerProcess, producer: ClusterStreamBroker
 ) -> None:
-    await _ready(worker, producer)
+    await worker.ready(producer)
     key = f"order-{uuid.uuid4().hex[:6]}"
     kicker = AsyncKicker("app:stamp", producer, {})
     for i in range(5):

@@ -61,10 +61,38 @@ DEDUP_KEY_LABEL = "dedup_key"
 #: the same shard, so such kicks never move to another shard.
 ROUTING_LABELS = (PARTITION_KEY_LABEL, DEDUP_KEY_LABEL)
 
-#: What a shard reader passes messages to: ``await sink(message, lane)``
-#: (lane 0 unless the broker has priority lanes); it waits while the listen
-#: buffer has no room for the lane.
-Sink = Callable[[AckableMessage | bytes, int], Awaitable[None]]
+class Sink:
+    """What a shard reader passes messages to: the listen buffer of one ``listen()``.
+
+    ``await sink(message, lane)`` (lane 0 unless the broker has priority
+    lanes) waits while the buffer has no room for the lane; a put that is
+    cancelled while waiting records its message as unsent, for
+    ``_release``. :meth:`offer` is the no-wait path a reader takes first:
+    a busy worker hands out every message through it, without the two
+    coroutines per message of the waiting path.
+    """
+
+    __slots__ = ("_buffer", "unsent")
+
+    def __init__(self, buffer: ListenBuffer[AckableMessage | bytes]) -> None:
+        self._buffer = buffer
+        #: Read from Redis but never handed out (a put cancelled while waiting).
+        self.unsent: list[AckableMessage | bytes] = []
+
+    def offer(self, item: AckableMessage | bytes, lane: int = 0) -> bool:
+        """Put ``item`` now if its lane has room; False (nothing done) if it would wait."""
+        buffer = self._buffer
+        if buffer.full(lane):
+            return False
+        buffer.put_nowait(item, lane)
+        return True
+
+    async def __call__(self, item: AckableMessage | bytes, lane: int = 0) -> None:
+        try:
+            await self._buffer.put(item, lane)
+        except asyncio.CancelledError:
+            self.unsent.append(item)
+            raise
 
 
 def routing_key(message: BrokerMessage) -> str | None:
@@ -509,14 +537,8 @@ class ShardedBroker(AsyncBroker):
         buffer: ListenBuffer[AckableMessage | bytes] = ListenBuffer(
             self._prefetch(), lanes, fairness
         )
-        unsent: list[AckableMessage | bytes] = []
-
-        async def sink(item: AckableMessage | bytes, lane: int = 0) -> None:
-            try:
-                await buffer.put(item, lane)
-            except asyncio.CancelledError:
-                unsent.append(item)  # read from Redis but never handed out
-                raise
+        sink = Sink(buffer)
+        unsent = sink.unsent
 
         readers: dict[str, _Reader] = {}
         # Readers of shards that left the plan, still handing out what they

@@ -260,7 +260,8 @@ class ClusterListQueueBroker(ShardedBroker):
                 # left the plan still hands out what its reader popped.)
                 self._unread.append(item)
                 return
-            await sink(item, 0)
+            if not sink.offer(item, 0):
+                await sink(item, 0)
 
     # ---------------------------------------------------------- hand back
     def _handed_out(self, message: AckableMessage | bytes) -> None:

@@ -581,6 +581,12 @@ class ClusterStreamBroker(ShardedBroker):
         next_reclaim = now  # a restarted worker picks up its crashed work first
         # Stagger trims so many workers do not trim the same shard together.
         next_trim = now + opts.trim_interval * (0.5 + (hash(opts.consumer_name) % 100) / 200)
+        # A consumer qualifies as stale after an hour by default: looking for
+        # them at every trim (each half second in the benchmark) cost as much
+        # as the trim. A quarter of the idle time, at most a minute, is soon
+        # enough, and never less often than trims.
+        stale_every = max(opts.trim_interval, min(60.0, opts.stale_consumer_idle / 4000))
+        next_stale = next_trim
         while not stop.is_set():
             try:
                 now = time.monotonic()
@@ -590,8 +596,11 @@ class ClusterStreamBroker(ShardedBroker):
                         await self._reclaim(keys, shard, stream, lane_of[stream], sink, stop)
                 if now >= next_trim:
                     next_trim = now + opts.trim_interval
+                    stale = now >= next_stale
+                    if stale:
+                        next_stale = now + stale_every
                     for stream in streams:
-                        await self._housekeep(stream)
+                        await self._housekeep(stream, stale=stale)
                     if lanes is None:
                         found = await self._priority_lanes(keys)
                         if found != numbers:
@@ -654,8 +663,15 @@ class ClusterStreamBroker(ShardedBroker):
                 self._unread += [(stream, e) for e, _, _ in entries[index:]]
                 return
             try:
-                await self._deliver(keys, shard, stream, lane, entry_id, entry, sink, deliveries,
-                                    lease=held[index])
+                message = self._message(stream, shard, entry_id, entry, deliveries, held[index])
+                if isinstance(message, str):
+                    await self._dead_letter(keys, shard, stream, entry_id, entry or {}, message,
+                                            deliveries)
+                    ended = held[index]
+                    if ended is not None and self._leases is not None:
+                        self._leases.end(ended)
+                elif not sink.offer(message, lane):
+                    await sink(message, lane)
             except asyncio.CancelledError:
                 self._unread += [(stream, e) for e, _, _ in entries[index:]]
                 raise
@@ -734,29 +750,21 @@ class ClusterStreamBroker(ShardedBroker):
         for stream in streams:  # one XREADGROUP reads them all; any may be the lost one
             await self._ensure_group(stream)
 
-    async def _deliver(
+    def _message(
         self,
-        keys: ShardKeys,
-        shard: Shard,
         stream: str,
-        lane: int,
+        shard: Shard,
         entry_id: bytes,
         entry: Mapping[bytes, bytes] | None,
-        sink: Sink,
-        deliveries: int = 1,
-        *,
-        lease: Lease | None = None,
-    ) -> None:
+        deliveries: int,
+        lease: Lease | None,
+    ) -> AckableMessage | str:
+        """The message to hand out for a read entry, or why it is dead-lettered instead."""
         if deliveries > self.options.max_deliveries:
-            reason: str | None = f"max deliveries exceeded ({self.options.max_deliveries})"
-        else:
-            reason = self._malformed_reason(entry)
+            return f"max deliveries exceeded ({self.options.max_deliveries})"
+        reason = self._malformed_reason(entry)
         if reason is not None:
-            await self._dead_letter(keys, shard, stream, entry_id, entry or {}, reason,
-                                    deliveries)
-            if lease is not None and self._leases is not None:
-                self._leases.end(lease)
-            return
+            return reason
         assert entry is not None
         acks = self._acks
         assert acks is not None
@@ -766,7 +774,7 @@ class ClusterStreamBroker(ShardedBroker):
         # bytes object itself, which the formatter's remembered parse needs.
         message = AckableMessage(data=entry[_DATA], ack=ack)
         self._unhanded[id(message)] = (stream, entry_id)
-        await sink(message, lane)
+        return message
 
     def _start_leases(self) -> LeaseRenewer | None:
         """The lease renewer, created at the first read (None if disabled).
@@ -925,17 +933,19 @@ class ClusterStreamBroker(ShardedBroker):
                 counts[row["message_id"]] = int(row["times_delivered"])
         return counts
 
-    async def _housekeep(self, stream: str) -> None:
-        """Trim acknowledged entries and remove stale consumers of one shard stream."""
-        trim, stale = self._scripts["trim"], self._scripts["stale"]
+    async def _housekeep(self, stream: str, *, stale: bool = True) -> None:
+        """Trim a shard stream's acknowledged entries; with ``stale``, drop stale consumers."""
+        trim, remove = self._scripts["trim"], self._scripts["stale"]
         opts = self.options
+        removed = 0
         try:
             if opts.maxlen is None:  # with maxlen, XADD already trims
                 await self._idempotent(lambda: trim(keys=[stream]))
-            removed = await self._idempotent(
-                lambda: stale(keys=[stream],
-                              args=[opts.consumer_group_name, opts.stale_consumer_idle])
-            )
+            if stale:
+                removed = await self._idempotent(
+                    lambda: remove(keys=[stream],
+                                   args=[opts.consumer_group_name, opts.stale_consumer_idle])
+                )
         except Exception as exc:  # housekeeping; the next pass retries
             logger.debug("Housekeeping of %s failed: %r", stream, exc)
             return
