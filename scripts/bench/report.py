@@ -60,9 +60,9 @@ def targets(report: dict[str, Any], cfg: BenchConfig) -> list[dict[str, Any]]:
     e2e = stream.get("e2e_1w_tps")
     add(
         "end-to-end (1 worker) vs RedisStreamClusterBroker",
-        ">= 1.5x",
+        ">= 2.0x",
         e2e,
-        None if e2e is None else e2e >= 1.5,
+        None if e2e is None else e2e >= 2.0,
     )
     for kind in ("ours-stream", "ours-list"):
         value = report["brokers"].get(kind, {}).get("spread_max_mean")
