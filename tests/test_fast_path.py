@@ -240,3 +240,56 @@ async def test_call_refuses_a_bad_argument_before_sending(
     with pytest.raises(DataError):
         await pipeline.call(key, "SET", key, "\ud800")
     assert await pipeline.call(key, "GET", key) is None
+
+
+async def test_commands_for_a_busy_node_wait_and_go_as_one_batch(
+    cluster_client: RedisCluster, unique_name: str
+) -> None:
+    # max_inflight=1: while a batch to a node is unanswered (a BLPOP of
+    # 0.3 s here), new commands for that node wait and then go together;
+    # another node's commands do not wait.
+    empty, key = f"{{{unique_name}}}:empty", f"{{{unique_name}}}:k"
+    other = next(f"{unique_name}:o{i}" for i in range(100)
+                 if cluster_client.get_node_from_key(f"{unique_name}:o{i}").name
+                 != cluster_client.get_node_from_key(key).name)
+    pipe = AutoPipeline(cluster_client, max_inflight=1)
+    batches: list[int] = []
+    run = pipe._run
+
+    async def counted(node: object, items: list[object]) -> None:
+        batches.append(len(items))
+        await run(node, items)  # type: ignore[arg-type]
+
+    pipe._run = counted  # type: ignore[assignment,method-assign]
+    blocked = pipe.submit(empty, "BLPOP", empty, 0.3)
+    await asyncio.sleep(0.05)  # the BLPOP is on its way
+    incrs = [pipe.submit(key, "INCR", key) for _ in range(50)]
+    elsewhere = pipe.submit(other, "SET", other, "x")
+    assert (await asyncio.wait_for(elsewhere, 0.2)).value == b"OK"
+    assert not blocked.done()
+    assert not any(f.done() for f in incrs)
+    assert (await blocked).value is None
+    assert [(await f).value for f in incrs] == list(range(1, 51))  # in order
+    assert batches == [1, 1, 50]
+    await pipe.drain()
+
+
+async def test_commands_held_for_a_node_that_fails_fail_as_never_sent(
+    short_timeout_client: RedisCluster, unique_name: str
+) -> None:
+    # The unanswered batch times out (its node counts as failed): what
+    # waited behind it was never sent, so a kick may go elsewhere at once.
+    empty, key = f"{{{unique_name}}}:empty", f"{{{unique_name}}}:k"
+    pipe = AutoPipeline(short_timeout_client, max_inflight=1)
+    blocked = pipe.submit(empty, "BLPOP", empty, 5)
+    await asyncio.sleep(0.05)
+    held = pipe.submit(key, "SET", key, "v")
+    with pytest.raises(CommandFailure) as timed_out:
+        await blocked
+    assert timed_out.value.sent is True
+    with pytest.raises(CommandFailure) as never_sent:
+        await held
+    assert never_sent.value.sent is False
+    assert write_outcome(never_sent.value.error, sent=False) is Outcome.NOT_APPLIED
+    await pipe.drain()
+    assert await short_timeout_client.get(key) is None

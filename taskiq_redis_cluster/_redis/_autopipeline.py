@@ -3,8 +3,12 @@
 Callers ``await pipeline.execute(key, *command)`` as if they sent a single
 command. Everything submitted during one event-loop tick is grouped by the
 node that owns the key and sent as one pipeline per node; each caller still
-gets its own result or its own exception. This is what lets one producer
-process reach several times the kick rate of one round trip per kick.
+gets its own result or its own exception. While a node has ``max_inflight``
+batches unanswered (one by default), its new commands wait and go as the
+next batch when one is answered: under load a batch carries a few dozen
+commands instead of a few, and an idle node still gets a lone command at
+once. This is what lets one producer process reach several times the kick
+rate of one round trip per kick.
 
 The batch travels on one of redis-py's pooled connections to that node
 (redis-py connects, authenticates, negotiates the protocol and does TLS),
@@ -111,10 +115,17 @@ class AutoPipeline:
     max_batch: int = 512
     wait_replicas: int = 0
     wait_timeout: int = 1000
+    #: Most batches in flight to one node. Commands for a node that has this
+    #: many unanswered go as one batch when the first is answered (see _flush).
+    max_inflight: int = 1
     _pending: list[_Item] = field(default_factory=list)
     _scheduled: bool = False
     _inflight: set[asyncio.Task[None]] = field(default_factory=set)
     _slots: dict[str, int] = field(default_factory=dict)
+    # Per node name: batches in flight, and the commands held for the next.
+    _busy: dict[str, int] = field(default_factory=dict)
+    _held: dict[str, tuple[ClusterNode, list[_Item]]] = field(default_factory=dict)
+    _failed: set[str] = field(default_factory=set)  # failed while batches were in flight
 
     async def execute(self, key: str, *args: Any) -> Reply:
         """Send ``args`` (a full command) in the next pipeline for ``key``'s node.
@@ -193,18 +204,57 @@ class AutoPipeline:
             if group is None:
                 group = groups[name] = (node, [])
             group[1].append(item)
-        # Every group goes at once, even with a batch to the same node still
-        # in flight. Holding later commands until the previous batch was
-        # answered made batches larger and kicks cheaper, but gave the
-        # benchmark's kick-to-start latency a p99 of 20-250 ms in 13 of 30
-        # rounds (2-5 ms in all 20 without); see docs/performance.md.
-        for node, group_items in groups.values():
-            for start in range(0, len(group_items), self.max_batch):
-                task = asyncio.ensure_future(
-                    self._run(node, group_items[start : start + self.max_batch])
-                )
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+        # A node with max_inflight batches unanswered gets the new commands
+        # as one batch when the first of those is answered (_landed). Under
+        # load, batches grow from a few commands to a few dozen, which is
+        # what a kick's CPU goes to; an idle node gets each command at once,
+        # so a lone kick never waits.
+        for name, (node, group_items) in groups.items():
+            if node is None:
+                self._launch(None, "", group_items)
+                continue
+            held = self._held.get(name)
+            if held is not None:
+                held[1].extend(group_items)
+            elif self._busy.get(name, 0) >= self.max_inflight:
+                self._held[name] = (node, group_items)
+            else:
+                self._launch(node, name, group_items)
+
+    def _launch(self, node: ClusterNode | None, name: str, items: list[_Item]) -> None:
+        for start in range(0, len(items), self.max_batch):
+            if name:
+                self._busy[name] = self._busy.get(name, 0) + 1
+            task = asyncio.ensure_future(self._run(node, items[start : start + self.max_batch]))
+            self._inflight.add(task)
+            if name:  # before the discard, so drain() never sees a gap
+                task.add_done_callback(lambda _: self._landed(name))
+            task.add_done_callback(self._inflight.discard)
+
+    def _landed(self, name: str) -> None:
+        """A batch to node ``name`` was answered (or failed): send what waited for it.
+
+        If the node failed meanwhile, what waited fails at once as never sent,
+        so a kick moves to another master (or retries) without first sitting
+        out a timeout of its own against the same node.
+        """
+        busy = self._busy.get(name, 1) - 1
+        if busy > 0:
+            self._busy[name] = busy
+        else:
+            self._busy.pop(name, None)
+        held = self._held.pop(name, None)
+        failed = name in self._failed
+        self._failed.discard(name)
+        if held is None:
+            return
+        if failed:
+            error = RedisConnectionError(f"{name} failed while these commands waited to be sent")
+            for item in held[1]:
+                if not item.future.done():
+                    item.future.set_exception(CommandFailure(error, sent=False))
+            return
+        self._launch(held[0], name, held[1])
 
     async def _run(self, node: ClusterNode | None, items: Sequence[_Item]) -> None:
         # The fast path writes straight to the node that owns the keys. It
@@ -334,6 +384,8 @@ class AutoPipeline:
         # fast path must do the same, or a producer-only process would keep
         # writing to a dead master after its replica took over.
         mark_node_failed(self.client, node)
+        if node.name in self._busy:
+            self._failed.add(node.name)
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until every submitted command has been answered."""
