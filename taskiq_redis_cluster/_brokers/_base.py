@@ -508,7 +508,11 @@ class ShardedBroker(AsyncBroker):
         """Hook: write ``message`` to ``shard`` as ``controls`` (from ``_controls``) say.
 
         Its reply is judged like the plain write's: ``_landed`` (nil when the
-        shard's key is gone), then ``_check_reply``.
+        shard's key is gone), then ``_check_reply``. A duplicate (its
+        ``dedup_key`` was kicked within the TTL) writes nothing and is not an
+        error: the kick returns normally, as the first one did, and
+        :meth:`dedup_task_id` tells the task id whose result to look for. A
+        retry (``_retries`` label) of the task that holds the key is queued.
 
         :raises CommandFailure: as the auto-pipeline raises it.
         """

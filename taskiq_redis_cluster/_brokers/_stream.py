@@ -450,13 +450,7 @@ class ClusterStreamBroker(ShardedBroker):
     async def _write_controlled(
         self, pipeline: AutoPipeline, shard: Shard, message: BrokerMessage, controls: Any
     ) -> Reply:
-        """Delay and/or deduplicate a kick in one atomic script on its shard.
-
-        A duplicate (the key was kicked within its TTL) writes nothing and is
-        not an error: the kick returns normally, as the first one did, and
-        :meth:`dedup_task_id` tells the task id whose result to look for.
-        A retry (``_retries`` label) of the task that holds the key is queued.
-        """
+        """A priority-only kick is the plain write to its lane; else one script (see the hook)."""
         assert isinstance(controls, TaskControls)
         keys = ShardKeys(self.options.prefix, shard.tag)
         stream = keys.lane(controls.lane)
