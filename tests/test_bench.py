@@ -138,6 +138,14 @@ async def test_quick_run_writes_the_report(cluster_url: str, tmp_path: Path) -> 
         assert all(_non_negative(v) for v in figures["ops_per_master"].values())
         assert figures["kick_errors"] == 0
     _check_recovery(report)
+    paired = report["paired"]["stream"]
+    assert (paired["ours"], paired["theirs"]) == ("ours-stream", "theirs-stream")
+    assert len(paired["rounds"]) == report["meta"]["config"]["rounds"]
+    for pair in paired["rounds"]:
+        assert pair["ours_tps"] > 0
+        assert pair["theirs_tps"] > 0
+        assert pair["ratio"] == round(pair["ours_tps"] / pair["theirs_tps"], 3)
+    assert "paired rounds (stream" in table
     assert set(report["ratios"]) == {"stream", "list"}
     for family, values in report["ratios"].items():
         assert set(values) == {m for m, _ in RATIO_METRICS}, family
@@ -291,6 +299,15 @@ def test_ratios_targets_and_table() -> None:
     assert {t["name"]: t["met"] for t in report["targets"]}[
         "end-to-end (1 worker) vs RedisStreamClusterBroker"
     ] is False
+    # Paired rounds, when they ran, decide the end-to-end target.
+    pair = {"ours_tps": 4200, "theirs_tps": 2000, "ratio": 2.1}
+    report["paired"] = {
+        "stream": {"ours": "ours-stream", "theirs": "theirs-stream", "ratio": 2.1, "rounds": [pair]}
+    }
+    report["targets"] = targets(report, BenchConfig.make(quick=True))
+    (e2e,) = [t for t in report["targets"] if t["name"].startswith("end-to-end")]
+    assert (e2e["value"], e2e["met"], e2e["target"]) == (2.1, True, ">= 2.0x (paired rounds)")
+    assert "4,200/2,000; median ratio 2.10x" in format_report(report)
     report["brokers"]["ours-list"]["spread_max_mean"] = 1.5
     report["targets"] = targets(report, BenchConfig.make(quick=True))
     assert {t["name"]: t["met"] for t in report["targets"]}[

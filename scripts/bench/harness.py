@@ -29,6 +29,9 @@ How it measures (docs/performance.md has the long version):
   completion); latency rounds at a fixed rate; for the stream brokers, crash
   recovery (SIGKILL of a worker process holding tasks, time until they run
   again).
+* After every broker ran: paired end-to-end rounds of the stream pair, one
+  idle worker each, their rounds back to back (order alternating); the
+  figure is the median of the per-pair ratios (see :meth:`_Bench.e2e_paired`).
 * Every throughput/latency/spread figure is the median over ``rounds``;
   memory and the backlog drain are one measurement over the whole backlog.
 * Planner time and exporter-scrape time are medians over ``rounds`` too;
@@ -66,7 +69,7 @@ from taskiq_redis_cluster._planning._planstore import PlanStore
 from taskiq_redis_cluster._redis._connection import connect, redact_url
 from taskiq_redis_cluster.testing import DevCluster, find_free_base_port
 
-from .config import APP_MODULE, ENV_PREFIX, LABELS, BenchConfig
+from .config import APP_MODULE, ENV_PREFIX, LABELS, PAIRS, BenchConfig
 from .measure import (
     bench_planner,
     bench_scrape,
@@ -413,6 +416,47 @@ class _Bench:
             await self.procs.stop(producer.child, grace=10.0)
         return result
 
+    async def e2e_paired(self, ours: str, theirs: str) -> dict[str, Any]:
+        """End to end with one worker each, the two brokers' rounds alternating.
+
+        The per-broker end-to-end medians come from rounds minutes apart,
+        and this machine's speed drifts by 15-30 % over such spans: the
+        ratio of the medians moved between 1.7x and 2.5x for the same code.
+        Here each pair of rounds runs back to back (which goes first
+        alternates), and the figure is the median of the per-pair ratios.
+        """
+        sides: dict[str, tuple[_Producer, Path, list[_Child]]] = {}
+        try:
+            for kind in (ours, theirs):
+                short = kind.replace("ours-", "o").replace("theirs-", "t")
+                queue = f"bench-{self.run_id}-p{short}"
+                self.queues.append(queue)
+                stats_dir = self.work / f"stats-{kind}-paired"
+                stats_dir.mkdir()
+                env = self._env(kind, queue, stats_dir)
+                producer = await self._producer(f"{kind}-paired-producer", env)
+                sides[kind] = (producer, stats_dir, [])
+                sides[kind][2].append(await self._worker(f"{kind}-paired", env, stats_dir))
+            n = self.cfg.count(self.cfg.kick_total, minimum=self.cfg.concurrency)
+            logger.info("%s vs %s: paired end to end, %d rounds", ours, theirs, self.cfg.rounds)
+            rounds: list[dict[str, float | None]] = []
+            for r in range(self.cfg.rounds):
+                tps: dict[str, float] = {}
+                for kind in (ours, theirs) if r % 2 == 0 else (theirs, ours):
+                    producer, stats_dir, workers = sides[kind]
+                    tps[kind] = await self._e2e_round(producer, stats_dir, n, workers)
+                ratio = round(tps[ours] / tps[theirs], 3) if tps[theirs] > 0 else None
+                rounds.append({"ours_tps": tps[ours], "theirs_tps": tps[theirs], "ratio": ratio})
+            measured = [r["ratio"] for r in rounds if r["ratio"] is not None]
+            return {"ours": ours, "theirs": theirs, "rounds": rounds,
+                    "ratio": median(measured) if measured else None}
+        finally:
+            for producer, _, workers in sides.values():
+                for w in workers:
+                    await self.procs.stop(w, grace=0)
+                await producer.quit()
+                await self.procs.stop(producer.child, grace=10.0)
+
     async def _queue_keys(self, kind: str, queue: str) -> list[str]:
         """The Redis keys that hold ``queue``'s tasks for broker ``kind``."""
         if kind.startswith("theirs-"):
@@ -736,6 +780,10 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             brokers: dict[str, dict[str, Any]] = {}
             for kind in cfg.brokers:
                 brokers[kind] = await bench.run_broker(kind)
+            paired: dict[str, dict[str, Any]] = {}
+            ours, theirs = PAIRS["stream"]
+            if ours in brokers and theirs in brokers:
+                paired["stream"] = await bench.e2e_paired(ours, theirs)
             logger.info("Planner and scrape timings")
             planner = bench_planner(cfg.planner_shards, cfg.planner_masters, cfg.rounds)
             scrape = await bench_scrape(
@@ -768,6 +816,7 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 "duration_s": None,
             },
             "brokers": brokers,
+            "paired": paired,
             "planner": planner,
             "scrape": scrape,
         }
