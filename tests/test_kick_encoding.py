@@ -128,3 +128,51 @@ def test_remembered_parses_are_bounded() -> None:
     ).message
     formatter.remember(big, message)
     assert formatter.loads(big) is not message  # too large to keep
+
+
+@settings(max_examples=200, deadline=None)
+@given(args=st.lists(_json_values, max_size=4),
+       kwargs=st.dictionaries(st.text(max_size=8), _json_values, max_size=4),
+       labels=st.dictionaries(st.text(max_size=8), _json_values, max_size=3),
+       ascii_only=st.booleans())
+def test_decoding_gives_what_taskiq_gives(
+    args: list[Any], kwargs: dict[str, Any], labels: dict[str, Any], ascii_only: bool
+) -> None:
+    # Bytes as taskiq's own serializer writes them (with or without \\u
+    # escapes, NaN, big and small numbers), decoded by pydantic's one-call
+    # path: the same message as taskiq's json.loads-then-validate path.
+    stock = InMemoryBroker()
+    stock.serializer = JSONSerializer(ensure_ascii=ascii_only)
+    message = TaskiqMessage(task_id=random_task_id(), task_name="m:t", labels=labels,
+                            args=args, kwargs=kwargs)
+    data = stock.formatter.dumps(message).message
+    assert repr(MessageFormatter(stock).loads(data)) == repr(stock.formatter.loads(data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # A lone surrogate escape: json.loads takes it, pydantic's parser
+        # does not; taskiq's path decides.
+        b'{"task_id":"a","task_name":"t","labels":{},"args":["\\ud800"],"kwargs":{}}',
+        b'{"task_id":"a","task_name":"t","labels":{},"args":[NaN, 1e999],"kwargs":{}}',
+    ],
+)
+def test_json_pydantic_refuses_goes_through_taskiqs_path(data: bytes) -> None:
+    stock = InMemoryBroker()
+    assert repr(MessageFormatter(stock).loads(data)) == repr(stock.formatter.loads(data))
+
+
+@pytest.mark.parametrize(
+    "data", [b"\xff", b"not json", b'{"task_id": 1}', b'{"task_id":"a","task_name":"t"} x']
+)
+def test_bad_messages_fail_as_taskiqs_path_fails(data: bytes) -> None:
+    stock = InMemoryBroker()
+    errors = []
+    for formatter in (stock.formatter, MessageFormatter(stock)):
+        try:
+            formatter.loads(data)
+        except Exception as exc:  # whatever taskiq's path raises, ours raises too
+            errors.append(type(exc))
+    assert len(errors) == 2
+    assert errors[0] is errors[1]
