@@ -124,7 +124,7 @@ class AutoPipeline:
     _slots: dict[str, int] = field(default_factory=dict)
     # Per node name: batches in flight, and the commands held for the next.
     _busy: dict[str, int] = field(default_factory=dict)
-    _held: dict[str, tuple[ClusterNode, list[_Item]]] = field(default_factory=dict)
+    _held: dict[str, list[_Item]] = field(default_factory=dict)
     _failed: set[str] = field(default_factory=set)  # failed while batches were in flight
 
     async def execute(self, key: str, *args: Any) -> Reply:
@@ -215,9 +215,9 @@ class AutoPipeline:
                 continue
             held = self._held.get(name)
             if held is not None:
-                held[1].extend(group_items)
+                held.extend(group_items)
             elif self._busy.get(name, 0) >= self.max_inflight:
-                self._held[name] = (node, group_items)
+                self._held[name] = group_items
             else:
                 self._launch(node, name, group_items)
 
@@ -250,11 +250,14 @@ class AutoPipeline:
             return
         if failed:
             error = RedisConnectionError(f"{name} failed while these commands waited to be sent")
-            for item in held[1]:
+            for item in held:
                 if not item.future.done():
                     item.future.set_exception(CommandFailure(error, sent=False))
             return
-        self._launch(held[0], name, held[1])
+        # Routed again, with the slot map of now: the node may have changed
+        # while they waited. They are older than anything pending, so first.
+        self._pending[:0] = held
+        self._flush()
 
     async def _run(self, node: ClusterNode | None, items: Sequence[_Item]) -> None:
         # The fast path writes straight to the node that owns the keys. It
