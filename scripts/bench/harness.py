@@ -356,14 +356,18 @@ class _Bench:
         await asyncio.sleep(0.3)
         return child
 
+    def _queue(self, kind: str, *, paired: bool = False) -> tuple[str, Path, dict[str, str]]:
+        """A fresh queue for ``kind`` (cleaned up at the end), its stats dir and env."""
+        short = kind.replace("ours-", "o").replace("theirs-", "t")
+        queue = f"bench-{self.run_id}-{'p' if paired else ''}{short}"
+        self.queues.append(queue)
+        stats_dir = self.work / f"stats-{kind}{'-paired' if paired else ''}"
+        stats_dir.mkdir()
+        return queue, stats_dir, self._env(kind, queue, stats_dir)
+
     async def run_broker(self, kind: str) -> dict[str, Any]:
         """Every phase for one broker kind, on a queue of its own."""
-        short = kind.replace("ours-", "o").replace("theirs-", "t")
-        queue = f"bench-{self.run_id}-{short}"
-        self.queues.append(queue)
-        stats_dir = self.work / f"stats-{kind}"
-        stats_dir.mkdir()
-        env = self._env(kind, queue, stats_dir)
+        queue, stats_dir, env = self._queue(kind)
         result: dict[str, Any] = {"label": LABELS[kind], "queue": queue}
         producer = await self._producer(f"{kind}-producer", env)
         workers: list[_Child] = []
@@ -428,12 +432,7 @@ class _Bench:
         sides: dict[str, tuple[_Producer, Path, list[_Child]]] = {}
         try:
             for kind in (ours, theirs):
-                short = kind.replace("ours-", "o").replace("theirs-", "t")
-                queue = f"bench-{self.run_id}-p{short}"
-                self.queues.append(queue)
-                stats_dir = self.work / f"stats-{kind}-paired"
-                stats_dir.mkdir()
-                env = self._env(kind, queue, stats_dir)
+                _, stats_dir, env = self._queue(kind, paired=True)
                 producer = await self._producer(f"{kind}-paired-producer", env)
                 sides[kind] = (producer, stats_dir, [])
                 sides[kind][2].append(await self._worker(f"{kind}-paired", env, stats_dir))
