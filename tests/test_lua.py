@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 from redis.asyncio import RedisCluster
+from redis.exceptions import ResponseError
 
 import taskiq_redis_cluster
 from taskiq_redis_cluster import CrossSlotError
 from taskiq_redis_cluster._planning import PlanStore, QueueSpec, ShardPlan, read_topology
-from taskiq_redis_cluster._redis import LuaScript, load_script
+from taskiq_redis_cluster._redis import AutoPipeline, CommandFailure, LuaScript, load_script
 from taskiq_redis_cluster._redis._lua import script_names
 from taskiq_redis_cluster.testing import DevCluster
 
@@ -139,6 +140,44 @@ async def test_evalsha_falls_back_to_eval_after_script_flush(
     assert await cluster_client.hget(keys[0], "s1") == b"p1"
     assert await cluster_client.smembers(keys[1]) == {b"s1"}
     assert await cluster_client.zscore(keys[2], "s2") == 1000.0
+
+
+@pytest.mark.cluster
+async def test_a_pipelined_call_falls_back_to_eval_and_raises_redis_errors_unwrapped(
+    cluster_client: RedisCluster, unique_name: str
+) -> None:
+    # The brokers' per-shard scripts go in the auto-pipeline's batches: the
+    # NOSCRIPT fallback must hold there too, in the same node's next batch.
+    script = load_script("schedule_add")
+    tag = f"{{{unique_name}}}"
+    keys = [f"{tag}:schedules", f"{tag}:cron", f"{tag}:timeline"]
+    node = cluster_client.get_node_from_key(keys[0])
+    pipe = AutoPipeline(cluster_client)
+    try:
+        await cluster_client.execute_command("SCRIPT", "FLUSH", "SYNC", target_nodes=node)
+        before = await cluster_client.info("commandstats", target_nodes=node)
+        assert await script(pipe, keys=keys, args=["s1", "p1", ""]) == 1
+        reply = await script.submit(pipe, keys, ["s2", "p2", "1000"])
+        assert reply.value == 1
+        after = await cluster_client.info("commandstats", target_nodes=node)
+        assert _calls(after, "evalsha") == _calls(before, "evalsha") + 2
+        assert _calls(after, "eval") == _calls(before, "eval") + 1
+        assert await cluster_client.hget(keys[0], "s1") == b"p1"
+        assert await cluster_client.zscore(keys[2], "s2") == 1000.0
+
+        # A script's own error comes out as redis-py raises it, not wrapped.
+        await cluster_client.set(keys[0], "not a hash")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await script(pipe, keys=keys, args=["s3", "p3", ""])
+        with pytest.raises(CommandFailure) as failure:
+            await script.submit(pipe, keys, ["s3", "p3", ""])
+        assert isinstance(failure.value.error, ResponseError)
+        # No key, no node to route by: refused before anything is sent.
+        with pytest.raises(ValueError, match="no key"):
+            await script.submit(pipe, [], [])
+    finally:
+        await pipe.drain()
+        await cluster_client.delete(*keys)
 
 
 @pytest.mark.cluster

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError
 from taskiq import BrokerMessage
 
 from .._errors import InvalidOptionError
 from .._keys import ShardKeys
-from .._redis import AutoPipeline, CommandFailure, LuaScript, Reply
+from .._redis import AutoPipeline, LuaScript, Reply
 from ._base import DEDUP_KEY_LABEL
 
 logger = logging.getLogger(__name__)
@@ -133,28 +132,6 @@ def read_controls(
                         lane)
 
 
-async def submit_script(
-    pipeline: AutoPipeline,
-    script: LuaScript,
-    keys: Sequence[str],
-    args: Sequence[Any],
-) -> Reply:
-    """Run ``script`` through the auto-pipeline, routed by its first key.
-
-    A kick script goes through the auto-pipeline like a plain write, so its
-    outcome is classified the same way (NOT_APPLIED retried, UNKNOWN raised).
-
-    :raises CommandFailure: as the auto-pipeline raises it.
-    """
-    try:
-        return await pipeline.submit(keys[0], *script.command(keys, args))
-    except CommandFailure as failure:
-        if not isinstance(failure.error, NoScriptError):
-            raise
-    # Nothing ran (a restarted or promoted master); EVAL also caches it.
-    return await pipeline.submit(keys[0], *script.eval_command(keys, args))
-
-
 async def kick_controlled(
     pipeline: AutoPipeline,
     script: LuaScript,
@@ -178,7 +155,7 @@ async def kick_controlled(
         script_keys.append(keys.dedup(controls.dedup_key))
     args = [message.message, controls.delay_ms, controls.dedup_ttl_ms, message.task_id,
             "1" if controls.retry else "0", *extra]
-    reply = await submit_script(pipeline, script, script_keys, args)
+    reply = await script.submit(pipeline, script_keys, args)
     holder = duplicate_of(reply)
     if holder is not None:
         logger.debug("Task %s not queued: its dedup key %r is held by task %s",
@@ -203,5 +180,4 @@ __all__ = [
     "duplicate_of",
     "kick_controlled",
     "read_controls",
-    "submit_script",
 ]

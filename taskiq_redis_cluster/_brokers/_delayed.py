@@ -31,7 +31,7 @@ from typing import Any
 from redis.asyncio import RedisCluster
 
 from .._keys import ShardKeys
-from .._redis import LuaScript, error_kind, is_transient, load_script
+from .._redis import AutoPipeline, LuaScript, error_kind, is_transient, load_script
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class DelayedPromoter:
     first argument and answers ``{moved, next due ms or -1, now ms}``, with
     ``moved`` -1 when its target is missing.
 
-    :param client: the broker's cluster client.
+    :param client: the broker's auto-pipeline for commands that never WAIT
+        (or its cluster client).
     :param keys: the shard's keys.
     :param trim: XADD trim arguments (``MAXLEN ~ n``) or none.
     :param lanes: the shard's priority lanes; a delayed message goes to
@@ -79,7 +80,7 @@ class DelayedPromoter:
 
     def __init__(
         self,
-        client: RedisCluster,
+        client: AutoPipeline | RedisCluster,
         keys: ShardKeys,
         trim: tuple[Any, ...] = (),
         *,
@@ -156,7 +157,7 @@ class DelayedPromoter:
 
 
 def list_promoter(
-    client: RedisCluster,
+    client: AutoPipeline | RedisCluster,
     keys: ShardKeys,
     *,
     timing: PromoterTiming | None = None,

@@ -208,7 +208,9 @@ class ClusterListQueueBroker(ShardedBroker):
     ) -> None:
         keys = ShardKeys(self.options.prefix, shard.tag)
         # Due delayed tasks of this shard go into its list while it is read.
-        promoter = list_promoter(self.client, keys)
+        # Its script goes in the kick pipeline's batches (no WAIT here).
+        assert self._pipeline is not None
+        promoter = list_promoter(self._pipeline, keys)
         self._promoters.start(promoter)
         reliable = self.options.reliable
         next_recovery = 0.0

@@ -308,6 +308,10 @@ class ClusterStreamBroker(ShardedBroker):
         check_client_kwargs(options.connection.extra)
         super().__init__(url, options, events=events, retry=retry)
         self._acks: _AckBatcher | None = None
+        # Commands that never WAIT (acks, housekeeping scripts, XAUTOCLAIM),
+        # auto-pipelined per node. The kick pipeline may end each batch with
+        # WAIT, which these must not pay for (see _after_startup).
+        self._plain: AutoPipeline | None = None
         # The shard scripts bound to the client: called as (keys=, args=).
         self._scripts: dict[str, Callable[..., Awaitable[Any]]] = {}
         # Entries delivered to the listen buffer, by id() of their message, so
@@ -343,17 +347,19 @@ class ClusterStreamBroker(ShardedBroker):
             for s in plan.shards
             for stream in ShardKeys(prefix, s.tag).lanes(self.options.priority_lanes)
         ))
-        # Acks never WAIT: losing an ack only causes a redelivery.
+        # Acks never WAIT: losing an ack only causes a redelivery. Nor does
+        # housekeeping, which goes through the same pipeline: through
+        # redis-py's cluster client each script cost a worker several times
+        # its own time, a few times per shard every second, and held up the
+        # shard's reader meanwhile.
+        plain = self._plain = AutoPipeline(client, max_batch=self.options.max_batch)
         self._acks = _AckBatcher(
-            AutoPipeline(client, max_batch=self.options.max_batch),
-            self.options.consumer_group_name,
-            self,
-            max_batch=self.options.max_batch,
+            plain, self.options.consumer_group_name, self, max_batch=self.options.max_batch
         )
         self._scripts = {
-            "trim": functools.partial(_SAFE_TRIM, client),
-            "stale": functools.partial(_REMOVE_STALE_CONSUMERS, client),
-            "dead": functools.partial(_DEAD_LETTER, client),
+            "trim": functools.partial(_SAFE_TRIM, plain),
+            "stale": functools.partial(_REMOVE_STALE_CONSUMERS, plain),
+            "dead": functools.partial(_DEAD_LETTER, plain),
         }
 
     def _handed_out(self, message: AckableMessage | bytes) -> None:
@@ -422,6 +428,11 @@ class ClusterStreamBroker(ShardedBroker):
 
     def _prefetch(self) -> int:
         return self.options.xread_count
+
+    def _housekeeping(self) -> AutoPipeline:
+        """The pipeline of commands that never WAIT (set up at startup)."""
+        assert self._plain is not None
+        return self._plain
 
     def _lanes(self) -> tuple[int, int]:
         return self.options.priority_lanes, self.options.priority_fairness
@@ -496,7 +507,7 @@ class ClusterStreamBroker(ShardedBroker):
         keys = ShardKeys(self.options.prefix, shard.tag)
         # Due delayed tasks of this shard go into its streams while it is read.
         promoter = DelayedPromoter(
-            self.client, keys, self._trim_args(), lanes=self.options.priority_lanes
+            self._housekeeping(), keys, self._trim_args(), lanes=self.options.priority_lanes
         )
         self._promoters.start(promoter)
         tasks = [
@@ -526,12 +537,14 @@ class ClusterStreamBroker(ShardedBroker):
         nobody reads.
         """
         wanted = set(range(1, self.options.priority_lanes))
+        plain = self._housekeeping()
 
         async def existing() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for lane in range(1, MAX_LANES):
-                pipe.exists(keys.lane(lane))
-            return await pipe.execute()
+            # Submitted in one tick: one batch to the shard's node.
+            lanes = [keys.lane(lane) for lane in range(1, MAX_LANES)]
+            return list(await asyncio.gather(
+                *(_unwrap(plain.submit(lane, "EXISTS", lane)) for lane in lanes)
+            ))
 
         found = await self._idempotent(existing)
         wanted.update(lane for lane, there in enumerate(found, start=1) if there)
@@ -797,7 +810,7 @@ class ClusterStreamBroker(ShardedBroker):
         args: list[bytes | str] = [opts.consumer_group_name, opts.consumer_name, *ids]
         try:
             lost = await self._idempotent(
-                lambda: _RENEW_LEASES(self.client, keys=[stream], args=args)
+                lambda: _RENEW_LEASES(self._housekeeping(), keys=[stream], args=args)
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -875,20 +888,17 @@ class ClusterStreamBroker(ShardedBroker):
         no lock is needed (a lock could stick when its holder dies).
         """
         opts = self.options
+        plain = self._housekeeping()
         start: bytes | str = "0-0"
         # Bounded: at most a few batches per pass, the rest waits a pass.
         for _ in range(4):
+            command = ("XAUTOCLAIM", stream, opts.consumer_group_name, opts.consumer_name,
+                       opts.idle_timeout, start, "COUNT", opts.unacknowledged_batch_size)
             result = await self._idempotent(
-                lambda start=start: self.client.xautoclaim(  # type: ignore[misc]
-                    stream,
-                    opts.consumer_group_name,
-                    opts.consumer_name,
-                    min_idle_time=opts.idle_timeout,
-                    start_id=start,
-                    count=opts.unacknowledged_batch_size,
-                )
+                lambda command=command: _unwrap(plain.submit(stream, *command))  # type: ignore[misc]
             )
-            next_start, claimed = result[0], result[1]
+            # Raw reply: [next start, [[id, [field, value, ...]], ...], [deleted ids]].
+            next_start, claimed = result[0], _raw_entries(result[1])
             if claimed:
                 self.events.reclaimed(self.queue_name, shard.index, len(claimed))
                 logger.info("Reclaimed %d idle entries of %s", len(claimed), stream)
@@ -965,14 +975,16 @@ def _raw_stream_entries(
         return []
     # RESP3: {stream: [entry, ...]}; RESP2: [[stream, [entry, ...]], ...].
     pairs = reply.items() if isinstance(reply, dict) else reply
-    out: list[tuple[bytes | str, list[tuple[bytes, Mapping[bytes, bytes] | None]]]] = []
-    for stream, rows in pairs:
-        entries: list[tuple[bytes, Mapping[bytes, bytes] | None]] = []
-        for entry_id, fields in rows:
-            if fields is None:  # deleted after it was added (XDEL)
-                entries.append((entry_id, None))
-            else:
-                it = iter(fields)
-                entries.append((entry_id, dict(zip(it, it, strict=False))))
-        out.append((stream, entries))
-    return out
+    return [(stream, _raw_entries(rows)) for stream, rows in pairs]
+
+
+def _raw_entries(rows: Any) -> list[tuple[bytes, Mapping[bytes, bytes] | None]]:
+    """(id, fields or None) of raw stream entries ``[[id, [field, value, ...]], ...]``."""
+    entries: list[tuple[bytes, Mapping[bytes, bytes] | None]] = []
+    for entry_id, fields in rows:
+        if fields is None:  # deleted after it was added (XDEL)
+            entries.append((entry_id, None))
+        else:
+            it = iter(fields)
+            entries.append((entry_id, dict(zip(it, it, strict=False))))
+    return entries

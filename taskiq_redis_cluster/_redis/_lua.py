@@ -8,9 +8,14 @@ install all work) once per process, at first use, never at import.
 
 A call sends ``EVALSHA`` and, when the node answers ``NOSCRIPT`` (a node
 that restarted, a replica just promoted, ``SCRIPT FLUSH``), ``EVAL`` with the
-source, which also caches it there. Both go through the client's own routing
-to the master of the keys' slot, so MOVED and ASK are followed as for any
-command. All keys of one call must share one slot (one hash tag): that is
+source, which also caches it there. Both go to the master of the keys'
+slot, either through the cluster client's own routing or, when the runner is
+given an :class:`~._autopipeline.AutoPipeline`, in that pipeline's next
+batch to the node; MOVED and ASK are followed on both paths. The brokers'
+per-shard scripts (kick controls, trims, promotions, lease renewals) take
+the pipeline: redis-py's cluster path costs several times the script's own
+time in the client, and a worker runs a few of them per shard every second.
+All keys of one call must share one slot (one hash tag): that is
 checked before any I/O and raises
 :class:`~taskiq_redis_cluster._errors.CrossSlotError`, instead of a
 ``CROSSSLOT`` from the server or redis-py's untyped cluster error.
@@ -35,6 +40,7 @@ from redis.exceptions import NoScriptError
 
 from .._errors import CrossSlotError
 from .._keys import slot_of
+from ._autopipeline import AutoPipeline, CommandFailure, Reply
 
 logger = logging.getLogger(__name__)
 
@@ -121,19 +127,49 @@ class LuaScript:
         self.slot(keys)
         return ("EVAL", self.source, len(keys), *keys, *args)
 
+    async def submit(
+        self, pipeline: AutoPipeline, keys: Sequence[Key], args: Sequence[Arg] = ()
+    ) -> Reply:
+        """Run the script in ``pipeline``'s next batch to the keys' master.
+
+        The outcome is classified as for any auto-pipelined command, so a
+        kick script's failure says whether it may have run.
+
+        :raises CommandFailure: as the auto-pipeline raises it.
+        :raises CrossSlotError: if the keys span two slots (nothing is sent).
+        """
+        if not keys:
+            raise ValueError(f"script {self.name} has no key to route a pipelined call by")
+        key = _text(keys[0])
+        try:
+            return await pipeline.submit(key, *self.command(keys, args))
+        except CommandFailure as failure:
+            if not isinstance(failure.error, NoScriptError):
+                raise
+        # Nothing ran (a restarted or promoted master); EVAL also caches it.
+        logger.debug("Script %s not cached on its node; sending it with EVAL", self.name)
+        return await pipeline.submit(key, *self.eval_command(keys, args))
+
     async def __call__(
         self,
-        client: Redis | RedisCluster,
+        client: Redis | RedisCluster | AutoPipeline,
         keys: Sequence[Key] = (),
         args: Sequence[Arg] = (),
     ) -> Any:
         """Run the script on the master of the keys' slot; return its raw reply.
 
         Redis errors (connection loss, the script's own errors) propagate
-        unchanged; retrying is the caller's choice (see ``RetryPolicy``).
+        unchanged, also from an auto-pipeline (never wrapped in
+        :class:`CommandFailure`); retrying is the caller's choice (see
+        ``RetryPolicy``).
 
         :raises CrossSlotError: if the keys span two slots (nothing is sent).
         """
+        if isinstance(client, AutoPipeline):
+            try:
+                return (await self.submit(client, keys, args)).value
+            except CommandFailure as failure:
+                raise failure.error from None
         command = self.command(keys, args)
         try:
             return await client.execute_command(*command)
