@@ -110,16 +110,24 @@ def _calls(stats: dict[str, Any], command: str) -> int:
     return int(row.get("calls", 0)) + int(row.get("rejected_calls", 0))
 
 
+async def _flushed_schedule_add(
+    client: RedisCluster, name: str
+) -> tuple[LuaScript, list[str], Any, dict[str, Any]]:
+    """The schedule_add script, its keys, their node with its script cache
+    flushed, and that node's command stats from just after the flush."""
+    script = load_script("schedule_add")
+    tag = f"{{{name}}}"
+    keys = [f"{tag}:schedules", f"{tag}:cron", f"{tag}:timeline"]
+    node = client.get_node_from_key(keys[0])
+    await client.execute_command("SCRIPT", "FLUSH", "SYNC", target_nodes=node)
+    return script, keys, node, await client.info("commandstats", target_nodes=node)
+
+
 @pytest.mark.cluster
 async def test_evalsha_falls_back_to_eval_after_script_flush(
     cluster_client: RedisCluster, unique_name: str
 ) -> None:
-    script = load_script("schedule_add")
-    tag = f"{{{unique_name}}}"
-    keys = [f"{tag}:schedules", f"{tag}:cron", f"{tag}:timeline"]
-    node = cluster_client.get_node_from_key(keys[0])
-    await cluster_client.execute_command("SCRIPT", "FLUSH", "SYNC", target_nodes=node)
-    before = await cluster_client.info("commandstats", target_nodes=node)
+    script, keys, node, before = await _flushed_schedule_add(cluster_client, unique_name)
 
     # Not cached on the node: EVALSHA answers NOSCRIPT, EVAL runs it once.
     assert await script(cluster_client, keys=keys, args=["s1", "p1", ""]) == 1
@@ -148,14 +156,9 @@ async def test_a_pipelined_call_falls_back_to_eval_and_raises_redis_errors_unwra
 ) -> None:
     # The brokers' per-shard scripts go in the auto-pipeline's batches: the
     # NOSCRIPT fallback must hold there too, in the same node's next batch.
-    script = load_script("schedule_add")
-    tag = f"{{{unique_name}}}"
-    keys = [f"{tag}:schedules", f"{tag}:cron", f"{tag}:timeline"]
-    node = cluster_client.get_node_from_key(keys[0])
+    script, keys, node, before = await _flushed_schedule_add(cluster_client, unique_name)
     pipe = AutoPipeline(cluster_client)
     try:
-        await cluster_client.execute_command("SCRIPT", "FLUSH", "SYNC", target_nodes=node)
-        before = await cluster_client.info("commandstats", target_nodes=node)
         assert await script(pipe, keys=keys, args=["s1", "p1", ""]) == 1
         reply = await script.submit(pipe, keys, ["s2", "p2", "1000"])
         assert reply.value == 1
