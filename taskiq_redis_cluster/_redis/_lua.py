@@ -137,6 +137,7 @@ class LuaScript:
 
         :raises CommandFailure: as the auto-pipeline raises it.
         :raises CrossSlotError: if the keys span two slots (nothing is sent).
+        :raises ValueError: if there is no key to route by (nothing is sent).
         """
         if not keys:
             raise ValueError(f"script {self.name} has no key to route a pipelined call by")
