@@ -48,13 +48,13 @@ from .._options import ListOptions, resolve_options
 from .._planning import Shard
 from .._redis import (
     AutoPipeline,
-    CommandFailure,
     Reply,
     RetryPolicy,
     Unroutable,
     error_kind,
     is_transient,
     load_script,
+    redis_value,
 )
 from ._base import ShardedBroker, Sink, StopSignal
 from ._controls import TaskControls, kick_controlled, read_controls
@@ -343,10 +343,7 @@ class ClusterListQueueBroker(ShardedBroker):
 
     async def _command(self, key: str, *args: Any) -> Any:
         assert self._pipeline is not None
-        try:
-            return (await self._pipeline.execute(key, *args)).value
-        except CommandFailure as failure:
-            raise failure.error from None  # the retry policy classifies redis-py's error
+        return await redis_value(self._pipeline.execute(key, *args))
 
     async def _register(self, keys: ShardKeys, index: int) -> None:
         """Announce this consumer on the shard before its first BLMOVE there.

@@ -50,6 +50,7 @@ from .._redis import (
     error_kind,
     is_transient,
     load_script,
+    redis_value,
 )
 from .._serialization import MessageFormatter
 from ._base import ShardedBroker, Sink, StopSignal
@@ -142,7 +143,7 @@ class _AckBatcher:
     async def _send(self, stream: str, shard: int, ids: list[bytes]) -> None:
         try:
             await self.broker._idempotent(
-                lambda: _unwrap(self.pipeline.execute(stream, "XACK", stream, self.group, *ids))
+                lambda: redis_value(self.pipeline.execute(stream, "XACK", stream, self.group, *ids))
             )
         except ResponseError as exc:
             if str(exc).startswith("NOGROUP"):
@@ -202,15 +203,6 @@ class _EntryAck:
         self.acks.add(self.stream, self.shard, self.entry_id)
         if self.lease is not None and self.leases is not None:
             self.leases.end(self.lease)
-
-
-async def _unwrap(awaitable: Any) -> Any:
-    """Turn an auto-pipeline CommandFailure back into the redis-py error."""
-    try:
-        reply: Reply = await awaitable
-    except CommandFailure as failure:
-        raise failure.error from None
-    return reply.value
 
 
 class ClusterStreamBroker(ShardedBroker):
@@ -543,7 +535,7 @@ class ClusterStreamBroker(ShardedBroker):
             # Submitted in one tick: one batch to the shard's node.
             lanes = [keys.lane(lane) for lane in range(1, MAX_LANES)]
             return list(await asyncio.gather(
-                *(_unwrap(plain.submit(lane, "EXISTS", lane)) for lane in lanes)
+                *(redis_value(plain.submit(lane, "EXISTS", lane)) for lane in lanes)
             ))
 
         found = await self._idempotent(existing)
@@ -895,7 +887,7 @@ class ClusterStreamBroker(ShardedBroker):
             command = ("XAUTOCLAIM", stream, opts.consumer_group_name, opts.consumer_name,
                        opts.idle_timeout, start, "COUNT", opts.unacknowledged_batch_size)
             result = await self._idempotent(
-                lambda command=command: _unwrap(plain.submit(stream, *command))  # type: ignore[misc]
+                lambda command=command: redis_value(plain.submit(stream, *command))  # type: ignore[misc]
             )
             # Raw reply: [next start, [[id, [field, value, ...]], ...], [deleted ids]].
             next_start, claimed = result[0], _raw_entries(result[1])

@@ -7,6 +7,7 @@ from ._autopipeline import (
     CommandFailure,
     Reply,
     Unroutable,
+    redis_value,
     send_batch,
 )
 from ._connection import (
@@ -39,6 +40,7 @@ __all__ = [
     "is_transient",
     "load_script",
     "redact_url",
+    "redis_value",
     "reinitialize_nodes",
     "send_batch",
     "validate_url",

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -92,6 +92,18 @@ class Reply(NamedTuple):
 
     value: Any
     replicas: int | None = None
+
+
+async def redis_value(reply: Awaitable[Reply]) -> Any:
+    """The value of an auto-pipelined command; its failure as redis-py's own error.
+
+    For callers whose retry policy and error handling classify redis-py's
+    exceptions (NOGROUP, connection loss) rather than :class:`CommandFailure`.
+    """
+    try:
+        return (await reply).value
+    except CommandFailure as failure:
+        raise failure.error from None
 
 
 class _Item(NamedTuple):

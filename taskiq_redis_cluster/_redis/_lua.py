@@ -40,7 +40,7 @@ from redis.exceptions import NoScriptError
 
 from .._errors import CrossSlotError
 from .._keys import slot_of
-from ._autopipeline import AutoPipeline, CommandFailure, Reply
+from ._autopipeline import AutoPipeline, CommandFailure, Reply, redis_value
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +167,7 @@ class LuaScript:
         :raises CrossSlotError: if the keys span two slots (nothing is sent).
         """
         if isinstance(client, AutoPipeline):
-            try:
-                return (await self.submit(client, keys, args)).value
-            except CommandFailure as failure:
-                raise failure.error from None
+            return await redis_value(self.submit(client, keys, args))
         command = self.command(keys, args)
         try:
             return await client.execute_command(*command)
