@@ -7,10 +7,14 @@ import logging
 
 import pytest
 from redis.asyncio import RedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 
 from taskiq_redis_cluster import (
+    ClusterResultBackend,
+    ClusterStreamBroker,
     ConnectError,
     ConnectionOptions,
+    InvalidOptionError,
     InvalidURLError,
     NotAClusterError,
     connect,
@@ -143,3 +147,52 @@ async def test_first_use_race_is_reproduced_raw_and_gone_through_our_layer(
         finally:
             await client.aclose()
     assert ours == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        ({"retry": object()}, "retry"),
+        ({"retry_on_error": [TimeoutError]}, "retry_on_error"),
+        ({"cluster_error_retry_attempts": 3}, "cluster_error_retry_attempts"),
+        ({"decode_responses": True}, "decode_responses"),
+    ],
+)
+def test_client_keywords_the_package_owns_are_refused(
+    extra: dict[str, object], option: str
+) -> None:
+    # A user's retry= would make redis-py re-send a kick whose outcome is
+    # unknown; it is refused by name, not silently dropped or obeyed.
+    with pytest.raises(InvalidOptionError, match=f"Invalid option {option}:") as caught:
+        ConnectionOptions(extra=extra)
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(InvalidOptionError, match=f"Invalid option {option}:"):
+        ClusterStreamBroker("redis://127.0.0.1:7000", **extra)
+    with pytest.raises(InvalidOptionError, match=f"Invalid option {option}:"):
+        ClusterResultBackend("redis://127.0.0.1:7000", **extra)
+
+
+def test_decode_responses_false_and_a_retry_count_are_accepted() -> None:
+    assert ConnectionOptions(retries=0, extra={"decode_responses": False}).retries == 0
+    with pytest.raises(InvalidOptionError, match="Invalid option retries"):
+        ConnectionOptions(retries=-1)
+
+
+@pytest.mark.cluster
+async def test_clients_get_redis_pys_asyncio_retry_with_the_one_backoff(cluster_url: str) -> None:
+    # redis-py >= 8.2 warns about (and converts) a synchronous Retry handed to
+    # an asyncio client; filterwarnings=error turns that into a failure here.
+    client = await connect(cluster_url, ConnectionOptions(retries=2))
+    try:
+        retry = client.retry
+        assert isinstance(retry, AsyncRetry)
+        assert retry.get_retries() == 2
+        # Its waits are RetryPolicy's: half fixed, half jitter, capped.
+        waits = [retry._backoff.compute(3) for _ in range(20)]
+        assert all(0.2 <= w <= 0.4 for w in waits)
+        assert len(set(waits)) > 1
+        assert await client.ping()
+    finally:
+        await client.aclose()
+    broker = ClusterStreamBroker(cluster_url, queue_name="owned-retry")
+    assert broker._connection_options().retries == 0  # a kick is never re-sent

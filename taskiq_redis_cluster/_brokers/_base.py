@@ -28,7 +28,7 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
-from .._errors import KickFailedError, KickOutcomeUnknownError
+from .._errors import InvalidOptionError, KickFailedError, KickOutcomeUnknownError
 from .._events import NULL_EVENTS, BrokerEvents
 from .._keys import ShardKeys, slot_of
 from .._lifecycle import OwnedClient
@@ -42,13 +42,15 @@ from .._redis import (
     Reply,
     RetryPolicy,
     error_kind,
+    master_trouble,
+    owned_keyword,
     redact_url,
     validate_url,
     write_outcome,
 )
 from .._serialization import MessageFormatter
 from ._buffer import ListenBuffer
-from ._routing import FailingShards, master_trouble
+from ._routing import FailingShards
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +178,14 @@ class ShardedBroker(AsyncBroker):
         self.url = url
         self.options = options
         self.events = events or NULL_EVENTS
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            # taskiq-redis passes retry= on to redis-py; here it is the
+            # broker's own policy, and redis-py's resend stays off.
+            raise InvalidOptionError(
+                option="retry",
+                reason=f"a broker's retry= takes a RetryPolicy, got {type(retry).__name__}: "
+                f"{owned_keyword('retry')}",
+            )
         self.retry = retry or RetryPolicy()
         self._owned = OwnedClient(type(self).__name__)
         self._lifecycle = self._owned.lifecycle
@@ -290,7 +300,7 @@ class ShardedBroker(AsyncBroker):
 
     def _connection_options(self) -> ConnectionOptions:
         # Our own retries replace redis-py's so an XADD is never re-sent when
-        # its outcome is unknown (see _retry).
+        # its outcome is unknown (see _redis/_retry.py).
         options = replace(self.options.connection, retries=0)
         # A blocked read must not look like a dead server.
         floor = self._blocking_seconds() + 5.0

@@ -31,7 +31,7 @@ from typing import Any
 from redis.asyncio import RedisCluster
 
 from .._keys import ShardKeys
-from .._redis import AutoPipeline, LuaScript, error_kind, is_transient, load_script
+from .._redis import AutoPipeline, LuaScript, RetryPolicy, error_kind, is_transient, load_script
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class DelayedPromoter:
     :param script: the promote script (default: the stream's).
     :param script_keys: its keys (default: the shard's stream, delayed set
         and the streams of its priority lanes).
+    :param retry: the backoff after a failed step (the broker's policy).
     """
 
     def __init__(
@@ -89,8 +90,10 @@ class DelayedPromoter:
         on_moved: Callable[[int], None] | None = None,
         script: LuaScript | None = None,
         script_keys: Sequence[str] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._client = client
+        self._retry = retry or RetryPolicy()
         self.keys = keys
         self.timing = timing or PromoterTiming()
         self._script = script or _PROMOTE
@@ -151,7 +154,7 @@ class DelayedPromoter:
                     log = logger.error if failures in (1, 10) else logger.debug
                 log("Promoting delayed tasks of %s failed (%s: %s); retrying",
                     self.keys.delayed, error_kind(exc), exc)
-                wait = min(5.0, self.timing.max_sleep * 2 ** min(failures, 4))
+                wait = self._retry.delay(failures)
             if wait > 0 and not self._stopping:
                 await asyncio.sleep(wait)
 
@@ -162,6 +165,7 @@ def list_promoter(
     *,
     timing: PromoterTiming | None = None,
     on_moved: Callable[[int], None] | None = None,
+    retry: RetryPolicy | None = None,
 ) -> DelayedPromoter:
     """A promoter that pushes the due tasks of ``keys.delayed`` to ``keys.list``.
 
@@ -170,7 +174,7 @@ def list_promoter(
     """
     return DelayedPromoter(
         client, keys, timing=timing, on_moved=on_moved, script=_PROMOTE_LIST,
-        script_keys=[keys.list, keys.delayed],
+        script_keys=[keys.list, keys.delayed], retry=retry,
     )
 
 

@@ -1,8 +1,8 @@
 """``ClusterListQueueBroker``: sharded Redis lists.
 
 Shard planning, kick retries and the fair per-shard readers come from
-``_broker``; this module says how a message is pushed to and popped from one
-shard's list, and how popped messages go back.
+``_base`` (``ShardedBroker``); this module says how a message is pushed to and
+popped from one shard's list, and how popped messages go back.
 
 Two delivery modes:
 
@@ -210,7 +210,7 @@ class ClusterListQueueBroker(ShardedBroker):
         # Due delayed tasks of this shard go into its list while it is read.
         # Its script goes in the kick pipeline's batches (no WAIT here).
         assert self._pipeline is not None
-        promoter = list_promoter(self._pipeline, keys)
+        promoter = list_promoter(self._pipeline, keys, retry=self.retry)
         self._promoters.start(promoter)
         reliable = self.options.reliable
         next_recovery = 0.0

@@ -21,26 +21,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from redis.exceptions import ClusterDownError, MasterDownError, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from .._redis import error_kind
-
-# Error kinds (see _redis.error_kind) that say a shard's master cannot take
-# writes now, rather than that this one command was wrong.
-_MASTER_TROUBLE = frozenset(
-    {"connection", "timeout", "clusterdown", "tryagain", "masterdown", "loading", "readonly"}
-)
-
-
-def master_trouble(exc: BaseException) -> bool:
-    """True when ``exc`` says the shard's master is failing, not the command."""
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, ClusterDownError,
-                        MasterDownError, TryAgainError, OSError)):
-        return True
-    return error_kind(exc) in _MASTER_TROUBLE
-
 
 class FailingShards:
     """Shard tags to route free kicks around, each until its cool-down ends.

@@ -1,7 +1,7 @@
 """``ClusterStreamBroker``: the sharded Redis Streams broker.
 
 Only what is specific to streams lives here; shard planning, plan epochs,
-kick retries and the per-shard reader supervision are in ``_broker``.
+kick retries and the per-shard reader supervision are in ``_base``.
 
 Per shard (all keys share the shard's hash tag, so its Lua scripts,
 ``_redis/scripts/stream_*.lua``, are legal on a cluster):
@@ -35,7 +35,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 from taskiq import AckableMessage, BrokerMessage
 
-from .._errors import ConfigurationError, ReplicationTimeoutError
+from .._errors import InvalidOptionError, ReplicationTimeoutError
 from .._events import BrokerEvents
 from .._keys import MAX_LANES, ShardKeys
 from .._lifecycle import check_client_kwargs
@@ -272,14 +272,16 @@ class ClusterStreamBroker(ShardedBroker):
         ``mkstream`` is accepted: every shard's stream is always created.
         ``unacknowledged_lock_timeout`` is accepted and unused: reclaiming
         needs no lock because XAUTOCLAIM is atomic. ``additional_streams``
-        raises :class:`ConfigurationError`: use one broker per queue.
+        raises :class:`InvalidOptionError`: use one broker per queue.
         """
         if additional_streams:
-            raise ConfigurationError(
-                message="additional_streams is not supported: use one broker per queue"
+            raise InvalidOptionError(
+                option="additional_streams", reason="is not supported: use one broker per queue"
             )
         if consumer_id not in (None, "0", "$"):
-            raise ConfigurationError(message="consumer_id must be '0' or '$' (groups start at 0)")
+            raise InvalidOptionError(
+                option="consumer_id", reason="must be '0' or '$' (groups start at 0)"
+            )
         del mkstream, unacknowledged_lock_timeout  # see docstring
         values: dict[str, Any] = {
             "queue_name": queue_name,
@@ -499,7 +501,8 @@ class ClusterStreamBroker(ShardedBroker):
         keys = ShardKeys(self.options.prefix, shard.tag)
         # Due delayed tasks of this shard go into its streams while it is read.
         promoter = DelayedPromoter(
-            self._housekeeping(), keys, self._trim_args(), lanes=self.options.priority_lanes
+            self._housekeeping(), keys, self._trim_args(), lanes=self.options.priority_lanes,
+            retry=self.retry,
         )
         self._promoters.start(promoter)
         tasks = [

@@ -62,8 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.asyncio.cluster import ClusterNode
-from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from .._errors import (
     CorruptPlanError,
@@ -74,7 +73,7 @@ from .._errors import (
     PlanVersionError,
 )
 from .._keys import DEFAULT_PREFIX, plan_key, plans_index_key, validate_name
-from .._redis import RetryPolicy, is_transient, load_script, send_batch
+from .._redis import RetryPolicy, Target, load_script, on_slot_master, send_batch
 from ._planner import PLAN_FORMAT_VERSION, QueueSpec, ShardPlan, plan_queue
 from ._topology import Topology
 
@@ -407,64 +406,24 @@ class PlanStore:
         """Run the CAS script on ``key`` then ``WAIT 1`` on one connection.
 
         Returns the script's reply, the replicas ``WAIT`` counted and the
-        replicas attached to the master (``ROLE``). MOVED and ASK are
-        followed at once (redis-py's routed path learns the new owner);
-        TRYAGAIN, a lost connection and other transient errors are retried
-        after the retry policy's jittered delay; NOSCRIPT resends the script
-        with ``EVAL``. The swap is safe to repeat (code 2 of plan_cas.lua).
+        replicas attached to the master (``ROLE``). Redirects, ``NOSCRIPT``
+        and transient errors are recovered from by ``on_slot_master``; a
+        batch that broke off has an unknown outcome, and the swap is safe to
+        repeat (code 2 of plan_cas.lua).
         """
-        policy = self._retry
-        node: ClusterNode | None = None
-        asking = False
-        use_eval = False
-        last: BaseException | None = None
-        for attempt in range(1, policy.attempts + 1):
-            if node is None:
-                if attempt > 1:
-                    # redis-py's routed path follows MOVED, reloads the slot
-                    # map after a connection error, and retries on its own.
-                    await self._client.execute_command("EXISTS", key)
-                try:
-                    node = self._client.get_node_from_key(key)
-                except RedisError:
-                    node = None
-                if node is None:
-                    last = RedisError(f"no node serves the slot of {key!r}")
-                    await policy.sleep(policy.delay(attempt))
-                    continue
-            script = _CAS.eval_command([key], args) if use_eval else _CAS.command([key], args)
-            commands: list[Sequence[Any]] = [("ASKING",)] if asking else []
+
+        async def send(target: Target) -> tuple[Any, int, int]:
+            script = (_CAS.eval_command if target.use_eval else _CAS.command)([key], args)
+            commands: list[Sequence[Any]] = [("ASKING",)] if target.asking else []
             commands += [script, ("WAIT", 1, self._timeout_ms()), ("ROLE",)]
-            try:
-                replies = await send_batch(node, commands)
-            except (RedisError, OSError) as exc:
-                # The outcome is unknown; a repeat is recognised (code 2).
-                last, node, asking = exc, None, False
-                await policy.sleep(policy.delay(attempt))
-                continue
-            if asking:
-                replies = replies[1:]
-            reply, acked, role = replies
-            if isinstance(reply, RedisError):
-                last, asking = reply, False
-                if isinstance(reply, NoScriptError):
-                    use_eval = True  # nothing ran; EVAL also caches it there
-                elif isinstance(reply, MovedError):
-                    node = None
-                elif isinstance(reply, AskError):
-                    node = self._client.get_node(host=reply.host, port=reply.port)
-                    asking = node is not None
-                elif is_transient(reply):  # TRYAGAIN, READONLY, LOADING, CLUSTERDOWN...
-                    node = None
-                    await policy.sleep(policy.delay(attempt))
-                else:
-                    raise reply
-                continue
-            if isinstance(acked, RedisError):
-                raise acked
+            replies = await send_batch(target.node, commands)
+            reply, acked, role = replies[1:] if target.asking else replies
+            for value in (reply, acked):
+                if isinstance(value, RedisError):
+                    raise value
             return reply, int(acked), self._attached(role)
-        assert last is not None
-        raise last
+
+        return await on_slot_master(self._client, key, send, self._retry)
 
     @staticmethod
     def _attached(role: Any) -> int:

@@ -20,25 +20,16 @@ the old markers (see ``_moves``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    MovedError,
-    SlotNotCoveredError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from .._errors import RebalanceError
 from .._keys import ShardKeys
-from .._redis import load_script, reinitialize_nodes
+from .._redis import RetryPolicy, Target, error_kind, load_script, on_slot_master
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +38,6 @@ _READ = load_script("rebalance_dedup_read")
 _WRITE = load_script("rebalance_dedup_write")
 _DELETE = load_script("rebalance_dedup_delete")
 
-#: Tries to list a slot's keys on its stable master (the slot map may be
-#: stale, or the slot migrating), and the pause between tries.
-_SLOT_TRIES = 20
-_SLOT_RETRY_PAUSE = 0.25
 #: Extra keys asked of GETKEYSINSLOT over the count just read: a few markers
 #: set in between come along (later passes take any others).
 _SLOT_MARGIN = 100
@@ -64,6 +51,8 @@ class MarkerCopier:
     :param batch: markers per round trip.
     :param pace: awaited with the number of markers written (the copier's
         shared throttle).
+    :param retry: the backoff of the listing while the slot's master is
+        unknown or its slot migrating.
     """
 
     def __init__(
@@ -72,8 +61,10 @@ class MarkerCopier:
         prefix: str,
         batch: int,
         pace: Callable[[int], Awaitable[None]],
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._client = client
+        self._retry = retry or RetryPolicy()
         self.prefix = prefix
         self.batch = batch
         self._pace = pace
@@ -151,53 +142,45 @@ class MarkerCopier:
         ``CLUSTER GETKEYSINSLOT`` is never redirected: asked of a node that
         does not own the slot (a stale slot map) it answers with nothing, and
         during a migration with part of the keys. So the node is checked
-        before and after the listing with a one-key read sent to it alone
-        (no redirect followed): ``MOVED`` reloads the slot map and tries
-        again, ``ASK``/``TRYAGAIN`` (the slot is migrating) waits and tries
-        again; :class:`RebalanceError` after :data:`_SLOT_TRIES` tries.
+        before and after the listing with a one-key read sent to it alone:
+        ``MOVED`` finds the owner again, ``ASK``/``TRYAGAIN`` (the slot is
+        migrating) waits, both through ``on_slot_master`` and the retry
+        policy; :class:`RebalanceError` once its attempts are spent.
         """
-        client = self._client
         prefix = keys.dedup("").encode()
         # The marker of the empty key: no kick sets it (an empty dedup_key
         # means no dedup), and being a key of the slot, only the slot's
         # stable master answers it without a redirect.
         probe = keys.dedup("")
         slot = keys.slot
-        for _ in range(_SLOT_TRIES):
-            try:
-                node = client.get_node_from_key(probe)
-                if node is None:
-                    raise SlotNotCoveredError(f"no master known for slot {slot}")
-                await node.execute_command("EXISTS", probe)
-                count = int(await node.execute_command("CLUSTER COUNTKEYSINSLOT", slot))
-                names: list[Any] = []
-                if count:
-                    names = await node.execute_command(
-                        "CLUSTER GETKEYSINSLOT", slot, count + _SLOT_MARGIN
-                    )
-                await node.execute_command("EXISTS", probe)
-            except (
-                MovedError,
-                ClusterDownError,
-                SlotNotCoveredError,
-                RedisConnectionError,
-                RedisTimeoutError,
-            ) as exc:
-                logger.info("Listing slot %d: %s; reloading the slot map", slot, exc)
-                await reinitialize_nodes(client)
-                await asyncio.sleep(_SLOT_RETRY_PAUSE)
-            except (AskError, TryAgainError):
-                await asyncio.sleep(_SLOT_RETRY_PAUSE)  # the slot is migrating
-            else:
-                return [
-                    name
-                    for name in (n if isinstance(n, bytes) else str(n).encode() for n in names)
-                    if name.startswith(prefix)
-                ]
-        raise RebalanceError(
-            message=f"cannot list the dedup markers of shard {keys.tag}: slot {slot} "
-            f"has no stable master (resharding?); rerun the rebalancer later"
-        )
+
+        async def listing(target: Target) -> list[Any]:
+            node = target.node
+            await node.execute_command("EXISTS", probe)
+            count = int(await node.execute_command("CLUSTER COUNTKEYSINSLOT", slot))
+            names: list[Any] = []
+            if count:
+                names = await node.execute_command(
+                    "CLUSTER GETKEYSINSLOT", slot, count + _SLOT_MARGIN
+                )
+            await node.execute_command("EXISTS", probe)
+            return names
+
+        try:
+            names = await on_slot_master(
+                self._client, probe, listing, self._retry, follow_ask=False
+            )
+        except (RedisError, OSError) as exc:
+            raise RebalanceError(
+                message=f"cannot list the dedup markers of shard {keys.tag}: slot {slot} "
+                f"has no stable master (resharding?): {error_kind(exc)}; rerun the "
+                f"rebalancer later"
+            ) from exc
+        return [
+            name
+            for name in (n if isinstance(n, bytes) else str(n).encode() for n in names)
+            if name.startswith(prefix)
+        ]
 
 
 __all__ = ["MarkerCopier"]

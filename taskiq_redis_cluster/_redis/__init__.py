@@ -13,16 +13,23 @@ from ._autopipeline import (
 from ._connection import (
     ConnectionOptions,
     connect,
+    owned_keyword,
     redact_url,
+    scrub,
+    url_secrets,
     validate_url,
 )
 from ._internals import reinitialize_nodes
 from ._lua import LuaScript, load_script
+from ._pinned import Target, on_slot_master
 from ._retry import (
     Outcome,
+    Recovery,
     RetryPolicy,
     error_kind,
     is_transient,
+    master_trouble,
+    recovery,
     write_outcome,
 )
 
@@ -32,17 +39,25 @@ __all__ = [
     "ConnectionOptions",
     "LuaScript",
     "Outcome",
+    "Recovery",
     "Reply",
     "RetryPolicy",
+    "Target",
     "Unroutable",
     "connect",
     "error_kind",
     "is_transient",
     "load_script",
+    "master_trouble",
+    "on_slot_master",
+    "owned_keyword",
+    "recovery",
     "redact_url",
     "redis_value",
     "reinitialize_nodes",
+    "scrub",
     "send_batch",
+    "url_secrets",
     "validate_url",
     "write_outcome",
 ]

@@ -20,11 +20,11 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, unquote_plus, urlsplit, urlunsplit
 
 from redis.asyncio import RedisCluster
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.retry import Retry
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
-from redis.retry import Retry
 
-from .._errors import ConfigurationError, ConnectError, InvalidURLError, NotAClusterError
+from .._errors import ConnectError, InvalidOptionError, InvalidURLError, NotAClusterError
+from ._retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,30 @@ _SCHEMES = ("redis", "rediss")
 _SECRET_PARAM_WORDS = ("password", "passwd", "pwd", "secret", "token", "credential", "auth")
 
 _REDACTED = "***"
+
+#: redis-py client keywords this package sets itself, with the reason a
+#: caller's value is refused rather than passed through. A user's ``retry``
+#: would make redis-py re-send a write whose outcome is unknown, which is
+#: exactly what the brokers' kick rule forbids (see ``_retry``).
+_OWNED_CLIENT_KEYWORDS: Mapping[str, str] = {
+    "retry": "redis-py's retries are set from ConnectionOptions.retries (0 for brokers, so "
+    "that a kick whose outcome is unknown is never re-sent); set retries instead",
+    "retry_on_error": "which errors are retried is decided by the package (see "
+    "docs/guarantees.md); a broker never lets redis-py re-send a kick",
+    "cluster_error_retry_attempts": "deprecated by redis-py and replaced here by "
+    "ConnectionOptions.retries",
+    "decode_responses": "the clients must read bytes: stream entries, ids and stored records "
+    "are decoded by the package, and decoded replies would dead-letter every message",
+}
 _UNPARSEABLE = "<unparseable URL>"
+
+
+def owned_keyword(name: str) -> str | None:
+    """Why the package sets redis-py's client keyword ``name`` itself, or None.
+
+    docs/brokers.md lists these keywords for users.
+    """
+    return _OWNED_CLIENT_KEYWORDS.get(name)
 
 
 def _is_secret_param(name: str) -> bool:
@@ -145,12 +168,13 @@ class ConnectionOptions:
     password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.extra.get("decode_responses"):
-            # Stream entries, ids and stored records are read as bytes
-            # everywhere; decoded replies would dead-letter every message.
-            raise ConfigurationError(
-                message="decode_responses=True is not supported: the clients must read bytes"
-            )
+        for name, value in self.extra.items():
+            reason = owned_keyword(name)
+            # decode_responses=False is what we set anyway.
+            if reason is not None and not (name == "decode_responses" and not value):
+                raise InvalidOptionError(option=name, reason=reason)
+        if self.retries < 0:
+            raise InvalidOptionError(option="retries", reason=f"must be >= 0, got {self.retries}")
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``RedisCluster.from_url``."""
@@ -158,7 +182,9 @@ class ConnectionOptions:
             "max_connections": self.max_connections,
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.socket_connect_timeout,
-            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), self.retries),
+            # The asyncio Retry: redis-py >= 8.2 warns about (and converts)
+            # the synchronous one. Its waits are the package's one backoff.
+            "retry": Retry(RetryPolicy().backoff(), self.retries),
             "decode_responses": False,
         }
         if self.password is not None:

@@ -6,10 +6,18 @@ operations (reads, XACK, XAUTOCLAIM, group creation, trims) are retried here
 with tenacity; a kick is retried only when the error proves the XADD was
 not applied.
 
-:class:`RetryPolicy` is the one backoff of the package: :meth:`RetryPolicy.call`
-(idempotent operations) and every long-running loop (``delay`` + ``sleep``:
-readers, subscriptions, the plan store's confirmed swap) wait the same
-jittered delays.
+:class:`RetryPolicy` is the one backoff of the package, and every wait after
+an error is one of its jittered delays: :meth:`RetryPolicy.call` (idempotent
+operations, through tenacity), every long-running loop (``delay`` +
+``sleep``: readers, subscriptions, promoters, the plan writer), the calls
+pinned to a slot's master (``_pinned``), and redis-py's own retries of the
+non-broker clients (:meth:`RetryPolicy.backoff`).
+
+Error classification lives here too, and only here: :func:`error_kind` (a
+label), :func:`is_transient` (retry an idempotent operation?),
+:func:`write_outcome` (was a failed write applied?), :func:`master_trouble`
+(is the master failing, rather than the command?) and :func:`recovery` (what
+a call pinned to one node does next: follow, reroute, wait or give up).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from redis.backoff import AbstractBackoff
 from redis.exceptions import (
     AskError,
     BusyLoadingError,
@@ -29,6 +38,7 @@ from redis.exceptions import (
     MasterDownError,
     MaxConnectionsError,
     MovedError,
+    NoScriptError,
     ReadOnlyError,
     RedisClusterException,
     ResponseError,
@@ -111,6 +121,44 @@ def is_transient(exc: BaseException) -> bool:
     # redis-py raises the bare RedisClusterException for "no targets" or
     # "slot not covered" while its slot map is being rebuilt.
     return isinstance(exc, RedisClusterException)
+
+
+# Error kinds (see error_kind) that say a shard's master cannot take writes
+# now, rather than that this one command was wrong.
+_MASTER_TROUBLE = frozenset(
+    {"connection", "timeout", "clusterdown", "tryagain", "masterdown", "loading", "readonly"}
+)
+
+
+def master_trouble(exc: BaseException) -> bool:
+    """True when ``exc`` says the shard's master is failing, not the command."""
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, ClusterDownError,
+                        MasterDownError, TryAgainError, OSError)):
+        return True
+    return error_kind(exc) in _MASTER_TROUBLE
+
+
+class Recovery(enum.Enum):
+    """What a call sent to one chosen node does after an error (see ``_pinned``)."""
+
+    FOLLOW = "follow"  # ASK: the key is being imported by the node named
+    REROUTE = "reroute"  # MOVED, a lost or demoted node, a stale map: find the owner again
+    WAIT = "wait"  # TRYAGAIN, LOADING: the slot or the node is busy, try it later
+    EVAL = "eval"  # NOSCRIPT: nothing ran; send the script's body
+    RAISE = "raise"  # a real error of the command
+
+
+def recovery(exc: BaseException) -> Recovery:
+    """Classify the error of a command sent to one node, with no redirect followed."""
+    if isinstance(exc, NoScriptError):
+        return Recovery.EVAL
+    if isinstance(exc, AskError):
+        return Recovery.FOLLOW
+    if error_kind(exc) in ("tryagain", "loading"):
+        return Recovery.WAIT  # the same master, once the slot or its data is ready
+    if is_transient(exc):
+        return Recovery.REROUTE
+    return Recovery.RAISE
 
 
 def write_outcome(exc: BaseException, *, sent: bool) -> Outcome:
@@ -198,6 +246,10 @@ class RetryPolicy:
                 return await fn()
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
+    def backoff(self) -> AbstractBackoff:
+        """This policy's delays as a redis-py backoff, for a client's ``Retry``."""
+        return _PolicyBackoff(self)
+
     def delay(self, attempt: int) -> float:
         """Backoff before attempt ``attempt`` (1-based) of a long-running loop.
 
@@ -208,3 +260,13 @@ class RetryPolicy:
         """
         step = min(self.cap, self.base * (2 ** min(attempt, 16)))
         return float(step / 2 + self.jitter() * step / 2)
+
+
+class _PolicyBackoff(AbstractBackoff):
+    """redis-py's backoff interface over :meth:`RetryPolicy.delay`."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+
+    def compute(self, failures: int) -> float:
+        return self._policy.delay(failures)
