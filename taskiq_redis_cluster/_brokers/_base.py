@@ -319,11 +319,6 @@ class ShardedBroker(AsyncBroker):
         """Hook: flush buffers before the client closes."""
 
     # ------------------------------------------------------------------ kick
-    def choose_shard(self, plan: ShardPlan, message: BrokerMessage) -> Shard:
-        """Pick the shard for ``message``: by its routing key, else round-robin
-        over the shards whose master is not failing."""
-        return plan.shards[self._shard_index(plan, routing_key(message))]
-
     def _shard_index(self, plan: ShardPlan, routing: str | None) -> int:
         # A routed kick keeps its shard (order, dedup); a free one avoids
         # shards whose master is failing.
