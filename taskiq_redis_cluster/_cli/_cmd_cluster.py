@@ -20,7 +20,6 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 from .._errors import ClusterError, DevClusterError
 from .._redis import redact_url
 from ..testing import DevCluster, TLSConfig, format_slots, stop_directory
-from ..testing._model import STATE_FILE
 from ._common import TargetError, add_password_file_argument, password_from
 
 _DEFAULT_DIR = ".taskiq-redis-cluster"
@@ -126,6 +125,7 @@ def _up(args: argparse.Namespace) -> int:
         asyncio.run(cluster.start())
     except ClusterError as exc:
         return _fail(exc)
+    cluster.detach()  # the nodes outlive this command
     # A password given on the command line is the user's own and already
     # public, so the URL is printed in full on stdout (only the stderr note
     # is redacted); one read from a file stays out of the output.
@@ -157,7 +157,7 @@ def _load(args: argparse.Namespace) -> DevCluster:
 
 def _down(args: argparse.Namespace) -> int:
     try:
-        if (args.dir / STATE_FILE).exists():
+        if DevCluster.state_file(args.dir).exists():
             ports: list[int] | None = _load(args).ports
         else:
             # No state file (e.g. `up` was killed): fall back to pid files.

@@ -54,13 +54,22 @@ class DevCluster(Formation, Faults):
     :param form_timeout: seconds to wait for the cluster to become healthy.
     """
 
+    @staticmethod
+    def state_file(directory: Path | str) -> Path:
+        """Where a cluster started in ``directory`` keeps its launch options.
+
+        :meth:`start` writes it before it launches a node;
+        :meth:`from_directory` reads it.
+        """
+        return Path(directory) / STATE_FILE
+
     @classmethod
     def from_directory(cls, directory: Path | str) -> DevCluster:
         """Rebuild the launcher of a cluster started earlier in ``directory``.
 
         :raises DevClusterError: if ``directory`` holds no launcher state.
         """
-        path = Path(directory) / STATE_FILE
+        path = cls.state_file(directory)
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError) as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -192,6 +194,19 @@ class Processes(NodeSet):
             raise DevClusterError(message=f"could not stop redis-server pids {left}")
         if victims:
             logger.debug("Stopped %d redis-server node(s) in %s", len(victims), self.directory)
+
+    def detach(self) -> None:
+        """Leave the nodes running after this process ends (``cluster up``).
+
+        Their pid files stay, for ``cluster down`` or a later :meth:`stop`.
+        ``subprocess`` warns (``ResourceWarning``) when the handle of a child
+        that still runs is collected; here the child outliving us is the
+        point, so that one warning is silenced while the handles are dropped.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "subprocess .* is still running", ResourceWarning)
+            self._procs.clear()
+            gc.collect()
 
     def _write_state(self) -> None:
         state = {
