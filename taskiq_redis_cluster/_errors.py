@@ -39,7 +39,7 @@ and result failures ``ResultBackendError``, as taskiq expects::
             └── ClusterFormationError
 
 Messages never contain passwords: URLs are redacted before they are put into
-an exception (see ``_connection.redact_url``).
+an exception (see ``_redis._connection.redact_url``).
 """
 
 from __future__ import annotations

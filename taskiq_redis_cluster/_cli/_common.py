@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .._redis import ConnectionOptions
-from .._redis._connection import scrub, url_secrets
+from .._redis import ConnectionOptions, scrub, url_secrets
 
 #: Environment variable read when ``--url`` is not given.
 URL_ENV = "TQRC_URL"

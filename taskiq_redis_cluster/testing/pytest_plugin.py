@@ -19,7 +19,7 @@ Fixtures:
 ``cluster_url`` (session)
     The cluster's URL.
 ``cluster_client`` (function)
-    A client from :func:`~taskiq_redis_cluster._connection.connect`, closed
+    A client from :func:`~taskiq_redis_cluster.connect`, closed
     after the test.
 ``unique_name`` (function)
     A queue-safe name unique to the test (no braces, no whitespace).
