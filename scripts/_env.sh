@@ -38,14 +38,45 @@ ensure_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
     fi
-    local log
+    # --upgrade --upgrade-strategy eager: the newest releases the bounds
+    # allow, also in a reused venv (a plain install keeps whatever release it
+    # already has, which once hid a redis-py release that broke us).
+    quiet_pip "$VENV" install --upgrade pip
+    quiet_pip "$VENV" install --upgrade --upgrade-strategy eager -e "$ROOT[dev]"
+    echo "== versions: $(installed_versions "$VENV" $KEY_PACKAGES)"
+}
+
+# The packages whose versions the logs show.
+KEY_PACKAGES="taskiq redis hiredis tenacity prometheus-client pydantic taskiq-redis"
+
+# quiet_pip VENV ARGS...: pip in VENV, quiet on success, its whole log on failure.
+quiet_pip() {
+    local venv="$1" log
+    shift
     log="$(mktemp)"
-    # Quiet on success; the whole pip log on failure.
-    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip \
-           && "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"; } >"$log" 2>&1; then
+    if ! "$venv/bin/python" -m pip "$@" >"$log" 2>&1; then
+        echo "pip $* failed:" >&2
         cat "$log" >&2
         rm -f "$log"
         exit 1
     fi
     rm -f "$log"
+}
+
+# installed_versions VENV NAMES...: "name==version ..." as installed in VENV.
+installed_versions() {
+    local venv="$1"
+    shift
+    "$venv/bin/python" - "$@" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+def found(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "(not installed)"
+
+print(" ".join(f"{name}=={found(name)}" for name in sys.argv[1:]))
+PY
 }
