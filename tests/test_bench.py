@@ -78,6 +78,7 @@ def _non_negative(value: Any) -> bool:
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # worker processes, two rounds and a recovery wait
 async def test_quick_run_writes_the_report(cluster_url: str, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = await asyncio.create_subprocess_exec(

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import chaos, eventually
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import AuthenticationError, MovedError, RedisError
@@ -135,6 +136,8 @@ async def test_fixtures_give_a_working_client(
     assert cluster_url.startswith("redis://")
 
 
+@pytest.mark.slow
+@chaos(timeout=120)
 async def test_pause_kill_restart_failover_heal(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, unique_name: str
 ) -> None:
@@ -144,10 +147,10 @@ async def test_pause_kill_restart_failover_heal(
     replica = await cluster.replica_of(master)
     await cluster_client.set(key, b"kept")
     # Make sure the replica has the write before its master dies.
-    for _ in range(100):
-        if await _replica_get(replica, key) == b"kept":
-            break
-        await asyncio.sleep(0.05)
+    async def replicated() -> bool:
+        return await _replica_get(replica, key) == b"kept"
+
+    await eventually(replicated, "the write on the replica", 5)
     assert await _replica_get(replica, key) == b"kept"
 
     # Pause: the process stays, but does not answer; resume brings it back.
@@ -162,11 +165,11 @@ async def test_pause_kill_restart_failover_heal(
     await cluster.kill_node(master)
     assert cluster.node_for_port(master.port).pid is None
     slot = key_slot(key.encode())
-    for _ in range(300):
-        with contextlib.suppress(RedisError, OSError):
-            if (await cluster.master_of_slot(slot)).port == replica.port:
-                break
-        await asyncio.sleep(0.1)
+    async def promoted() -> bool:
+        return (await cluster.master_of_slot(slot)).port == replica.port
+
+    await eventually(promoted, "the replica promoted", 30, interval=0.1,
+                     ignoring=(RedisError, OSError))
     assert (await cluster.master_of_slot(slot)).port == replica.port
     assert await cluster_client.get(key) == b"kept"
 
@@ -184,6 +187,7 @@ async def test_pause_kill_restart_failover_heal(
     await cluster_client.delete(key)
 
 
+@chaos(timeout=120)
 async def test_migrate_slot_moves_keys_under_load(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, unique_name: str
 ) -> None:

@@ -22,7 +22,6 @@ import ssl
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -417,20 +416,6 @@ async def _stop(proc: asyncio.subprocess.Process) -> int:
     return proc.returncode
 
 
-async def _wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = await check()
-        except OSError:
-            last = None
-        if last:
-            return last
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
 @pytest.mark.cluster
 async def test_prometheus_scrapes_the_cli_exporter_and_records_the_queue_lag(
     promtool_dir: Path,
@@ -494,14 +479,18 @@ async def test_prometheus_scrapes_the_cli_exporter_and_records_the_queue_lag(
         return {r["metric"].get("shard", ""): float(r["value"][1]) for r in body["data"]["result"]}
 
     try:
-        await _wait_for(
+        # A server that is not up yet refuses (OSError): poll until it answers.
+        await eventually(
             lambda: asyncio.to_thread(_get, f"http://127.0.0.1:{exporter_port}/metrics", 5.0),
-            30,
             "the exporter",
+            30,
+            interval=0.25,
+            ignoring=OSError,
         )
         q = f'queue="{queue_with_work}"'
-        lengths = await _wait_for(
-            lambda: query(f"{METRIC_PREFIX}stream_length{{{q}}}"), 45, "a scraped sample"
+        lengths = await eventually(
+            lambda: query(f"{METRIC_PREFIX}stream_length{{{q}}}"), "a scraped sample", 45,
+            interval=0.25, ignoring=OSError,
         )
         pending = await query(f'{METRIC_PREFIX}group_pending{{{q},group="taskiq"}}')
         acked = await query(f"{METRIC_PREFIX}acked_total{{{q}}}")
@@ -512,7 +501,8 @@ async def test_prometheus_scrapes_the_cli_exporter_and_records_the_queue_lag(
         # The recording rules sum the lag over the shards; a backlog raises it.
         recorded = f'queue_group:{METRIC_PREFIX}group_lag:sum{{{q},group="taskiq"}}'
         backlog = f'queue_group:{METRIC_PREFIX}backlog:sum{{{q},group="taskiq"}}'
-        lag_before = await _wait_for(lambda: query(recorded), 30, "the recorded lag")
+        lag_before = await eventually(lambda: query(recorded), "the recorded lag", 30,
+                                      interval=0.25, ignoring=OSError)
         true_lag = await _group_lag(cluster_client, queue_with_work)
         assert lag_before == {"": float(true_lag)}
         await _kick(cluster_url, queue_with_work, 40)
@@ -521,7 +511,8 @@ async def test_prometheus_scrapes_the_cli_exporter_and_records_the_queue_lag(
             now = await query(recorded)
             return now if now.get("") == true_lag + 40 else None
 
-        lag_after = await _wait_for(raised, 30, "the recorded lag to rise by 40")
+        lag_after = await eventually(raised, "the recorded lag to rise by 40", 30,
+                                     interval=0.25, ignoring=OSError)
         assert lag_after == {"": float(true_lag + 40)}
         # Waiting plus in progress (nothing was taken since).
         assert await query(backlog) == {"": float(true_lag + 40 + sum(true_pending.values()))}

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from helpers import make_message, take, task_id_of
+from helpers import chaos, make_message, take, task_id_of
 from redis.asyncio import RedisCluster
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -82,6 +82,7 @@ async def test_a_connection_killed_between_batches_is_replaced(
     assert reply.value in (2, 3)
 
 
+@chaos(timeout=120)
 async def test_call_gives_way_to_redis_py_when_the_slot_moved(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, unique_name: str
 ) -> None:
@@ -103,6 +104,7 @@ async def test_call_gives_way_to_redis_py_when_the_slot_moved(
         await healthy_cluster.migrate_slot(slot, source)
 
 
+@chaos(timeout=120)
 async def test_readers_follow_a_shard_whose_slot_moved(
     healthy_cluster: DevCluster, cluster_url: str, unique_name: str
 ) -> None:

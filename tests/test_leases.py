@@ -14,16 +14,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import consuming, eventually, make_message, task_id_of
+from helpers import Workers, chaos, consuming, eventually, make_message, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 
@@ -129,57 +127,50 @@ class _Ledger:
         return {pid for e, pid, _, _ in self.rows() if e == "ready"}
 
 
-class _Workers:
-    """``taskiq worker`` processes of one generated app, each in its own process group."""
+class _Workers(Workers):
+    """``taskiq worker`` processes of the generated app, noting in one ledger."""
 
     def __init__(self, tmp_path: Path, cluster_url: str, queue: str, **settings: Any) -> None:
-        (tmp_path / "app.py").write_text(_APP.format(**settings))
-        self.dir = tmp_path
-        self.ledger = _Ledger(tmp_path / "ledger.txt")
-        self.ledger.path.touch()
-        self.env = dict(os.environ)
-        self.env.update(TQRC_URL=cluster_url, TQRC_QUEUE=queue,
-                        TQRC_LEDGER=str(self.ledger.path), PYTHONPATH=str(tmp_path))
-        self.procs: list[subprocess.Popen[bytes]] = []
+        ledger = tmp_path / "ledger.txt"
+        ledger.touch()
+        super().__init__(tmp_path, _APP.format(**settings), TQRC_URL=cluster_url,
+                         TQRC_QUEUE=queue, TQRC_LEDGER=str(ledger))
+        self.ledger = _Ledger(ledger)
 
-    def start(self) -> subprocess.Popen[bytes]:
-        with (self.dir / f"worker{len(self.procs)}.log").open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "taskiq", "worker", "app:broker", "--workers", "1"],
-                cwd=self.dir, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        return proc
-
-    async def wait_ready(self, *procs: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    async def wait_ready(self, timeout: float = 60) -> None:
         # Worker processes are children of the taskiq main process.
-        await _until(lambda: len(self.ledger.ready()) >= len(self.procs), timeout,
-                     f"{len(procs)} workers ready", self)
+        await eventually(lambda: len(self.ledger.ready()) >= len(self.procs),
+                         f"{len(self.procs)} workers ready", timeout, detail=self.logs)
 
     def kill(self, pid: int) -> None:
         """SIGKILL the worker process ``pid`` (a child of a taskiq main process)."""
         os.kill(pid, signal.SIGKILL)
 
-    def logs(self) -> str:
-        return "\n".join((self.dir / f"worker{i}.log").read_text()[-3000:]
-                         for i in range(len(self.procs)))
 
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self.procs:
-            proc.wait(timeout=10)
+WorkersOf = Callable[..., Awaitable[_Workers]]
 
 
-async def _until(check: Callable[[], bool], timeout: float, what: str,
-                 workers: _Workers) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} not reached within {timeout:.0f}s\n{workers.logs()}")
-        await asyncio.sleep(0.05)
+@pytest.fixture
+async def workers_of(
+    tmp_path: Path, cluster_url: str, unique_name: str
+) -> AsyncIterator[WorkersOf]:
+    """Start ``count`` ready workers of the app with these settings (stopped at the end)."""
+    made: list[_Workers] = []
+
+    async def start(count: int = 1, *, idle: float, max_deliveries: int) -> _Workers:
+        workers = _Workers(tmp_path, cluster_url, unique_name, shards=2,
+                           idle_timeout=int(idle * 1000), max_deliveries=max_deliveries)
+        made.append(workers)
+        for _ in range(count):
+            workers.start()
+        await workers.wait_ready()
+        return workers
+
+    try:
+        yield start
+    finally:
+        for workers in made:
+            workers.stop_all()
 
 
 @pytest.fixture
@@ -212,147 +203,119 @@ async def _pending(client: RedisCluster, producer: ClusterStreamBroker) -> int:
 
 
 async def test_long_task_with_short_idle_timeout_runs_once(
-    cluster_url: str, unique_name: str, producer: ClusterStreamBroker, tmp_path: Path
+    producer: ClusterStreamBroker, workers_of: WorkersOf
 ) -> None:
     """12 s task, idle_timeout 3 s, 2 workers: without leases it ran 4 times."""
-    workers = _Workers(tmp_path, cluster_url, unique_name, shards=2, idle_timeout=3000,
-                       max_deliveries=10)
-    try:
-        workers.start()
-        workers.start()
-        await workers.wait_ready()
-        started = time.monotonic()
-        await _kick(producer, "app:long").kiq("L", 12.0, 12.0)
-        await _until(lambda: bool(workers.ledger.events("done", "L")), 30, "the task done",
-                     workers)
-        took = time.monotonic() - started
-        begun = workers.ledger.events("begun", "L")
-        print(f"12 s task with idle_timeout 3 s: {len(begun)} run(s), done after {took:.1f}s")
-        assert len(begun) == 1, workers.logs()
-    finally:
-        workers.stop_all()
+    workers = await workers_of(2, idle=3.0, max_deliveries=10)
+    started = time.monotonic()
+    await _kick(producer, "app:long").kiq("L", 12.0, 12.0)
+    await eventually(lambda: workers.ledger.events("done", "L"), "the task done", 30,
+                     detail=workers.logs)
+    took = time.monotonic() - started
+    begun = workers.ledger.events("begun", "L")
+    print(f"12 s task with idle_timeout 3 s: {len(begun)} run(s), done after {took:.1f}s")
+    assert len(begun) == 1, workers.logs()
 
 
+@chaos(timeout=120)
 async def test_sigkilled_worker_task_comes_back_after_about_idle_timeout(
-    cluster_url: str, unique_name: str, producer: ClusterStreamBroker, tmp_path: Path
+    producer: ClusterStreamBroker, workers_of: WorkersOf
 ) -> None:
     idle = 3.0
-    workers = _Workers(tmp_path, cluster_url, unique_name, shards=2,
-                       idle_timeout=int(idle * 1000), max_deliveries=10)
-    try:
-        workers.start()
-        await workers.wait_ready()
-        await _kick(producer, "app:long").kiq("K", 60.0, 0.2)
-        await _until(lambda: bool(workers.ledger.events("begun", "K")), 30, "the task begun",
-                     workers)
-        (victim, _), = workers.ledger.events("begun", "K")
-        workers.start()  # a bystander: it must not take the task while the victim lives
-        await workers.wait_ready()
-        await asyncio.sleep(idle * 1.5)
-        assert len(workers.ledger.events("begun", "K")) == 1, workers.logs()
-        killed_at = time.time()
-        workers.kill(victim)
-        await _until(lambda: len(workers.ledger.events("begun", "K")) >= 2, 30,
-                     "the task begun again", workers)
-        (rescuer, again_at), = workers.ledger.events("begun", "K")[1:]
-        await _until(lambda: bool(workers.ledger.events("done", "K")), 30, "the rerun done",
-                     workers)
-        waited = again_at - killed_at
-        print(f"after SIGKILL the task began again {waited:.2f}s later (idle_timeout {idle}s)")
-        assert rescuer != victim
-        # idle_timeout, plus at most one reclaim interval (idle/4) and the
-        # renewal age at the kill (idle/3 at most), plus scheduling slack.
-        assert waited <= idle + idle / 4 + 2.0, waited
-        assert len(workers.ledger.events("begun", "K")) == 2
-    finally:
-        workers.stop_all()
+    workers = await workers_of(idle=idle, max_deliveries=10)
+    ledger = workers.ledger
+    await _kick(producer, "app:long").kiq("K", 60.0, 0.2)
+    await eventually(lambda: ledger.events("begun", "K"), "the task begun", 30,
+                     detail=workers.logs)
+    (victim, _), = ledger.events("begun", "K")
+    workers.start()  # a bystander: it must not take the task while the victim lives
+    await workers.wait_ready()
+    # Past idle_timeout while the victim lives and renews its lease: the
+    # wait is what the check is about, not synchronisation.
+    await asyncio.sleep(idle * 1.5)
+    assert len(ledger.events("begun", "K")) == 1, workers.logs()
+    killed_at = time.time()
+    workers.kill(victim)
+    await eventually(lambda: len(ledger.events("begun", "K")) >= 2, "the task begun again", 30,
+                     detail=workers.logs)
+    (rescuer, again_at), = ledger.events("begun", "K")[1:]
+    await eventually(lambda: ledger.events("done", "K"), "the rerun done", 30,
+                     detail=workers.logs)
+    waited = again_at - killed_at
+    print(f"after SIGKILL the task began again {waited:.2f}s later (idle_timeout {idle}s)")
+    assert rescuer != victim
+    # idle_timeout, plus at most one reclaim interval (idle/4) and the
+    # renewal age at the kill (idle/3 at most), plus scheduling slack.
+    assert waited <= idle + idle / 4 + 2.0, waited
+    assert len(ledger.events("begun", "K")) == 2
 
 
 async def test_per_task_ack_types(
-    cluster_url: str, unique_name: str, producer: ClusterStreamBroker,
-    cluster_client: RedisCluster, tmp_path: Path,
+    producer: ClusterStreamBroker, cluster_client: RedisCluster, workers_of: WorkersOf
 ) -> None:
     """when_received leaves the pending list at once, when_executed at the end,
     manual at Context.ack(), even when that comes after idle_timeout."""
     idle = 1.5
-    workers = _Workers(tmp_path, cluster_url, unique_name, shards=2,
-                       idle_timeout=int(idle * 1000), max_deliveries=10)
+    workers = await workers_of(idle=idle, max_deliveries=10)
     ledger = workers.ledger
-    try:
-        workers.start()
-        await workers.wait_ready()
 
-        async def while_running(task_id: str, event: str = "begun") -> int:
-            await _until(lambda: bool(ledger.events(event, task_id)), 30,
-                         f"{task_id} {event}", workers)
-            await asyncio.sleep(0.3)  # the batched ack is sent within milliseconds
-            return await _pending(cluster_client, producer)
+    async def while_running(task_id: str, event: str = "begun") -> int:
+        await eventually(lambda: ledger.events(event, task_id), f"{task_id} {event}", 30,
+                         detail=workers.logs)
+        await asyncio.sleep(0.3)  # the batched ack is sent within milliseconds
+        return await _pending(cluster_client, producer)
 
-        async def finished(task_id: str) -> None:
-            await _until(lambda: bool(ledger.events("done", task_id)), 30,
-                         f"{task_id} done", workers)
+    async def finished(task_id: str) -> None:
+        await eventually(lambda: ledger.events("done", task_id), f"{task_id} done", 30,
+                         detail=workers.logs)
 
-            async def settled() -> bool:
-                return await _pending(cluster_client, producer) == 0
+        async def settled() -> bool:
+            return await _pending(cluster_client, producer) == 0
 
-            deadline = time.monotonic() + 5
-            while not await settled():
-                assert time.monotonic() < deadline, "entry still pending after the task"
-                await asyncio.sleep(0.05)
+        await eventually(settled, "no entry pending after the task", 5)
 
-        await _kick(producer, "app:received", ack_type="when_received").kiq("R", 2.0)
-        assert await while_running("R") == 0  # acked before it ran
-        await finished("R")
+    await _kick(producer, "app:received", ack_type="when_received").kiq("R", 2.0)
+    assert await while_running("R") == 0  # acked before it ran
+    await finished("R")
 
-        await _kick(producer, "app:executed", ack_type="when_executed").kiq("E", 2.0)
-        assert await while_running("E") == 1  # pending until it returns
-        await finished("E")
+    await _kick(producer, "app:executed", ack_type="when_executed").kiq("E", 2.0)
+    assert await while_running("E") == 1  # pending until it returns
+    await finished("E")
 
-        # Runs 2 x idle_timeout before acking: the lease keeps it from others.
-        await _kick(producer, "app:manual", ack_type="manual").kiq("M", 2 * idle, 1.0)
-        assert await while_running("M") == 1
-        assert await while_running("M", "acked") == 0  # Context.ack() took it out
-        await finished("M")
+    # Runs 2 x idle_timeout before acking: the lease keeps it from others.
+    await _kick(producer, "app:manual", ack_type="manual").kiq("M", 2 * idle, 1.0)
+    assert await while_running("M") == 1
+    assert await while_running("M", "acked") == 0  # Context.ack() took it out
+    await finished("M")
 
-        for task_id in ("R", "E", "M"):
-            assert len(ledger.events("begun", task_id)) == 1, (task_id, workers.logs())
-    finally:
-        workers.stop_all()
+    for task_id in ("R", "E", "M"):
+        assert len(ledger.events("begun", task_id)) == 1, (task_id, workers.logs())
 
 
 async def test_manual_task_that_never_acks_is_redelivered_then_dead_lettered(
-    cluster_url: str, unique_name: str, producer: ClusterStreamBroker,
-    cluster_client: RedisCluster, tmp_path: Path,
+    producer: ClusterStreamBroker, cluster_client: RedisCluster, workers_of: WorkersOf
 ) -> None:
     idle = 1.0
-    workers = _Workers(tmp_path, cluster_url, unique_name, shards=2,
-                       idle_timeout=int(idle * 1000), max_deliveries=2)
+    workers = await workers_of(idle=idle, max_deliveries=2)
     ledger = workers.ledger
-    try:
-        workers.start()
-        await workers.wait_ready()
-        await _kick(producer, "app:never", ack_type="manual").kiq("N")
-        plan = await producer.current_plan()
-        deads = [ShardKeys(producer.options.prefix, s.tag).dead for s in plan.shards]
-        dead: list[Any] = []
-        deadline = time.monotonic() + 30
-        while not dead:
-            assert time.monotonic() < deadline, workers.logs()
-            for key in deads:
-                dead += await cluster_client.xrange(key)
-            await asyncio.sleep(0.1)
-        runs = ledger.events("begun", "N")
-        done = ledger.events("done", "N")
-        print(f"manual task without ack: ran at {[round(at - runs[0][1], 2) for _, at in runs]}"
-              f" s, then dead-lettered")
-        assert len(runs) == 2, workers.logs()
-        # Not renewed once the task ended: redelivered idle_timeout after its
-        # last renewal, which is at most a third of idle_timeout before the end.
-        assert runs[1][1] - done[0][1] >= idle * (1 - 1 / 3) - 0.1
-        assert dead[0][1][b"reason"].startswith(b"max deliveries exceeded")
-        assert await _pending(cluster_client, producer) == 0
-    finally:
-        workers.stop_all()
+    await _kick(producer, "app:never", ack_type="manual").kiq("N")
+    plan = await producer.current_plan()
+    deads = [ShardKeys(producer.options.prefix, s.tag).dead for s in plan.shards]
+
+    async def dead_letters() -> list[Any]:
+        return [entry for key in deads for entry in await cluster_client.xrange(key)]
+
+    dead = await eventually(dead_letters, "a dead letter", 30, detail=workers.logs)
+    runs = ledger.events("begun", "N")
+    done = ledger.events("done", "N")
+    print(f"manual task without ack: ran at {[round(at - runs[0][1], 2) for _, at in runs]}"
+          f" s, then dead-lettered")
+    assert len(runs) == 2, workers.logs()
+    # Not renewed once the task ended: redelivered idle_timeout after its
+    # last renewal, which is at most a third of idle_timeout before the end.
+    assert runs[1][1] - done[0][1] >= idle * (1 - 1 / 3) - 0.1
+    assert dead[0][1][b"reason"].startswith(b"max deliveries exceeded")
+    assert await _pending(cluster_client, producer) == 0
 
 
 # ------------------------------------------------------- the broker, in-process

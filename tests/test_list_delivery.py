@@ -10,18 +10,18 @@ moved back to their shard once its heartbeat expires.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from helpers import eventually, make_message, task_id_of
+from helpers import Workers, chaos, consuming, eventually, make_message, running, task_id_of
 from redis.exceptions import ConnectionError as RedisConnectionError
 from taskiq import AckableMessage, BrokerMessage
 
@@ -65,11 +65,8 @@ async def _queued(broker: ClusterListQueueBroker) -> int:
 async def broker(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterListQueueBroker]:
     broker = ClusterListQueueBroker(cluster_url, queue_name=unique_name, shards=SHARDS,
                                     prefetch=4, brpop_timeout=0.2, plan_poll_interval=0.5)
-    await broker.startup()
-    try:
+    async with running(broker):
         yield broker
-    finally:
-        await broker.shutdown()
 
 
 async def _kick_and_read_order(
@@ -92,6 +89,15 @@ def _check_handed_back(
     # Each shard pops the rest in exactly the order it would have before.
     for tag, ids in before.items():
         assert after[tag] == [t for t in ids if t not in taken], tag
+
+
+async def _first(broker: ClusterListQueueBroker, count: int) -> list[AckableMessage | bytes]:
+    """The first ``count`` messages of a listen that is closed right after them."""
+    listen = broker.listen()
+    try:
+        return [await asyncio.wait_for(anext(listen), 10) for _ in range(count)]
+    finally:
+        await listen.aclose()
 
 
 async def test_closed_listen_hands_back_unstarted_messages_in_order(
@@ -124,19 +130,11 @@ async def test_hand_back_while_readers_are_popping(broker: ClusterListQueueBroke
     """Close right after the first message: readers are mid-BRPOP, buffer filling."""
     n = 40
     before = await _kick_and_read_order(broker, n)
-    listen = broker.listen()
-    try:
-        taken = [task_id_of(_payload(await asyncio.wait_for(anext(listen), 10)))]
-    finally:
-        await listen.aclose()
+    taken = [task_id_of(_payload(m)) for m in await _first(broker, 1)]
     after = await _consuming_order(broker)
     _check_handed_back(before, after, taken, n)
     # A new listen then gets the next message of some shard first, not a later one.
-    listen = broker.listen()
-    try:
-        first = task_id_of(_payload(await asyncio.wait_for(anext(listen), 10)))
-    finally:
-        await listen.aclose()
+    [first] = [task_id_of(_payload(m)) for m in await _first(broker, 1)]
     assert first in {ids[0] for ids in after.values() if ids}
 
 
@@ -157,12 +155,7 @@ async def test_hand_back_retried_after_a_lost_reply_pushes_once(
         return reply
 
     broker._scripts["hand_back"] = reply_lost_once
-    listen = broker.listen()
-    try:
-        taken = [task_id_of(_payload(await asyncio.wait_for(anext(listen), 10)))
-                 for _ in range(2)]
-    finally:
-        await listen.aclose()
+    taken = [task_id_of(_payload(m)) for m in await _first(broker, 2)]
     assert len(markers) >= 2
     assert markers[0] == markers[1]  # retried with the same marker
     _check_handed_back(before, await _consuming_order(broker), taken, n)
@@ -173,8 +166,7 @@ async def test_failed_hand_back_is_logged_with_its_count(
 ) -> None:
     broker = ClusterListQueueBroker(cluster_url, queue_name=unique_name, shards=1, prefetch=4,
                                     brpop_timeout=0.2, retry=RetryPolicy(attempts=2, base=0.01))
-    await broker.startup()
-    try:
+    async with running(broker):
         for i in range(10):
             await broker.kick(_message(f"f{i}"))
 
@@ -192,8 +184,6 @@ async def test_failed_hand_back_is_logged_with_its_count(
             await eventually(filled, "buffer filled", 10)
         finally:
             await listen.aclose()
-    finally:
-        await broker.shutdown()
     lost = [r.getMessage() for r in caplog.records if "Could not hand back" in r.getMessage()]
     assert len(lost) == 1
     assert "5 unstarted messages" in lost[0]
@@ -224,31 +214,19 @@ _APP = textwrap.dedent(
 )
 
 
-class _Workers:
-    """``taskiq worker`` processes of one app, each in its own process group."""
+class _Workers(Workers):
+    """``taskiq worker`` processes of the app above, noting tasks begun and done."""
 
     def __init__(self, tmp_path: Path, cluster_url: str, queue: str, *, extra: str,
                  task_seconds: float) -> None:
-        (tmp_path / "app.py").write_text(_APP.format(extra=extra))
-        self.dir = tmp_path
         self.ledger = tmp_path / "done.txt"
         self.started = tmp_path / "started.txt"
-        self.env = dict(os.environ)
-        self.env.update(TQRC_URL=cluster_url, TQRC_QUEUE=queue, TQRC_LEDGER=str(self.ledger),
-                        TQRC_STARTED=str(self.started), TQRC_TASK_SECONDS=str(task_seconds),
-                        PYTHONPATH=str(tmp_path))
-        self.procs: list[subprocess.Popen[bytes]] = []
+        super().__init__(tmp_path, _APP.format(extra=extra), TQRC_URL=cluster_url,
+                         TQRC_QUEUE=queue, TQRC_LEDGER=str(self.ledger),
+                         TQRC_STARTED=str(self.started), TQRC_TASK_SECONDS=str(task_seconds))
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
-        with (self.dir / f"worker{len(self.procs)}.log").open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "taskiq", "worker", "app:broker", "--workers", "1",
-                 "--no-configure-logging", *args],
-                cwd=self.dir, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        return proc
+        return super().start("--no-configure-logging", *args)
 
     def done(self) -> Counter[str]:
         return self._read(self.ledger)
@@ -262,57 +240,49 @@ class _Workers:
             return Counter()
         return Counter(line.split()[1] for line in path.read_text().splitlines() if line.strip())
 
-    def logs(self) -> str:
-        return "\n".join((self.dir / f"worker{i}.log").read_text()[-2000:]
-                         for i in range(len(self.procs)))
 
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self.procs:
-            proc.wait(timeout=10)
+@contextlib.asynccontextmanager
+async def _backlog(
+    workers: _Workers, cluster_url: str, queue: str, ids: list[str]
+) -> AsyncIterator[None]:
+    """Queue ``ids`` (the producer stays up) and kill every worker at the end."""
+    producer = ClusterListQueueBroker(cluster_url, queue_name=queue)
+    try:
+        async with running(producer):
+            for task_id in ids:
+                await producer.kick(_message(task_id))
+            yield
+    finally:
+        workers.stop_all()
 
 
-async def _until(predicate: object, timeout: float) -> bool:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.1)
-    return bool(predicate())
+async def _all_done(workers: _Workers, ids: list[str]) -> None:
+    n = len(ids)
+    await eventually(lambda: len(workers.done()) >= n, f"all {n} tasks done", 30,
+                     detail=lambda: f"{n - len(workers.done())} lost\n{workers.logs()}")
+    assert set(workers.done()) == set(ids)
 
 
 async def test_sigterm_worker_with_backlog_loses_nothing(
     cluster_url: str, unique_name: str, tmp_path: Path
 ) -> None:
     """A rolling restart: SIGTERM one worker mid-backlog, start another; every task runs."""
-    n = 120
+    ids = [f"w{i:03d}" for i in range(120)]
     workers = _Workers(tmp_path, cluster_url, unique_name, extra="", task_seconds=0.1)
-    producer = ClusterListQueueBroker(cluster_url, queue_name=unique_name)
-    await producer.startup()
-    try:
-        for i in range(n):
-            await producer.kick(_message(f"w{i:03d}"))
+    async with _backlog(workers, cluster_url, unique_name, ids):
         # 4 tasks at a time at 0.1 s each: the worker holds a backlog of
         # popped messages for as long as it runs.
         first = workers.start("--max-async-tasks", "4")
-        assert await _until(lambda: sum(workers.done().values()) >= 12, 30), workers.logs()
+        await eventually(lambda: sum(workers.done().values()) >= 12, "12 tasks done", 30,
+                         detail=workers.logs)
         os.killpg(first.pid, signal.SIGTERM)  # as a deploy's stop does
         first.wait(timeout=20)
         stopped_with = sum(workers.done().values())
-        assert stopped_with < n - 20, "the first worker must stop with a backlog left"
+        assert stopped_with < len(ids) - 20, "the first worker must stop with a backlog left"
         workers.start("--max-async-tasks", "20")
-        assert await _until(lambda: len(workers.done()) >= n, 30), (
-            f"{n - len(workers.done())} of {n} tasks lost\n{workers.logs()}"
-        )
-        assert set(workers.done()) == {f"w{i:03d}" for i in range(n)}
+        await _all_done(workers, ids)
         # At most once: nothing ran twice either.
         assert max(workers.begun().values()) == 1
-    finally:
-        await producer.shutdown()
-        workers.stop_all()
 
 
 # -------------------------------------------------------------- reliable mode
@@ -324,11 +294,8 @@ async def reliable(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterL
                                     prefetch=4, brpop_timeout=0.2, plan_poll_interval=0.5,
                                     reliable=True, consumer_name="survivor",
                                     heartbeat_ttl=1.5, recovery_interval=0.3)
-    await broker.startup()
-    try:
+    async with running(broker):
         yield broker
-    finally:
-        await broker.shutdown()
 
 
 async def _processing(broker: ClusterListQueueBroker, consumer: str) -> list[str]:
@@ -345,11 +312,7 @@ async def test_reliable_close_hands_back_and_ack_empties_processing(
 ) -> None:
     n, take = 30, 4
     before = await _kick_and_read_order(reliable, n)
-    listen = reliable.listen()
-    try:
-        got = [await asyncio.wait_for(anext(listen), 10) for _ in range(take)]
-    finally:
-        await listen.aclose()
+    got = await _first(reliable, take)
     assert all(isinstance(m, AckableMessage) for m in got)
     taken = [task_id_of(_payload(m)) for m in got]
     _check_handed_back(before, await _consuming_order(reliable), taken, n)
@@ -400,18 +363,6 @@ async def test_reliable_recovers_messages_of_a_crashed_consumer(
     stranded = await _processing(reliable, "doomed")
     assert len(stranded) >= take
     assert len(stranded) + await _queued(reliable) == n
-    got: Counter[str] = Counter()
-    listen = reliable.listen()
-
-    async def consume() -> None:
-        async for message in listen:
-            assert isinstance(message, AckableMessage)
-            got[task_id_of(message.data)] += 1
-            await message.ack()  # type: ignore[misc]
-
-    async def all_got() -> bool:
-        return len(got) == n
-
     async def doomed_forgotten() -> bool:
         plan = await reliable.current_plan()
         for shard in plan.shards:
@@ -420,49 +371,36 @@ async def test_reliable_recovers_messages_of_a_crashed_consumer(
                 return False
         return True
 
-    consumer = asyncio.create_task(consume())
-    try:
+    async with consuming(reliable) as got:
         # Heartbeat TTL 1.5 s + recovery every 0.3 s: well within 15 s.
-        await eventually(all_got, f"all {n} tasks back", 15)
+        await eventually(lambda: len(set(got)) == n, f"all {n} tasks back", 15)
         await eventually(doomed_forgotten, "dead consumer forgotten", 15)
-    finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
-        await listen.aclose()
     assert set(got) == {f"r{i:03d}" for i in range(n)}
-    assert max(got.values()) == 1
+    assert max(Counter(got).values()) == 1
     assert await _processing(reliable, "doomed") == []
 
 
+@chaos(timeout=120)
 async def test_reliable_worker_sigkill_loses_nothing(
     cluster_url: str, unique_name: str, tmp_path: Path
 ) -> None:
     """kill -9 a reliable worker mid-backlog; another worker runs every task."""
-    n = 40
+    ids = [f"k{i:03d}" for i in range(40)]
     workers = _Workers(tmp_path, cluster_url, unique_name, task_seconds=0.5,
                        extra="reliable=True, heartbeat_ttl=1.5, recovery_interval=0.3,")
-    producer = ClusterListQueueBroker(cluster_url, queue_name=unique_name)
-    await producer.startup()
-    try:
-        for i in range(n):
-            await producer.kick(_message(f"k{i:03d}"))
+    async with _backlog(workers, cluster_url, unique_name, ids):
         first = workers.start("--max-async-tasks", "4")
-        assert await _until(lambda: sum(workers.begun().values()) >= 8, 30), workers.logs()
+        await eventually(lambda: sum(workers.begun().values()) >= 8, "8 tasks begun", 30,
+                         detail=workers.logs)
         os.killpg(first.pid, signal.SIGKILL)  # a crash: OOM kill, node loss
         first.wait(timeout=10)
         begun_by_first = set(workers.begun())
-        assert len(workers.done()) < n - 20, "the first worker must die with a backlog left"
+        assert len(workers.done()) < len(ids) - 20, "the first worker must die with a backlog left"
         workers.start("--max-async-tasks", "20")
-        assert await _until(lambda: len(workers.done()) >= n, 30), (
-            f"{n - len(workers.done())} of {n} tasks lost\n{workers.logs()}"
-        )
-        assert set(workers.done()) == {f"k{i:03d}" for i in range(n)}
+        await _all_done(workers, ids)
         # At least once: only what the dead worker had started may run twice.
         twice = {t for t, count in workers.begun().items() if count > 1}
         assert twice <= begun_by_first
-    finally:
-        await producer.shutdown()
-        workers.stop_all()
 
 
 async def test_reliable_live_consumer_keeps_its_messages_after_listen_closed(
@@ -475,41 +413,18 @@ async def test_reliable_live_consumer_keeps_its_messages_after_listen_closed(
     slow = ClusterListQueueBroker(cluster_url, queue_name=unique_name, reliable=True,
                                   consumer_name="slow", heartbeat_ttl=1.0, brpop_timeout=0.2,
                                   prefetch=4)
-    await slow.startup()
-    try:
-        listen = slow.listen()
-        try:
-            held = [await asyncio.wait_for(anext(listen), 10) for _ in range(2)]
-        finally:
-            await listen.aclose()
+    async with running(slow):
+        held = await _first(slow, 2)
         held_ids = {task_id_of(_payload(m)) for m in held}
-        got: set[str] = set()
-        survivor = reliable.listen()
-
-        async def consume() -> None:
-            async for message in survivor:
-                assert isinstance(message, AckableMessage)
-                got.add(task_id_of(message.data))
-                await message.ack()  # type: ignore[misc]
-
-        consumer = asyncio.create_task(consume())
-        try:
-            async def rest_taken() -> bool:
-                return len(got) == n - len(held)
-
-            await eventually(rest_taken, "the other tasks taken", 10)
+        async with consuming(reliable) as got:
+            await eventually(lambda: len(set(got)) == n - len(held), "the other tasks taken", 10)
             # Three heartbeat TTLs with recovery every 0.3 s: a heartbeat
-            # that stopped with the listen would have let "survivor" take them.
+            # that stopped with the listen would have let "survivor" take
+            # them. A wait for what must not happen, not synchronisation.
             await asyncio.sleep(3.0)
-            assert not got & held_ids
-        finally:
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await survivor.aclose()
+            assert not set(got) & held_ids
         for message in held:
             assert isinstance(message, AckableMessage)
             await message.ack()  # type: ignore[misc]
         assert await _processing(slow, "slow") == []
-    finally:
-        await slow.shutdown()
     assert await _processing(reliable, "slow") == []

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_message, take
+from helpers import eventually, make_message, take
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -472,13 +472,11 @@ async def test_oldest_pending_age_grows_until_another_worker_reclaims(
     try:
         got = await take(rescuer, 6, ack=True)
         assert len(got) == 6
-        deadline = time.monotonic() + 15
-        while True:
-            age, pending = await oldest()
-            if (age, pending) == (0, 0) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        assert (age, pending) == (0, 0)
+        async def nothing_pending() -> bool:
+            return await oldest() == (0, 0)
+
+        await eventually(nothing_pending, "no entry pending", 15, interval=0.1)
+        assert await oldest() == (0, 0)
     finally:
         await rescuer.shutdown()
     assert registry.get_sample_value(METRIC_PREFIX + "reclaimed_total", {"queue": unique_name}) == 6
@@ -688,23 +686,19 @@ async def test_counters_are_summed_over_worker_processes(
         # Both workers must be reading before the kicks, so both get work.
         # (Redis 7.0 lists a consumer only after its first delivery, so the
         # workers' own log line is the signal.)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.returncode is None:
-            if log_path.read_text().count("Listening started") >= 2:
-                break
-            await asyncio.sleep(0.1)
+        def both_listening() -> bool:
+            assert proc.returncode is None, log_path.read_text()[-3000:]
+            return log_path.read_text().count("Listening started") >= 2
+
+        await eventually(both_listening, "both workers listening", 60, interval=0.1)
         assert proc.returncode is None, log_path.read_text()[-3000:]
         await asyncio.sleep(0.5)  # let every shard reader reach its XREADGROUP
         await asyncio.gather(*(producer.kick(make_message(f"w{i}", "noop")) for i in range(total)))
 
-        deadline = time.monotonic() + 60
-        acked = None
-        while time.monotonic() < deadline:
-            acked = _multiprocess_value(prom, acked_name, labels)
-            if acked is not None and acked >= total:
-                break
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(0.5)  # an extra ack would show up now
+        await eventually(lambda: (_multiprocess_value(prom, acked_name, labels) or 0) >= total,
+                         f"{total} acks", 60, interval=0.2,
+                         detail=lambda: log_path.read_text()[-3000:])
+        await asyncio.sleep(0.5)  # an extra ack would show up now (none may)
         acked = _multiprocess_value(prom, acked_name, labels)
         assert acked == total, log_path.read_text()[-3000:]
         per_process = [

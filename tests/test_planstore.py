@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from helpers import eventually
+from helpers import chaos, eventually
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
@@ -394,6 +394,7 @@ async def test_record_without_generation_still_works(
     assert follower.generation not in (None, "")
 
 
+@chaos(timeout=120)
 async def test_swap_counts_only_once_a_replica_has_it(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, topology: Topology, queue: str
 ) -> None:
@@ -436,17 +437,16 @@ async def test_swap_counts_only_once_a_replica_has_it(
         await writer.aclose()
         await cluster_client.execute_command("DEL", probe)
     # Repeating the same swap confirms it once the replica caught up.
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            assert await store.compare_and_swap(new, expected_epoch=1)
-            break
-        except PlanNotReplicatedError:
-            assert time.monotonic() < deadline, "the resumed replica never confirmed"
-            await asyncio.sleep(0.2)
+    async def swapped() -> bool:
+        assert await store.compare_and_swap(new, expected_epoch=1)
+        return True
+
+    await eventually(swapped, "the resumed replica confirming", 20, interval=0.2,
+                     ignoring=PlanNotReplicatedError)
     assert await _replica_hget(replica, key, "epoch") == b"2"
 
 
+@chaos(timeout=120)
 async def test_swap_on_a_master_without_replica(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, topology: Topology, queue: str
 ) -> None:
@@ -476,6 +476,7 @@ async def _attached_replicas_are(master: Node, count: int) -> bool:
     return len(role[2]) == count
 
 
+@chaos(timeout=120)
 async def test_confirmed_swap_survives_a_failover(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, topology: Topology, queue: str
 ) -> None:
@@ -493,17 +494,18 @@ async def test_confirmed_swap_survives_a_failover(
     try:
         seen: list[int] = []
         deadline = time.monotonic() + 60
-        while (await healthy_cluster.master_of_key(key)).port != replica.port:
-            assert time.monotonic() < deadline, "no failover within 60 s"
+
+        async def failed_over() -> bool:
+            if (await healthy_cluster.master_of_key(key)).port == replica.port:
+                return True
             seen.append((await follower.current()).epoch)
-            await asyncio.sleep(0.1)
-        stored = None
-        while stored is None:
-            try:
-                stored = await store.load(queue)
-            except (RedisError, OSError):
-                assert time.monotonic() < deadline, "the promoted replica never answered"
-                await asyncio.sleep(0.2)
+            return False
+
+        await eventually(failed_over, "a failover", 60, interval=0.1)
+        # Within the same 60 s as the failover.
+        stored = await eventually(lambda: store.load(queue), "the promoted replica answering",
+                                  deadline - time.monotonic(), interval=0.2,
+                                  ignoring=(RedisError, OSError))
         assert stored == _at_epoch(plan, 2)
         assert (await follower.refresh()).epoch == 2
         assert set(seen) <= {2}
@@ -576,6 +578,7 @@ async def test_cli_entry_point_subprocess(
     assert f"queue {queue}" in stdout.decode()
 
 
+@chaos(timeout=120)
 async def test_swap_follows_a_moved_plan_key(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, topology: Topology, queue: str
 ) -> None:
@@ -600,6 +603,7 @@ async def test_swap_follows_a_moved_plan_key(
 
 
 # Keep last: changes the shared cluster (and restores it).
+@chaos(timeout=120)
 async def test_migrated_slot_shows_misplaced(
     healthy_cluster: DevCluster,
     cluster_url: str,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, make_message, take, task_id_of
+from helpers import chaos, eventually, make_message, take, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, BrokerMessage
 
@@ -330,12 +330,10 @@ class Load:
             await self._producer
 
     async def wait_all_executed(self, timeout: float = 40.0) -> set[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            missing = self.kicked - set(self.executed)
-            if not missing:
-                return missing
-            await asyncio.sleep(0.2)
+        """What was kicked and not executed, once nothing is or after ``timeout``."""
+        with contextlib.suppress(AssertionError):  # the callers report what is missing
+            await eventually(lambda: self.kicked <= set(self.executed), "all executed", timeout,
+                             interval=0.2)
         return self.kicked - set(self.executed)
 
     async def stop(self) -> None:
@@ -462,6 +460,7 @@ async def test_plan_and_verify_commands_report_imbalance(
 
 
 @pytest.mark.cluster
+@chaos(timeout=120)
 async def test_kill_9_mid_move_then_rerun_completes_without_loss(
     cluster_client: RedisCluster, cluster_url: str, queue: str
 ) -> None:
@@ -475,11 +474,11 @@ async def test_kill_9_mid_move_then_rerun_completes_without_loss(
             stderr=asyncio.subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 30
-            while "switched" not in await _journal_states(cluster_client, queue):
+            async def switched() -> bool:
                 assert proc.returncode is None, "the rebalancer ended before switching"
-                assert time.monotonic() < deadline, "no move reached 'switched'"
-                await asyncio.sleep(0.05)
+                return "switched" in await _journal_states(cluster_client, queue)
+
+            await eventually(switched, "a move in state 'switched'", 30)
         finally:
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
@@ -595,9 +594,8 @@ async def test_timeout_reverts_the_move_and_a_later_run_finishes(
         assert results[0].resumed == 1
         assert results[0].moves == 2
         executed = load.executed
-        deadline = time.monotonic() + 20
-        while set(kicked) - set(executed) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+        await eventually(lambda: set(kicked) <= set(executed), "every kick executed", 20,
+                         interval=0.2)
         assert not set(kicked) - set(executed)
     ok, counts = await _status_ok(cluster_client, queue)
     assert ok, counts
@@ -703,11 +701,11 @@ async def test_real_worker_keeps_running_through_moves_stall_is_short(
     producing: asyncio.Task[None] | None = None
     try:
         await producer.kick(_record_message("warmup"))
-        deadline = time.monotonic() + 30
-        while not _read_records(out):
+        def consuming() -> bool:
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()
-            assert time.monotonic() < deadline, "the worker did not start consuming"
-            await asyncio.sleep(0.1)
+            return bool(_read_records(out))
+
+        await eventually(consuming, "the worker consuming", 30, interval=0.1)
         producing = asyncio.create_task(produce())
         await asyncio.sleep(1.0)
         moves: list[float] = []
@@ -725,9 +723,9 @@ async def test_real_worker_keeps_running_through_moves_stall_is_short(
         await asyncio.sleep(1.0)
         stop.set()
         await producing
-        deadline = time.monotonic() + 30
-        while set(kicked) - {r[0] for r in _read_records(out)} and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+        with contextlib.suppress(AssertionError):  # what is lost is reported below
+            await eventually(lambda: set(kicked) <= {r[0] for r in _read_records(out)},
+                             "every kick recorded", 30, interval=0.2)
         records = _read_records(out)
         lost = set(kicked) - {r[0] for r in records}
         stall = _max_gap((t for _, t in records), started, ended)
@@ -1038,9 +1036,8 @@ async def test_watch_once_rebalances_and_moves_dead_letters(
         assert code == 0, out + err
         assert json.loads(out) == {"rebalances": 0}
         assert not await cluster_client.exists(old_stream)
-        deadline = time.monotonic() + 10
-        while not load.executed["stranded-1"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await eventually(lambda: load.executed["stranded-1"], "stranded-1 executed", 10,
+                         interval=0.1)
         assert load.executed["stranded-1"] == 1
         # apply sweeps too, before it plans.
         await cluster_client.xadd(old_stream, {b"data": make_message("stranded-2").message})
@@ -1048,9 +1045,8 @@ async def test_watch_once_rebalances_and_moves_dead_letters(
         assert code == 0, out + err
         assert "0 move(s), swept 1 stranded" in out
         assert not await cluster_client.exists(old_stream)
-        deadline = time.monotonic() + 10
-        while not load.executed["stranded-2"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await eventually(lambda: load.executed["stranded-2"], "stranded-2 executed", 10,
+                         interval=0.1)
         assert load.executed["stranded-2"] == 1
         await load.stop_producing()
         assert not await load.wait_all_executed()
@@ -1715,6 +1711,7 @@ async def test_no_worker_2000_tasks_reshard_then_apply_finishes_fast(
 
 
 @pytest.mark.cluster
+@chaos(timeout=120)
 async def test_kill_9_while_copying_then_rerun_loses_nothing(
     cluster_client: RedisCluster, cluster_url: str, queue: str
 ) -> None:
@@ -1735,14 +1732,11 @@ async def test_kill_9_while_copying_then_rerun_loses_nothing(
     )
     try:
         # Kill once the copy is under way: entries in a new tag, some left.
-        deadline = time.monotonic() + 30
-        while True:
+        async def copying() -> bool:
             assert proc.returncode is None, "the rebalancer ended before copying"
-            assert time.monotonic() < deadline, "copying did not start"
-            lengths = [await cluster_client.xlen(s) for s in new_streams]
-            if any(lengths):
-                break
-            await asyncio.sleep(0.02)
+            return any([await cluster_client.xlen(s) for s in new_streams])
+
+        await eventually(copying, "copying started", 30, interval=0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
@@ -1858,6 +1852,7 @@ async def _finished_without_loss(
 
 
 @pytest.mark.cluster
+@chaos(timeout=120)
 async def test_unconfirmed_switch_is_repeated_and_acted_on_once_a_replica_has_it(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, cluster_url: str, queue: str
 ) -> None:
@@ -1906,6 +1901,7 @@ async def test_unconfirmed_switch_is_repeated_and_acted_on_once_a_replica_has_it
 
 
 @pytest.mark.cluster
+@chaos(timeout=120)
 async def test_a_rerun_confirms_an_unconfirmed_switch_before_draining_it(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, cluster_url: str, queue: str
 ) -> None:
@@ -1964,6 +1960,7 @@ async def _replica_epoch(replica: Any, key: str) -> bytes | None:
 
 
 @pytest.mark.cluster
+@chaos(timeout=120)
 async def test_after_an_unconfirmed_epoch_the_next_plan_never_reuses_its_number(
     healthy_cluster: DevCluster, cluster_client: RedisCluster, queue: str
 ) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from helpers import eventually, make_message, task_id_of
+from helpers import chaos, eventually, make_message, task_id_of
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage
 
@@ -147,6 +147,8 @@ async def _received_all(consumer: Any, want: set[str], timeout: float) -> set[st
 
 
 @pytest.mark.parametrize("kind", [ClusterStreamBroker, ClusterListQueueBroker])
+@pytest.mark.slow
+@chaos(timeout=120)
 async def test_free_kicks_route_around_a_killed_master(
     healthy_cluster: DevCluster, cluster_url: str, unique_name: str, kind: type[Any],
     cluster_client: RedisCluster,
@@ -188,6 +190,7 @@ async def test_free_kicks_route_around_a_killed_master(
         await healthy_cluster.heal()
 
 
+@chaos(timeout=120)
 async def test_keyed_kicks_keep_their_shard_through_a_master_failure(
     healthy_cluster: DevCluster, cluster_url: str, unique_name: str
 ) -> None:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from helpers import eventually
 from redis.asyncio import RedisCluster
 from taskiq import InMemoryBroker
 from taskiq.abc.serializer import TaskiqSerializer
@@ -150,10 +151,10 @@ async def test_results_expire(make_backend: Factory) -> None:
     task_id = _task_id()
     await backend.set_result(task_id, _result())
     # Bounded wait: expiry is checked by outcome, never by speed.
-    for _ in range(100):
-        if not await backend.is_result_ready(task_id):
-            break
-        await asyncio.sleep(0.1)
+    async def expired() -> bool:
+        return not await backend.is_result_ready(task_id)
+
+    await eventually(expired, "the result expired", 10, interval=0.1)
     assert not await backend.is_result_ready(task_id)
     with pytest.raises(ResultNotFoundError):
         await backend.get_result(task_id)

@@ -7,19 +7,18 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually
+from helpers import chaos, eventually
 from redis.asyncio import RedisCluster
 from taskiq import AsyncBroker, BrokerMessage, ScheduledTask, ScheduleSource, TaskiqScheduler
 from taskiq.cli.scheduler.run import SchedulerLoop, get_all_schedules
@@ -28,7 +27,7 @@ from taskiq.exceptions import ScheduledTaskCancelledError, SendTaskError
 from taskiq_redis_cluster import _keys
 from taskiq_redis_cluster._errors import InvalidNameError, InvalidOptionError, LifecycleError
 from taskiq_redis_cluster._schedule_source import ClusterListScheduleSource
-from taskiq_redis_cluster.testing import DevCluster, find_free_base_port
+from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -260,7 +259,7 @@ async def test_two_schedulers_fire_each_tick_once(make_source: Factory) -> None:
 async def _away_from_a_minute_boundary() -> None:
     second = _now().second
     if second >= 57:
-        await asyncio.sleep(61 - second)
+        await asyncio.sleep(61 - second)  # waits for the clock: not synchronisation
 
 
 class _MemorySource(ScheduleSource):
@@ -285,40 +284,6 @@ async def test_import_from_any_source(make_source: Factory) -> None:
     assert old.schedules  # kept by default
     await source.import_from(old, delete=True)
     assert old.schedules == {}
-
-
-@pytest.fixture
-def standalone_redis(tmp_path: Path) -> Iterator[str]:
-    """A throwaway standalone (non-cluster) redis-server started for this test."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port = find_free_base_port(1)
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while (
-            subprocess.run(
-                ["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False
-            ).stdout.strip()
-            != b"PONG"
-        ):
-            assert proc.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 async def test_migrate_from_taskiq_redis_list_source(
@@ -466,12 +431,15 @@ class _SteppedScheduler:
 
     async def run_until(self, done: Callable[[], bool], timeout: float) -> None:
         """Read and tick (an --update-interval of 0.2 s) until ``done()``."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            assert time.monotonic() < deadline, "the one-off schedule was not sent again"
+
+        async def stepped() -> bool:
+            if done():
+                return True
             await self.read()
             await self.tick()
-            await asyncio.sleep(0.2)
+            return False
+
+        await eventually(stepped, "the one-off schedule sent again", timeout, interval=0.2)
 
 
 async def _stored_ids(source: ClusterListScheduleSource) -> set[str]:
@@ -526,6 +494,8 @@ async def test_failed_kick_of_one_off_is_retried_by_the_same_scheduler(
     broker.fail_next = 2  # the broker is down for two attempts
     scheduler = _SteppedScheduler(source, broker)
     await scheduler.read()  # read-ahead: listed through lookahead, not due yet
+    # Until it is due: the scheduler is stepped by hand, so this waits for
+    # the clock, not for a background effect.
     await asyncio.sleep(max(0.0, (due - _now()).total_seconds()) + 0.05)
     await scheduler.tick()
     assert (broker.failures, broker.sent) == (1, [])
@@ -553,7 +523,7 @@ async def test_one_off_due_later_fires_at_its_time_not_a_read_later(
     await scheduler.read()
     await scheduler.tick()
     assert broker.sent == []
-    await asyncio.sleep(max(0.0, (due - _now()).total_seconds()) + 0.05)
+    await asyncio.sleep(max(0.0, (due - _now()).total_seconds()) + 0.05)  # the clock, as above
     await scheduler.read()
     await scheduler.tick()
     assert [schedule_id for schedule_id, _ in broker.sent] == ["soon"]
@@ -567,12 +537,14 @@ async def test_real_scheduler_loop_retries_a_failed_one_off_kick(make_source: Fa
     await source.add_schedule(_task("remind", time=_now() - timedelta(seconds=1)))
     loop = SchedulerLoop(TaskiqScheduler(broker, [source]))
     running = asyncio.create_task(loop.run(update_interval=timedelta(seconds=1)))
+
+    def retried() -> bool:
+        assert not running.done(), running
+        return bool(broker.sent)
+
     try:
-        deadline = time.monotonic() + 2 * _LEASE + 10
-        while not broker.sent:
-            assert not running.done(), running
-            assert time.monotonic() < deadline, f"not retried ({broker.failures} failures)"
-            await asyncio.sleep(0.1)
+        await eventually(retried, "the retried kick", 2 * _LEASE + 10,
+                         detail=lambda: f"{broker.failures} failures")
     finally:
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -668,6 +640,7 @@ class _Scheduler:
         self._log_file.close()
 
 
+@chaos(timeout=120)
 async def test_two_real_schedulers_send_each_one_off_once(
     healthy_cluster: DevCluster,
     cluster_url: str,
@@ -705,7 +678,9 @@ async def test_two_real_schedulers_send_each_one_off_once(
         for i in range(20):
             await source.add_schedule(_task(f"batch-{i}", time=due))
         await eventually(lambda: count_is(20), "20 kicks", timeout=30)
-        await asyncio.sleep(2.5)  # a duplicate would show up within a few loop turns
+        # A duplicate would show up within a few loop turns: a wait for what
+        # must not happen, not synchronisation.
+        await asyncio.sleep(2.5)
         sent = [k.split("|")[0] for k in await kicks()]
         assert sorted(sent) == sorted(f"batch-{i}" for i in range(20))
         assert await source.get_schedules() == []
@@ -719,7 +694,7 @@ async def test_two_real_schedulers_send_each_one_off_once(
         await healthy_cluster.failover(await healthy_cluster.replica_of(master))
         await source.add_schedule(_task("after-failover", time=_now() + timedelta(seconds=1)))
         await eventually(lambda: count_is(22), "the schedule added after a failover", timeout=60)
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.5)  # as above: no duplicate may follow
         sent = [k.split("|")[0] for k in await kicks()]
         assert sorted(sent) == sorted(
             [f"batch-{i}" for i in range(20)] + ["late", "after-failover"]

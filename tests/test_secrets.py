@@ -14,7 +14,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from helpers import eventually
 
 from taskiq_redis_cluster import (
     ClusterStreamBroker,
@@ -194,17 +194,14 @@ async def test_exporter_keeps_the_password_out_of_ps_and_its_log(
             stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        status, body = 0, ""
-        while time.monotonic() < deadline:
-            try:
-                status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
-            except OSError:
-                status = 0
-            if status == 200 and unique_name in body:
-                break
+        async def serving() -> tuple[int, str] | None:
             assert proc.returncode is None, log.read_text()
-            await asyncio.sleep(0.2)
+            status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+            return (status, body) if status == 200 and unique_name in body else None
+
+        # Not up yet, the exporter refuses (OSError).
+        status, body = await eventually(serving, "the exporter serving the queue", 30,
+                                        interval=0.2, ignoring=OSError, detail=log.read_text)
         assert status == 200, log.read_text()
         assert f'taskiq_redis_cluster_plan_epoch{{queue="{unique_name}"}}' in body
         assert (await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/other"))[0] == 404

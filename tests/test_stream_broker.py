@@ -9,13 +9,15 @@ load, with lost = 0).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from helpers import consuming, eventually, make_message, take, task_id_of
+from helpers import chaos, consuming, eventually, make_message, running, take, task_id_of
 from redis.asyncio import RedisCluster
 
 from taskiq_redis_cluster import (
@@ -34,35 +36,37 @@ pytestmark = pytest.mark.cluster
 
 
 
+Factory = Callable[..., Awaitable[ClusterStreamBroker]]
+
+
 @pytest.fixture
-async def broker(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterStreamBroker]:
-    b = ClusterStreamBroker(
-        cluster_url, queue_name=unique_name, idle_timeout=1_000, xread_block=200,
-        plan_poll_interval=0.5,
-    )
-    await b.startup()
-    try:
-        yield b
-    finally:
-        await b.shutdown()
+async def make_broker(cluster_url: str, unique_name: str) -> AsyncIterator[Factory]:
+    """Start brokers of the test's queue with these options; all stop at the end."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(**options: Any) -> ClusterStreamBroker:
+            broker = ClusterStreamBroker(cluster_url, queue_name=unique_name, **options)
+            await stack.enter_async_context(running(broker))
+            return broker
+
+        yield make
 
 
-async def test_kicks_immediately_after_startup_do_not_race(
-    cluster_url: str, unique_name: str
-) -> None:
+@pytest.fixture
+async def broker(make_broker: Factory) -> ClusterStreamBroker:
+    return await make_broker(idle_timeout=1_000, xread_block=200, plan_poll_interval=0.5)
+
+
+async def test_kicks_immediately_after_startup_do_not_race(make_broker: Factory) -> None:
     # The redis-py first-use race breaks >= 16 concurrent commands on a fresh
     # client; startup() warms the client, so 64 kicks right after it work.
-    broker = ClusterStreamBroker(cluster_url, queue_name=unique_name)
-    await broker.startup()
-    try:
-        await asyncio.gather(*(broker.kick(make_message(f"t{i}")) for i in range(64)))
-        plan = await broker.current_plan()
-        total = 0
-        for shard in plan.shards:
-            total += await broker.client.xlen(ShardKeys(broker.options.prefix, shard.tag).stream)
-        assert total == 64
-    finally:
-        await broker.shutdown()
+    broker = await make_broker()
+    await asyncio.gather(*(broker.kick(make_message(f"t{i}")) for i in range(64)))
+    plan = await broker.current_plan()
+    total = 0
+    for shard in plan.shards:
+        total += await broker.client.xlen(ShardKeys(broker.options.prefix, shard.tag).stream)
+    assert total == 64
 
 
 async def test_default_plan_spreads_shards_over_every_master(
@@ -150,85 +154,77 @@ async def test_garbage_entry_goes_to_dead_letter_and_worker_continues(
 
 
 async def test_deleted_stream_recreates_group_at_zero(
-    broker: ClusterStreamBroker,
+    broker: ClusterStreamBroker, redis_cluster: DevCluster
 ) -> None:
     plan = await broker.current_plan()
     keys = ShardKeys(broker.options.prefix, plan.shards[0].tag)
+    master = await redis_cluster.master_of_key(keys.stream)
+    node = broker.client.get_node(host=master.host, port=master.port)
+    shards_there = [
+        s for s in plan.shards
+        if (await redis_cluster.master_of_key(ShardKeys(keys.prefix, s.tag).stream)).port
+        == master.port
+    ]
+
+    async def all_readers_blocked() -> bool:
+        # Each shard has two readers (its stream and its priority lanes).
+        clients = await broker.client.client_list(target_nodes=node)
+        blocked = [c for c in clients if c["cmd"] == "xreadgroup" and "b" in c["flags"]]
+        return len(blocked) >= 2 * len(shards_there)
+
     async with consuming(broker) as received:
-        await asyncio.sleep(0.5)  # readers are blocked in XREADGROUP now
+        await eventually(all_readers_blocked, "the shard's readers blocked in XREADGROUP")
         await broker.client.delete(keys.stream)
         # Tasks written after the DEL must not be skipped (no "$" group).
         for i in range(10):
             await broker.client.xadd(keys.stream, {b"data": make_message(f"d{i}").message})
-        deadline = time.monotonic() + 20
-        while len(received) < 10 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await eventually(lambda: len(received) >= 10, "ten tasks", timeout=20)
     assert sorted(received) == sorted(f"d{i}" for i in range(10))
 
 
-async def test_unacked_entries_are_reclaimed_after_idle_timeout(
-    cluster_url: str, unique_name: str
-) -> None:
-    crashed = ClusterStreamBroker(
-        cluster_url, queue_name=unique_name, idle_timeout=500, xread_block=100,
-        consumer_name="crashed",
-    )
-    survivor = ClusterStreamBroker(
-        cluster_url, queue_name=unique_name, idle_timeout=500, xread_block=100,
-        consumer_name="survivor",
-    )
-    await crashed.startup()
-    await survivor.startup()
-    try:
-        for i in range(5):
-            await crashed.kick(make_message(f"r{i}"))
-        taken = await take(crashed, 5, ack=False)  # taken, never acked
-        assert len(taken) == 5
-        started = time.monotonic()
-        again = await take(survivor, 5)
-        waited = time.monotonic() - started
-        assert sorted(m.data for m in again) == sorted(m.data for m in taken)
-        print(f"redelivery after {waited:.2f}s (idle_timeout 0.5s)")
-    finally:
-        await crashed.shutdown()
-        await survivor.shutdown()
+async def test_unacked_entries_are_reclaimed_after_idle_timeout(make_broker: Factory) -> None:
+    crashed, survivor = [
+        await make_broker(idle_timeout=500, xread_block=100, consumer_name=name)
+        for name in ("crashed", "survivor")
+    ]
+    for i in range(5):
+        await crashed.kick(make_message(f"r{i}"))
+    taken = await take(crashed, 5, ack=False)  # taken, never acked
+    assert len(taken) == 5
+    started = time.monotonic()
+    again = await take(survivor, 5)
+    waited = time.monotonic() - started
+    assert sorted(m.data for m in again) == sorted(m.data for m in taken)
+    print(f"redelivery after {waited:.2f}s (idle_timeout 0.5s)")
 
 
 async def test_poison_entry_is_dead_lettered_after_max_deliveries(
-    cluster_url: str, unique_name: str
+    make_broker: Factory,
 ) -> None:
-    broker = ClusterStreamBroker(
-        cluster_url, queue_name=unique_name, idle_timeout=200, xread_block=100,
-        max_deliveries=2, reclaim_interval=0.1,
-    )
-    await broker.startup()
+    broker = await make_broker(idle_timeout=200, xread_block=100, max_deliveries=2,
+                               reclaim_interval=0.1)
+    await broker.kick(make_message("poison", partition_key="p"))
+    # Receive it repeatedly without acking, as a crashing task would.
+    await take(broker, 2, ack=False, timeout=20)
+    plan = await broker.current_plan()
+    deads = [ShardKeys(broker.options.prefix, shard.tag).dead for shard in plan.shards]
+
+    async def dead_letters() -> list[Any]:
+        return [entry for key in deads for entry in await broker.client.xrange(key)]
+
+    gen = broker.listen()
+    consumer = asyncio.create_task(_drain_forever(gen))
     try:
-        await broker.kick(make_message("poison", partition_key="p"))
-        # Receive it repeatedly without acking, as a crashing task would.
-        await take(broker, 2, ack=False, timeout=20)
-        plan = await broker.current_plan()
-        deadline = time.monotonic() + 20
-        dead: list[Any] = []
-        gen = broker.listen()
-        consumer = asyncio.create_task(_drain_forever(gen))
-        try:
-            while not dead and time.monotonic() < deadline:
-                for shard in plan.shards:
-                    dead += await broker.client.xrange(
-                        ShardKeys(broker.options.prefix, shard.tag).dead
-                    )
-                await asyncio.sleep(0.2)
-        finally:
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await gen.aclose()
-        assert len(dead) == 1
-        fields = dead[0][1]
-        assert fields[b"reason"].startswith(b"max deliveries exceeded")
-        assert int(fields[b"deliveries"]) > 2
-        assert task_id_of(fields[b"field:data"]) == "poison"
+        dead = await eventually(dead_letters, "a dead letter", timeout=20)
     finally:
-        await broker.shutdown()
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await gen.aclose()
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"reason"].startswith(b"max deliveries exceeded")
+    assert int(fields[b"deliveries"]) > 2
+    assert task_id_of(fields[b"field:data"]) == "poison"
 
 
 async def _drain_forever(gen: Any) -> None:
@@ -236,30 +232,22 @@ async def _drain_forever(gen: Any) -> None:
         pass
 
 
-async def test_trim_removes_only_acknowledged_entries(
-    cluster_url: str, unique_name: str
-) -> None:
-    broker = ClusterStreamBroker(
-        cluster_url, queue_name=unique_name, xread_block=100, trim_interval=0.2, shards=1,
-    )
-    await broker.startup()
-    try:
-        for i in range(50):
-            await broker.kick(make_message(f"a{i}"))
-        got = await take(broker, 50)
-        assert len(got) == 50
-        for i in range(20):
-            await broker.kick(make_message(f"b{i}"))  # never read: must survive trims
-        plan = await broker.current_plan()
-        stream = ShardKeys(broker.options.prefix, plan.shards[0].tag).stream
-        script = broker._scripts["trim"]
-        await script(keys=[stream])
-        remaining = await broker.client.xrange(stream)
-        datas = {task_id_of(fields[b"data"]) for _, fields in remaining}
-        assert {f"b{i}" for i in range(20)} <= datas
-        assert len(remaining) < 70  # acknowledged entries went away (MINID ~)
-    finally:
-        await broker.shutdown()
+async def test_trim_removes_only_acknowledged_entries(make_broker: Factory) -> None:
+    broker = await make_broker(xread_block=100, trim_interval=0.2, shards=1)
+    for i in range(50):
+        await broker.kick(make_message(f"a{i}"))
+    got = await take(broker, 50)
+    assert len(got) == 50
+    for i in range(20):
+        await broker.kick(make_message(f"b{i}"))  # never read: must survive trims
+    plan = await broker.current_plan()
+    stream = ShardKeys(broker.options.prefix, plan.shards[0].tag).stream
+    script = broker._scripts["trim"]
+    await script(keys=[stream])
+    remaining = await broker.client.xrange(stream)
+    datas = {task_id_of(fields[b"data"]) for _, fields in remaining}
+    assert {f"b{i}" for i in range(20)} <= datas
+    assert len(remaining) < 70  # acknowledged entries went away (MINID ~)
 
 
 async def test_lifecycle_guards(cluster_url: str, unique_name: str) -> None:
@@ -315,33 +303,27 @@ async def test_kick_to_unreachable_cluster_fails_clearly(
 
 @pytest.mark.parametrize("xread_count", [50, 5], ids=["in-buffer", "in-reader"])
 async def test_closing_listen_releases_unprocessed_entries_at_once(
-    cluster_url: str, unique_name: str, xread_count: int
+    make_broker: Factory, xread_count: int
 ) -> None:
     # A graceful stop must not make prefetched-but-unprocessed tasks wait a
     # whole idle_timeout (here 60 s) before another worker may take them:
     # neither those in the listen buffer nor, when a read is larger than the
     # free buffer space, those its reader still holds.
-    first = ClusterStreamBroker(cluster_url, queue_name=unique_name, idle_timeout=60_000,
-                                xread_block=100, xread_count=xread_count, shards=1)
-    second = ClusterStreamBroker(cluster_url, queue_name=unique_name, idle_timeout=60_000,
-                                 xread_block=100, reclaim_interval=0.2)
-    await first.startup()
-    await second.startup()
-    try:
-        for i in range(20):
-            await first.kick(make_message(f"rel{i}"))
-        got = await take(first, 1)  # the rest sit in first's buffer
-        assert len(got) == 1
-        # Without the release this would wait for idle_timeout (60 s) and fail.
-        rest = await take(second, 19, timeout=20)
-        assert sorted(task_id_of(m.data) for m in rest + got) == sorted(
-            f"rel{i}" for i in range(20)
-        )
-    finally:
-        await first.shutdown()
-        await second.shutdown()
+    first = await make_broker(idle_timeout=60_000, xread_block=100, xread_count=xread_count,
+                              shards=1)
+    second = await make_broker(idle_timeout=60_000, xread_block=100, reclaim_interval=0.2)
+    for i in range(20):
+        await first.kick(make_message(f"rel{i}"))
+    got = await take(first, 1)  # the rest sit in first's buffer
+    assert len(got) == 1
+    # Without the release this would wait for idle_timeout (60 s) and fail.
+    rest = await take(second, 19, timeout=20)
+    assert sorted(task_id_of(m.data) for m in rest + got) == sorted(
+        f"rel{i}" for i in range(20)
+    )
 
 
+@chaos(timeout=120)
 async def test_producer_only_process_follows_a_master_failover(
     healthy_cluster: DevCluster, cluster_url: str, unique_name: str
 ) -> None:
@@ -368,17 +350,15 @@ async def test_producer_only_process_follows_a_master_failover(
         await broker.kick(make_message("before", partition_key=key))
         master = await healthy_cluster.master_of_key(stream)
         await healthy_cluster.kill_node(master)
-        succeeded = False
-        deadline = time.monotonic() + 60
-        n = 0
-        while not succeeded and time.monotonic() < deadline:
-            n += 1
-            try:
-                await broker.kick(make_message(f"after-{n}", partition_key=key))
-                succeeded = True
-            except Exception:  # failover in progress; the kick failed cleanly
-                await asyncio.sleep(0.5)
-        assert succeeded, "kicks never reached the promoted replica"
+        kicks = itertools.count(1)
+
+        async def kicked() -> bool:
+            await broker.kick(make_message(f"after-{next(kicks)}", partition_key=key))
+            return True
+
+        # A kick that fails while the failover is in progress fails cleanly.
+        await eventually(kicked, "a kick that reached the promoted replica", timeout=60,
+                         interval=0.5, ignoring=Exception)
         assert (await healthy_cluster.master_of_key(stream)).port != master.port
     finally:
         await broker.shutdown()
@@ -386,28 +366,24 @@ async def test_producer_only_process_follows_a_master_failover(
 
 
 async def test_housekeeping_removes_stale_consumers_but_not_busy_ones(
-    cluster_url: str, unique_name: str
+    make_broker: Factory,
 ) -> None:
-    broker = ClusterStreamBroker(
-        cluster_url, queue_name=unique_name, shards=1, xread_block=100,
-        stale_consumer_idle=300, trim_interval=0.2,
-    )
-    await broker.startup()
-    try:
-        plan = await broker.current_plan()
-        stream = ShardKeys(broker.options.prefix, plan.shards[0].tag).stream
-        group = broker.options.consumer_group_name  # created by startup()
-        for i in range(2):
-            await broker.kick(make_message(f"s{i}"))
-        # A worker that finished its work and went away, and one that died
-        # holding an entry: only the first may be forgotten.
-        done = await broker.client.xreadgroup(group, "gone-idle", {stream: ">"}, count=1)
-        await broker.client.xack(stream, group, done[0][1][0][0])
-        await broker.client.xreadgroup(group, "gone-busy", {stream: ">"}, count=1)
-        await asyncio.sleep(0.5)
-        await broker._housekeep(ShardKeys(broker.options.prefix, plan.shards[0].tag).stream)
-        names = {c["name"] for c in await broker.client.xinfo_consumers(stream, group)}
-        assert b"gone-idle" not in names
-        assert b"gone-busy" in names
-    finally:
-        await broker.shutdown()
+    broker = await make_broker(shards=1, xread_block=100, stale_consumer_idle=300,
+                               trim_interval=0.2)
+    plan = await broker.current_plan()
+    stream = ShardKeys(broker.options.prefix, plan.shards[0].tag).stream
+    group = broker.options.consumer_group_name  # created by startup()
+    for i in range(2):
+        await broker.kick(make_message(f"s{i}"))
+    # A worker that finished its work and went away, and one that died
+    # holding an entry: only the first may be forgotten.
+    done = await broker.client.xreadgroup(group, "gone-idle", {stream: ">"}, count=1)
+    await broker.client.xack(stream, group, done[0][1][0][0])
+    await broker.client.xreadgroup(group, "gone-busy", {stream: ">"}, count=1)
+    # Both stay idle past stale_consumer_idle (0.3 s): the wait is what
+    # makes them stale, and housekeeping is run by hand after it.
+    await asyncio.sleep(0.5)
+    await broker._housekeep(ShardKeys(broker.options.prefix, plan.shards[0].tag).stream)
+    names = {c["name"] for c in await broker.client.xinfo_consumers(stream, group)}
+    assert b"gone-idle" not in names
+    assert b"gone-busy" in names

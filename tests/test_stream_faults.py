@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from helpers import eventually
+from helpers import chaos, eventually
 from redis.asyncio import Redis
 
 from taskiq_redis_cluster import ClusterStreamBroker
@@ -43,8 +43,6 @@ from chaos.processes import WorkerPool, sleep_env, worker_env  # noqa: E402
 from chaos.producer import produce, producer_broker  # noqa: E402
 from chaos.report import format_table  # noqa: E402
 from chaos.scenarios import SCENARIOS  # noqa: E402
-
-pytestmark = pytest.mark.chaos
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -87,6 +85,7 @@ async def test_xadd_spread_over_masters_is_even(cluster: DevCluster) -> None:
         assert abs(calls - mean) <= 0.1 * mean, (port, deltas)
 
 
+@chaos(timeout=120)
 async def test_worker_sigkill_with_50_slow_tasks_in_flight(
     cluster: DevCluster, tmp_path: Path
 ) -> None:
@@ -140,6 +139,7 @@ async def test_worker_sigkill_with_50_slow_tasks_in_flight(
         await admin.aclose()
 
 
+@chaos(timeout=120)
 async def test_slot_migrated_under_load_loses_nothing(cluster: DevCluster, tmp_path: Path) -> None:
     config = ChaosConfig(
         tasks=240, rate=30.0, workers=2, idle_timeout=2000, xread_block=500, task_sleep=0.1

@@ -1,13 +1,20 @@
-"""Task controls of the stream broker: the ``delay`` label and ``dedup_key`` kicks.
+"""Task controls: the ``delay`` label and ``dedup_key`` kicks, on the real cluster.
 
-On the real cluster: delayed tasks wait in their shard's delayed set and are
-moved into the stream when due (not early, p99 late by little); many
-listening workers poll that set gently; a delayed task outlives the worker
-that was listening when it was kicked; bad values are refused before any
-I/O; a dedup key queues its task once however many producers race; and,
-with real ``taskiq worker`` processes, ``with_labels(delay=3)``,
-``SmartRetryMiddleware(default_delay=2)`` without a schedule source, and
-five kicks of one dedup key behave as the issue asks.
+Every check that holds for both brokers runs against each ``broker_kind``:
+the stream broker and the list broker in its default and its reliable mode.
+A delayed task waits in its shard's delayed set and is queued when due (not
+early, within about a second); it outlives the worker that was listening
+when it was kicked; bad values are refused before any write; a dedup key
+queues its task once however many producers race, until its TTL runs out,
+and a retry of the holding task is queued. With real ``taskiq worker``
+processes, ``with_labels(delay=3)``, ``SmartRetryMiddleware(default_delay=2)``
+without a schedule source, and five kicks of one dedup key behave as the
+issue asks.
+
+Stream broker only: delayed tasks and dedup markers outlive a failover,
+delay precision (p99 late by little), many listening workers poll the
+delayed sets gently, the delayed metric and a rebalance move. The list
+broker's own checks are in tests/test_list_controls.py.
 """
 
 from __future__ import annotations
@@ -16,16 +23,28 @@ import asyncio
 import math
 import os
 import statistics
-import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from helpers import CONTROL_TASKS, WorkerProcess, eventually, make_message, started, task_id_of
+from helpers import (
+    BROKER_KINDS,
+    CONTROL_APP,
+    Broker,
+    Receiver,
+    WorkerProcess,
+    chaos,
+    eventually,
+    make_message,
+    new_broker,
+    running,
+    started,
+    started_kind,
+    task_id_of,
+)
 from redis.asyncio import RedisCluster
-from taskiq import AckableMessage
 from taskiq.kicker import AsyncKicker
 
 from taskiq_redis_cluster import ClusterStreamBroker, InvalidOptionError, PlanStore
@@ -38,133 +57,255 @@ from taskiq_redis_cluster.testing import DevCluster
 
 pytestmark = pytest.mark.cluster
 
+#: For the tests of the stream broker alone (it overrides ``broker_kind``).
+stream_only = pytest.mark.parametrize("broker_kind", ["stream"])
+
+
+@pytest.fixture(params=BROKER_KINDS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
 
 @pytest.fixture
-async def broker(cluster_url: str, unique_name: str) -> AsyncIterator[ClusterStreamBroker]:
-    b = await started(cluster_url, unique_name, shards=3)
-    try:
+async def broker(broker_kind: str, cluster_url: str, unique_name: str) -> AsyncIterator[Broker]:
+    b = new_broker(broker_kind, cluster_url, unique_name, shards=3)
+    async with running(b):
         yield b
-    finally:
-        await b.shutdown()
 
 
-async def _shard_keys(broker: ClusterStreamBroker) -> list[ShardKeys]:
+async def _shard_keys(broker: Broker) -> list[ShardKeys]:
     plan = await broker.current_plan()
     return [ShardKeys(broker.options.prefix, s.tag) for s in plan.shards]
 
 
-async def _counts(client: RedisCluster, keys: list[ShardKeys]) -> tuple[int, int]:
-    """(entries in the streams, members of the delayed sets) over all shards."""
-    streams = sum([int(await client.xlen(k.stream)) for k in keys])
+async def _counts(
+    client: RedisCluster, keys: list[ShardKeys], kind: str = "stream"
+) -> tuple[int, int]:
+    """(entries in the streams or messages in the lists, members of the
+    delayed sets) over all shards."""
+    if kind == "stream":
+        queued = sum([int(await client.xlen(k.stream)) for k in keys])
+    else:
+        queued = sum([int(await client.llen(k.list)) for k in keys])
     delayed = sum([int(await client.zcard(k.delayed)) for k in keys])
-    return streams, delayed
+    return queued, delayed
 
 
-class _Receiver:
-    """Listens in the background and records when each task id arrived."""
-
-    def __init__(self, broker: ClusterStreamBroker) -> None:
-        self.at: dict[str, float] = {}
-        self._listen = broker.listen()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        async for msg in self._listen:
-            assert isinstance(msg, AckableMessage)
-            self.at.setdefault(task_id_of(msg.data), time.time())
-            await msg.ack()  # type: ignore[misc]
-
-    async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        await self._listen.aclose()
+async def _queued_ids(client: RedisCluster, keys: ShardKeys, kind: str) -> list[str]:
+    """The task ids in one shard's stream or list, in the order they are read."""
+    if kind == "stream":
+        return [task_id_of(fields[b"data"]) for _, fields in await client.xrange(keys.stream)]
+    # LPUSH in, pop from the other end.
+    return [task_id_of(d) for d in reversed(await client.lrange(keys.list, 0, -1))]
 
 
 # ------------------------------------------------------------------ delay
 async def test_delayed_kick_waits_in_its_shard_then_runs_on_time(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster
+    broker: Broker, broker_kind: str, cluster_client: RedisCluster
 ) -> None:
     keys = await _shard_keys(broker)
     kicked = time.time()
     await broker.kick(make_message("late", delay=1.2))
-    # Held in a delayed set, not in any stream (before: XADD-ed at once).
-    assert await _counts(cluster_client, keys) == (0, 1)
-    receiver = _Receiver(broker)
+    # Held in a delayed set, not queued (before: XADD-ed or LPUSH-ed at once).
+    assert await _counts(cluster_client, keys, broker_kind) == (0, 1)
+    receiver = Receiver(broker)
     try:
         await eventually(lambda: bool(receiver.at), "the delayed task", timeout=10)
     finally:
         await receiver.close()
     waited = receiver.at["late"] - kicked
+    print(f"{broker_kind} broker, delay=1.2 arrived after {waited:.3f} s")
     assert 1.2 <= waited < 2.2, waited
-    assert await _counts(cluster_client, keys) == (1, 0)
-
+    # A stream keeps the read entry (until a trim); a list gave it away.
+    assert await _counts(cluster_client, keys, broker_kind) == (int(broker_kind == "stream"), 0)
 
 
 @pytest.mark.parametrize("bad", [-1, -0.001, math.nan, math.inf, "soon", True, [3], 1e12])
 async def test_bad_delay_is_refused_before_any_write(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster, bad: Any
+    broker: Broker, broker_kind: str, cluster_client: RedisCluster, bad: Any
 ) -> None:
     with pytest.raises(InvalidOptionError, match="delay label"):
-        await broker.kick(make_message("bad", delay=bad))
-    assert await _counts(cluster_client, await _shard_keys(broker)) == (0, 0)
+        await broker.kick(make_message("bad", delay=bad, dedup_key="bad-delay"))
+    assert await _counts(cluster_client, await _shard_keys(broker), broker_kind) == (0, 0)
+    assert await broker.dedup_task_id("bad-delay") is None  # no marker either
 
 
 async def test_numeric_string_and_zero_delays(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster
+    broker: Broker, broker_kind: str, cluster_client: RedisCluster
 ) -> None:
     """Labels that went through text keep working; 0 means no delay."""
     keys = await _shard_keys(broker)
     await broker.kick(make_message("zero", delay=0))
     await broker.kick(make_message("text", delay="30"))
-    assert await _counts(cluster_client, keys) == (1, 1)
+    expected = (1, 1)
+    if broker_kind != "stream":
+        # The list broker does not implement ``priority`` and ignores it, as
+        # before (the stream broker's priority lanes: tests/test_priority.py).
+        await broker.kick(make_message("prio", priority=9))
+        expected = (2, 1)
+    assert await _counts(cluster_client, keys, broker_kind) == expected
 
 
 async def test_delay_keeps_the_partition_shard(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster
+    broker: Broker, broker_kind: str, cluster_client: RedisCluster
 ) -> None:
     keys = await _shard_keys(broker)
     home = keys[slot_of("customer-7") % len(keys)]
     for i in range(6):
         await broker.kick(make_message(f"p{i}", partition_key="customer-7", delay=0.2))
     assert int(await cluster_client.zcard(home.delayed)) == 6
-    receiver = _Receiver(broker)
+    receiver = Receiver(broker)
     try:
         await eventually(lambda: bool(len(receiver.at) == 6), "six delayed tasks")
     finally:
         await receiver.close()
-    assert int(await cluster_client.xlen(home.stream)) == 6
-    assert await _counts(cluster_client, keys) == (6, 0)
+    if broker_kind == "stream":  # the read entries stay in the home shard's stream
+        assert int(await cluster_client.xlen(home.stream)) == 6
+        assert await _counts(cluster_client, keys, broker_kind) == (6, 0)
+    else:
+        assert await _counts(cluster_client, keys, broker_kind) == (0, 0)
 
 
 async def test_delayed_tasks_outlive_the_listening_worker(
-    cluster_url: str, unique_name: str, cluster_client: RedisCluster
+    broker_kind: str, cluster_url: str, unique_name: str
 ) -> None:
     """Kicked while one worker listens, due after it stopped: the next one runs them."""
-    first = await started(cluster_url, unique_name, shards=3)
-    receiver = _Receiver(first)
+    first = await started_kind(broker_kind, cluster_url, unique_name, shards=3)
+    receiver = Receiver(first)
     try:
         for i in range(10):
             await first.kick(make_message(f"s{i}", delay=1.0))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # listening while nothing is due: nothing may arrive
     finally:
         await receiver.close()
         await first.shutdown()
     assert receiver.at == {}
-    second = await started(cluster_url, unique_name)
-    receiver = _Receiver(second)
+    assert len(first._promoters) == 0  # shutdown waited for every promoter
+    second = await started_kind(broker_kind, cluster_url, unique_name)
+    receiver = Receiver(second)
     try:
         await eventually(lambda: bool(len(receiver.at) == 10), "ten delayed tasks")
     finally:
         await receiver.close()
         await second.shutdown()
+    assert sorted(receiver.at) == sorted(f"s{i}" for i in range(10))
 
 
+# ------------------------------------------------------------------ dedup
+async def test_racing_producers_queue_a_dedup_key_once(
+    broker_kind: str, cluster_url: str, unique_name: str, cluster_client: RedisCluster
+) -> None:
+    producers = [
+        await started_kind(broker_kind, cluster_url, unique_name, shards=3) for _ in range(3)
+    ]
+    try:
+        kicks = [
+            p.kick(make_message(f"r{n}-{i}", dedup_key="invoice-42"))
+            for n, p in enumerate(producers) for i in range(20)
+        ]
+        await asyncio.gather(*kicks)
+        keys = await _shard_keys(producers[0])
+        assert await _counts(cluster_client, keys, broker_kind) == (1, 0)
+        home = keys[slot_of("invoice-42") % len(keys)]
+        queued = await _queued_ids(cluster_client, home, broker_kind)
+        assert len(queued) == 1
+        # The task id to look for the result under is the queued one.
+        assert await producers[1].dedup_task_id("invoice-42") == queued[0]
+        assert await producers[1].dedup_task_id("invoice-43") is None
+    finally:
+        for p in producers:
+            await p.shutdown()
+
+
+async def test_dedup_ttl_label_and_expiry(
+    broker: Broker, broker_kind: str, cluster_client: RedisCluster
+) -> None:
+    keys = await _shard_keys(broker)
+    await broker.kick(make_message("a1", dedup_key="k", dedup_ttl=0.5))
+    await broker.kick(make_message("a2", dedup_key="k", dedup_ttl=0.5))
+    assert await _counts(cluster_client, keys, broker_kind) == (1, 0)
+
+    async def queued_again() -> bool:
+        await broker.kick(make_message(f"a{time.monotonic()}", dedup_key="k", dedup_ttl=60))
+        return (await _counts(cluster_client, keys, broker_kind))[0] == 2
+
+    await eventually(queued_again, "a kick after the TTL", timeout=5)
+    # The 60 s marker now holds: one more kick is a duplicate.
+    await broker.kick(make_message("a3", dedup_key="k"))
+    assert await _counts(cluster_client, keys, broker_kind) == (2, 0)
+
+
+@pytest.mark.parametrize("bad", [0, -5, "never", math.nan])
+async def test_bad_dedup_ttl_is_refused_before_any_write(
+    broker: Broker, broker_kind: str, cluster_client: RedisCluster, bad: Any
+) -> None:
+    with pytest.raises(InvalidOptionError, match="dedup_ttl label"):
+        await broker.kick(make_message("t", dedup_key="k", dedup_ttl=bad))
+    assert await _counts(cluster_client, await _shard_keys(broker), broker_kind) == (0, 0)
+    assert await broker.dedup_task_id("k") is None
+
+
+async def test_the_broker_option_sets_the_default_ttl(
+    broker_kind: str, cluster_url: str, unique_name: str, cluster_client: RedisCluster
+) -> None:
+    broker = await started_kind(broker_kind, cluster_url, unique_name, shards=3, dedup_ttl=0.3)
+    try:
+        keys = await _shard_keys(broker)
+        await broker.kick(make_message("o1", dedup_key="opt"))
+        home = keys[slot_of("opt") % len(keys)]
+        ttl = int(await cluster_client.pttl(home.dedup("opt")))
+        assert 0 < ttl <= 300, ttl
+        await asyncio.sleep(0.4)  # the marker's TTL (0.3 s) runs out: not synchronisation
+        await broker.kick(make_message("o2", dedup_key="opt"))
+        assert await _queued_ids(cluster_client, home, broker_kind) == ["o1", "o2"]
+    finally:
+        await broker.shutdown()
+
+
+async def test_delayed_dedup_kicks_are_held_once(
+    broker: Broker, broker_kind: str, cluster_client: RedisCluster
+) -> None:
+    keys = await _shard_keys(broker)
+    for i in range(3):
+        await broker.kick(make_message(f"dd{i}", dedup_key="nightly", delay=30))
+    assert await _counts(cluster_client, keys, broker_kind) == (0, 1)
+    assert await broker.dedup_task_id("nightly") == "dd0"
+
+
+async def test_a_retry_of_the_holding_task_is_not_a_duplicate(
+    broker: Broker, broker_kind: str, cluster_client: RedisCluster
+) -> None:
+    """taskiq's retry middlewares re-kick a failed task with its id and ``_retries``."""
+    keys = await _shard_keys(broker)
+    await broker.kick(make_message("holder", dedup_key="sync"))
+    await broker.kick(make_message("holder", dedup_key="sync", _retries=1))  # its retry
+    await broker.kick(make_message("holder", dedup_key="sync"))  # resent, not a retry
+    await broker.kick(make_message("other", dedup_key="sync", _retries=1))  # another task
+    # A delayed retry (SmartRetryMiddleware's way) is held, not refused.
+    await broker.kick(make_message("holder", dedup_key="sync", _retries=2, delay=30))
+    assert await _counts(cluster_client, keys, broker_kind) == (2, 1)
+    assert await broker.dedup_task_id("sync") == "holder"
+
+
+async def test_dedup_key_with_partition_key_lives_in_the_partition_shard(
+    broker: Broker, broker_kind: str, cluster_client: RedisCluster
+) -> None:
+    keys = await _shard_keys(broker)
+    home = keys[slot_of("tenant-1") % len(keys)]
+    await broker.kick(make_message("pk1", partition_key="tenant-1", dedup_key="job"))
+    await broker.kick(make_message("pk2", partition_key="tenant-1", dedup_key="job"))
+    assert await _queued_ids(cluster_client, home, broker_kind) == ["pk1"]
+    assert await broker.dedup_task_id("job", partition_key="tenant-1") == "pk1"
+
+
+# ------------------------------------------------------- stream broker only
+@chaos(timeout=120)
 async def test_delayed_tasks_and_dedup_markers_outlive_a_failover(
     healthy_cluster: DevCluster, cluster_url: str, unique_name: str
 ) -> None:
     """A manual failover of the shard's master, while a worker listens."""
     broker = await started(cluster_url, unique_name, shards=1)
-    receiver = _Receiver(broker)
+    receiver = Receiver(broker)
     try:
         keys = (await _shard_keys(broker))[0]
         for i in range(20):
@@ -175,36 +316,38 @@ async def test_delayed_tasks_and_dedup_markers_outlive_a_failover(
         await broker.kick(make_message("twice", dedup_key="fo-key"))
         await eventually(lambda: bool(len(receiver.at) == 21), "20 delayed tasks and one",
                          timeout=60)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # "twice", had it been queued, would have come by now
     finally:
         await receiver.close()
         await broker.shutdown()
     assert sorted(receiver.at) == sorted([*(f"fo{i}" for i in range(20)), "once"])
 
 
-async def test_delay_precision_500_tasks(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster
+@stream_only
+@pytest.mark.parametrize(
+    ("tasks", "spread", "p99_bound"),
+    [
+        # A promoter wakes at the first due time, 50..100 ms apart while tasks
+        # keep falling due. The issue's bound, p99 within 250 ms, is held by
+        # the slow 10,000-task run; 500 tasks, under a full suite on two
+        # cores, get a looser bound that a promoter sleeping its 0.5 s cap (or
+        # none) still fails.
+        pytest.param(500, 3.0, 0.4, id="500"),
+        pytest.param(10_000, 10.0, 0.25, id="10000", marks=[
+            pytest.mark.slow,
+            pytest.mark.skipif(not os.environ.get("TQRC_SLOW"),
+                               reason="set TQRC_SLOW=1 (about 20 s)"),
+        ]),
+    ],
+)
+async def test_delay_precision(
+    broker: ClusterStreamBroker, tasks: int, spread: float, p99_bound: float
 ) -> None:
-    """500 tasks due over 3 s: none early, and late by little (p99 printed)."""
-    stats = await _precision_run(broker, tasks=500, spread=3.0)
-    print(f"delay precision, 500 tasks: {stats}")
+    """Tasks due over ``spread`` s: none early, and late by little (p99 printed)."""
+    stats = await _precision_run(broker, tasks=tasks, spread=spread)
+    print(f"delay precision, {tasks:,} tasks: {stats}")
     assert stats["early"] == 0
-    # A promoter wakes at the first due time, 50..100 ms apart while tasks
-    # keep falling due. The issue's bound, p99 within 250 ms, is held by the
-    # slow 10,000-task test; here, under a full suite on two cores, a looser
-    # bound that a promoter sleeping its 0.5 s cap (or none) still fails.
-    assert stats["p99"] < 0.4, stats
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("TQRC_SLOW"), reason="set TQRC_SLOW=1 (about 20 s)")
-async def test_delay_precision_10000_tasks(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster
-) -> None:
-    stats = await _precision_run(broker, tasks=10_000, spread=10.0)
-    print(f"delay precision, 10,000 tasks: {stats}")
-    assert stats["early"] == 0
-    assert stats["p99"] < 0.25, stats
+    assert stats["p99"] < p99_bound, stats
 
 
 async def _precision_run(
@@ -212,7 +355,7 @@ async def _precision_run(
 ) -> dict[str, float]:
     """Kick ``tasks`` delays from 1 s to 1 s + ``spread``; lateness of arrivals (s)."""
     due: dict[str, float] = {}
-    receiver = _Receiver(broker)
+    receiver = Receiver(broker)
     try:
         for start in range(0, tasks, 500):
             batch = []
@@ -253,7 +396,7 @@ async def test_many_listening_workers_poll_gently(
     """
     workers = [await started(cluster_url, unique_name, shards=3) for _ in range(4)]
     await workers[0].kick(make_message("far", delay=600))
-    receivers = [_Receiver(w) for w in workers]
+    receivers = [Receiver(w) for w in workers]
     try:
         await asyncio.sleep(1.0)  # readers and promoters started
         before = await _script_calls(cluster_client)
@@ -269,193 +412,8 @@ async def test_many_listening_workers_poll_gently(
     assert 0 < calls <= bound * 1.25
 
 
-# ------------------------------------------------------------------ dedup
-async def test_racing_producers_queue_a_dedup_key_once(
-    cluster_url: str, unique_name: str, cluster_client: RedisCluster
-) -> None:
-    producers = [await started(cluster_url, unique_name, shards=3) for _ in range(3)]
-    try:
-        kicks = [
-            p.kick(make_message(f"r{n}-{i}", dedup_key="invoice-42"))
-            for n, p in enumerate(producers) for i in range(20)
-        ]
-        await asyncio.gather(*kicks)
-        keys = await _shard_keys(producers[0])
-        assert await _counts(cluster_client, keys) == (1, 0)
-        home = keys[slot_of("invoice-42") % len(keys)]
-        entries = await cluster_client.xrange(home.stream)
-        queued = task_id_of(entries[0][1][b"data"])
-        # The task id to look for the result under is the queued one.
-        assert await producers[1].dedup_task_id("invoice-42") == queued
-        assert await producers[1].dedup_task_id("invoice-43") is None
-    finally:
-        for p in producers:
-            await p.shutdown()
 
-
-async def test_dedup_ttl_label_and_expiry(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster
-) -> None:
-    keys = await _shard_keys(broker)
-    await broker.kick(make_message("a1", dedup_key="k", dedup_ttl=0.5))
-    await broker.kick(make_message("a2", dedup_key="k", dedup_ttl=0.5))
-    assert await _counts(cluster_client, keys) == (1, 0)
-
-    async def queued_again() -> bool:
-        await broker.kick(make_message(f"a{time.monotonic()}", dedup_key="k", dedup_ttl=60))
-        return (await _counts(cluster_client, keys))[0] == 2
-
-    await eventually(queued_again, "a kick after the TTL", timeout=5)
-    # The 60 s marker now holds: one more kick is a duplicate.
-    await broker.kick(make_message("a3", dedup_key="k"))
-    assert await _counts(cluster_client, keys) == (2, 0)
-
-
-@pytest.mark.parametrize("bad", [0, -5, "never", math.nan])
-async def test_bad_dedup_ttl_is_refused(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster, bad: Any
-) -> None:
-    with pytest.raises(InvalidOptionError, match="dedup_ttl label"):
-        await broker.kick(make_message("t", dedup_key="k", dedup_ttl=bad))
-    assert await _counts(cluster_client, await _shard_keys(broker)) == (0, 0)
-
-
-async def test_delayed_dedup_kicks_are_held_once(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster
-) -> None:
-    keys = await _shard_keys(broker)
-    for i in range(3):
-        await broker.kick(make_message(f"dd{i}", dedup_key="nightly", delay=30))
-    assert await _counts(cluster_client, keys) == (0, 1)
-    assert await broker.dedup_task_id("nightly") == "dd0"
-
-
-async def test_a_retry_of_the_holding_task_is_not_a_duplicate(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster
-) -> None:
-    """taskiq's retry middlewares re-kick a failed task with its id and ``_retries``."""
-    keys = await _shard_keys(broker)
-    await broker.kick(make_message("holder", dedup_key="sync"))
-    await broker.kick(make_message("holder", dedup_key="sync", _retries=1))  # its retry
-    await broker.kick(make_message("holder", dedup_key="sync"))  # resent, not a retry
-    await broker.kick(make_message("other", dedup_key="sync", _retries=1))  # another task
-    assert await _counts(cluster_client, keys) == (2, 0)
-    assert await broker.dedup_task_id("sync") == "holder"
-
-
-async def test_dedup_key_with_partition_key_lives_in_the_partition_shard(
-    broker: ClusterStreamBroker, cluster_client: RedisCluster
-) -> None:
-    keys = await _shard_keys(broker)
-    home = keys[slot_of("tenant-1") % len(keys)]
-    await broker.kick(make_message("pk1", partition_key="tenant-1", dedup_key="job"))
-    await broker.kick(make_message("pk2", partition_key="tenant-1", dedup_key="job"))
-    assert int(await cluster_client.xlen(home.stream)) == 1
-    assert await broker.dedup_task_id("job", partition_key="tenant-1") == "pk1"
-
-
-# ------------------------------------------------------------ real workers
-_APP = textwrap.dedent(
-    """
-    import os
-
-    from taskiq_redis_cluster import ClusterStreamBroker
-
-    broker = ClusterStreamBroker(
-        os.environ["TQRC_URL"], queue_name=os.environ["TQRC_QUEUE"], xread_block=200,
-        plan_poll_interval=0.5,
-    )
-    """
-) + CONTROL_TASKS
-
-
-@pytest.fixture(scope="module")
-def worker_queue() -> str:
-    return f"t-controls-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(scope="module")
-def worker(
-    cluster_url: str, worker_queue: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(tmp_path_factory.mktemp("controls"), _APP, cluster_url, worker_queue)
-    try:
-        yield w
-    finally:
-        w.stop()
-
-
-@pytest.fixture
-async def producer(cluster_url: str, worker_queue: str) -> AsyncIterator[ClusterStreamBroker]:
-    b = await started(cluster_url, worker_queue)
-    try:
-        yield b
-    finally:
-        await b.shutdown()
-
-
-async def test_worker_runs_delay_3_after_3_seconds(
-    worker: WorkerProcess, producer: ClusterStreamBroker
-) -> None:
-    await worker.ready(producer)
-    kicked = time.time()
-    await AsyncKicker("app:stamp", producer, {}).with_labels(delay=3).kiq("d3")
-    await eventually(lambda: bool(worker.lines("stamp d3")), "the delayed task", timeout=10)
-    started = worker.lines("stamp d3")[0] - kicked
-    print(f"delay=3 started after {started:.3f} s")
-    assert 2.8 <= started <= 4.0, started
-
-
-async def test_smart_retry_waits_its_default_delay_without_a_schedule_source(
-    worker: WorkerProcess, producer: ClusterStreamBroker
-) -> None:
-    await worker.ready(producer)
-    await AsyncKicker("app:flaky", producer, {}).kiq("f1")
-    await eventually(lambda: bool(len(worker.lines("flaky f1")) >= 2), "the retry",
-                     timeout=10)
-    first, second = worker.lines("flaky f1")[:2]
-    print(f"SmartRetryMiddleware(default_delay=2) retried after {second - first:.3f} s")
-    assert 1.8 <= second - first <= 4.0, second - first
-    await asyncio.sleep(0.5)
-    assert len(worker.lines("flaky f1")) == 2  # the retry succeeded: no third run
-
-
-async def test_smart_retry_of_a_deduplicated_task_still_runs(
-    worker: WorkerProcess, producer: ClusterStreamBroker
-) -> None:
-    await worker.ready(producer)
-    key = f"sync-{uuid.uuid4().hex[:6]}"
-    await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq("f2")
-    await eventually(lambda: bool(len(worker.lines("flaky f2")) >= 2), "the retry",
-                     timeout=10)
-    await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq("f3")
-    await AsyncKicker("app:stamp", producer, {}).kiq("after-f3")
-    await eventually(lambda: bool(worker.lines("stamp after-f3")), "the next task")
-    await asyncio.sleep(1.0)
-    assert len(worker.lines("flaky f2")) == 2
-    assert worker.lines("flaky f3") == []  # a duplicate of f2's key
-
-
-async def test_worker_runs_five_kicks_of_one_dedup_key_once(
-    worker: WorkerProcess, producer: ClusterStreamBroker
-) -> None:
-    await worker.ready(producer)
-    key = f"order-{uuid.uuid4().hex[:6]}"
-    kicker = AsyncKicker("app:stamp", producer, {})
-    for i in range(5):
-        await kicker.with_labels(dedup_key=key).kiq(f"dup-{i}")
-    await kicker.with_labels(dedup_key=key + "-other").kiq("dup-other")
-    await eventually(
-        lambda: bool(worker.lines("stamp dup-other") and worker.lines("stamp dup-0")),
-        "both keys' tasks",
-    )
-    await asyncio.sleep(1.0)  # a duplicate, had one been queued, would have run by now
-    runs = {i: len(worker.lines(f"stamp dup-{i}")) for i in range(5)}
-    assert runs == {0: 1, 1: 0, 2: 0, 3: 0, 4: 0}, runs
-    assert len(worker.lines("stamp dup-other")) == 1
-
-
-# ------------------------------------------------- metrics and rebalancing
+@stream_only
 async def test_delayed_tasks_show_per_shard_in_the_metrics(
     cluster_client: RedisCluster, broker: ClusterStreamBroker
 ) -> None:
@@ -498,9 +456,102 @@ async def test_a_rebalance_move_takes_the_delayed_tasks_along(
     for tag in moved:
         assert int(await cluster_client.zcard(ShardKeys(DEFAULT_PREFIX, tag).delayed)) == 0
     worker = await started(cluster_url, unique_name)
-    receiver = _Receiver(worker)
+    receiver = Receiver(worker)
     try:
         await eventually(lambda: bool(len(receiver.at) == 30), "the 30 moved delayed tasks")
     finally:
         await receiver.close()
         await worker.shutdown()
+
+
+# ------------------------------------------------------------ real workers
+# Last in the module: a module-scoped worker lives until the module ends, and
+# its promoters' scripts would add to what test_many_listening_workers_poll_gently counts.
+class _Worker(WorkerProcess):
+    """A ``taskiq worker`` of ``CONTROL_APP`` on a broker of ``kind``."""
+
+    def __init__(self, tmp: Any, url: str, kind: str) -> None:
+        super().__init__(tmp, CONTROL_APP, url, f"t-controls-{uuid.uuid4().hex[:8]}",
+                         TQRC_KIND=kind)
+        self.kind = kind
+
+
+@pytest.fixture(scope="module", params=BROKER_KINDS)
+def worker(
+    request: pytest.FixtureRequest, cluster_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[_Worker]:
+    w = _Worker(tmp_path_factory.mktemp("controls"), cluster_url, request.param)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+async def producer(cluster_url: str, worker: _Worker) -> AsyncIterator[Broker]:
+    b = new_broker(worker.kind, cluster_url, worker.queue)
+    async with running(b):
+        yield b
+
+
+async def test_worker_runs_delay_3_after_3_seconds(worker: _Worker, producer: Broker) -> None:
+    await worker.ready(producer)
+    kicked = time.time()
+    await AsyncKicker("app:stamp", producer, {}).with_labels(delay=3).kiq("d3")
+    await eventually(lambda: bool(worker.lines("stamp d3")), "the delayed task", timeout=10)
+    started = worker.lines("stamp d3")[0] - kicked
+    print(f"{worker.kind} broker: delay=3 started after {started:.3f} s")
+    assert 2.8 <= started <= 4.0, started
+
+
+async def test_smart_retry_waits_its_default_delay_without_a_schedule_source(
+    worker: _Worker, producer: Broker
+) -> None:
+    await worker.ready(producer)
+    tag = f"f1-{uuid.uuid4().hex[:6]}"
+    await AsyncKicker("app:flaky", producer, {}).kiq(tag)
+    await eventually(lambda: bool(len(worker.lines(f"flaky {tag}")) >= 2), "the retry",
+                     timeout=10)
+    first, second = worker.lines(f"flaky {tag}")[:2]
+    print(f"{worker.kind} broker: SmartRetryMiddleware(default_delay=2) "
+          f"retried after {second - first:.3f} s")
+    assert 1.8 <= second - first <= 4.0, second - first
+    await asyncio.sleep(0.5)  # a third run, were there one, would have started by now
+    assert len(worker.lines(f"flaky {tag}")) == 2  # the retry succeeded: no third run
+
+
+async def test_smart_retry_of_a_deduplicated_task_still_runs(
+    worker: _Worker, producer: Broker
+) -> None:
+    await worker.ready(producer)
+    key = f"sync-{uuid.uuid4().hex[:6]}"
+    await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq(f"{key}-a")
+    await eventually(lambda: bool(len(worker.lines(f"flaky {key}-a")) >= 2), "the retry",
+                     timeout=10)
+    await AsyncKicker("app:flaky", producer, {}).with_labels(dedup_key=key).kiq(f"{key}-b")
+    await AsyncKicker("app:stamp", producer, {}).kiq(f"after-{key}")
+    await eventually(lambda: bool(worker.lines(f"stamp after-{key}")), "the next task")
+    await asyncio.sleep(1.0)  # nothing more may run: a wait for what must not happen
+    assert len(worker.lines(f"flaky {key}-a")) == 2
+    assert worker.lines(f"flaky {key}-b") == []  # a duplicate of the first one's key
+
+
+async def test_worker_runs_five_kicks_of_one_dedup_key_once(
+    worker: _Worker, producer: Broker
+) -> None:
+    await worker.ready(producer)
+    key = f"order-{uuid.uuid4().hex[:6]}"
+    kicker = AsyncKicker("app:stamp", producer, {})
+    for i in range(5):
+        await kicker.with_labels(dedup_key=key).kiq(f"{key}-{i}")
+    await kicker.with_labels(dedup_key=key + "-other").kiq(f"{key}-other")
+    await eventually(
+        lambda: bool(worker.lines(f"stamp {key}-other") and worker.lines(f"stamp {key}-0")),
+        "both keys' tasks",
+    )
+    await asyncio.sleep(1.0)  # a duplicate, had one been queued, would have run by now
+    runs = {i: len(worker.lines(f"stamp {key}-{i}")) for i in range(5)}
+    assert runs == {0: 1, 1: 0, 2: 0, 3: 0, 4: 0}, runs
+    assert len(worker.lines(f"stamp {key}-other")) == 1
+    executions = sum(runs.values()) + len(worker.lines(f"stamp {key}-other"))
+    assert executions == 2
