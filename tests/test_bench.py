@@ -1,10 +1,12 @@
-"""scripts/bench.py keeps working: a tiny quick run, plus the pure helpers.
+"""scripts/bench.py keeps working: tiny quick runs, plus the pure helpers.
 
 No speed is asserted anywhere: the numbers depend on the machine. The run
 test checks that the script completes and writes the documented JSON keys
 with sane figures, that every target was measured, that the targets which
 do not depend on speed (load spread) are met, and that our stream broker
 recovers the tasks of a SIGKILLed worker while taskiq-redis's never does.
+The scale-phase run checks only that one worker process per broker starts,
+consumes and is measured; its figures' logic is tested with fake ones.
 
 The bench is a dev tool under scripts/ (it needs taskiq-redis), so it is
 imported from there; the installed CLI must not offer it.
@@ -17,6 +19,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,25 @@ SCRIPT = ROOT / "scripts" / "bench.py"
 if str(ROOT / "scripts") not in sys.path:
     sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench.cli import build_parser  # noqa: E402
+from bench.cli import build_parser, config_from_args  # noqa: E402
 from bench.config import BROKERS, BenchConfig  # noqa: E402
-from bench.measure import _as_info, bench_planner, percentile, spread  # noqa: E402
-from bench.report import RATIO_METRICS, format_report, ratios, targets  # noqa: E402
+from bench.measure import (  # noqa: E402
+    CpuSnapshot,
+    _as_info,
+    bench_planner,
+    cpu_per_task_us,
+    cpu_used,
+    percentile,
+    spread,
+)
+from bench.report import (  # noqa: E402
+    RATIO_METRICS,
+    SCALE_RATIO_METRICS,
+    format_report,
+    ratios,
+    scale_ratios,
+    targets,
+)
 
 #: Per-broker figures every report has (value may be None where noted).
 BROKER_KEYS = (
@@ -77,28 +95,18 @@ def _non_negative(value: Any) -> bool:
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.cluster
-@pytest.mark.slow  # worker processes, two rounds and a recovery wait
-async def test_quick_run_writes_the_report(cluster_url: str, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+async def _run_bench(*args: str, timeout: float) -> str:
+    """Run scripts/bench.py with ``args``; its table (fails on a non-zero exit)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(SCRIPT),
-        "--quick",
-        "--scale",
-        "0.2",
-        "--rounds",
-        "2",
-        "--url",
-        cluster_url,
-        "--json",
-        str(out),
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=170)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=timeout)
     except asyncio.TimeoutError:
         # SIGINT, not SIGKILL: the bench then ends its worker processes.
         proc.send_signal(signal.SIGINT)
@@ -109,7 +117,15 @@ async def test_quick_run_writes_the_report(cluster_url: str, tmp_path: Path) -> 
             await proc.wait()
         raise
     assert proc.returncode == 0, stderr.decode()[-3000:]
-    table = stdout.decode()
+    return stdout.decode()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow  # worker processes, two rounds and a recovery wait
+async def test_quick_run_writes_the_report(cluster_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--scale", "0.2", "--rounds", "2"]
+    table = await _run_bench(*args, "--url", cluster_url, "--json", str(out), timeout=170)
     assert "kick throughput" in table
     assert "targets:" in table
 
@@ -203,6 +219,57 @@ def _check_targets(report: dict[str, Any]) -> None:
     assert all(isinstance(v, bool) for v in met.values()), met
     assert met["load spread max/mean (ours-stream)"] is True, report["targets"]
     assert met["load spread max/mean (ours-list)"] is True, report["targets"]
+
+
+#: Figures of every scale point (value may be None where noted).
+SCALE_KEYS = (
+    "workers",
+    "start_s",
+    "pinged",
+    "idle_cpu_ms_per_s",
+    "idle_cpu_hottest_master_ms_per_s",
+    "idle_cpu_main_thread_ms_per_s",  # None before Redis 7
+    "idle_cpu_per_node_ms_per_s",
+    "connected_clients",
+    "blocked_clients",
+    "blocked_by_command",
+    "blocked_per_worker",
+    "load_tasks",
+    "load_kick_errors",
+    "load_cpu_us_per_task",
+    "load_cpu_hottest_master_us_per_task",
+    "latency_p50_ms",
+    "latency_p99_ms",
+)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow  # a worker process per broker, three idle windows of 3 s
+async def test_quick_scale_run_writes_the_report(cluster_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    args = ["--quick", "--scale-workers", "1", "--scale", "0.05", "--rounds", "1"]
+    table = await _run_bench(*args, "--url", cluster_url, "--json", str(out), timeout=150)
+    assert "scale: W worker processes" in table
+    assert "kick throughput" not in table  # --scale-workers alone: the scale phase only
+    report = json.loads(out.read_text())
+    assert report["meta"]["phases"] == ["scale"]
+    assert (report["brokers"], report["planner"]) == ({}, None)
+    scale = report["scale"]
+    assert (scale["brokers"], scale["workers"]) == (["ours-stream", "theirs-stream"], [1])
+    assert scale["nodes"] >= 3
+    for kind, point in scale["points"]["1"].items():
+        for key in SCALE_KEYS:
+            assert key in point, (kind, key)
+        assert point["pinged"] == 1, kind
+        # --scale shortens the load to no less than one second of it.
+        assert (point["load_tasks"], point["load_kick_errors"]) == (200, 0), kind
+        assert point["idle_cpu_ms_per_s"] > 0, kind  # Redis' own timers use some
+        assert len(point["idle_cpu_per_node_ms_per_s"]) == scale["nodes"]
+        assert point["latency_p99_ms"] >= point["latency_p50_ms"] >= 0
+        assert point["blocked_by_command"].get("xreadgroup", 0) >= 1, kind
+    assert set(scale["ratios"]["1"]) == {m for m, _ in SCALE_RATIO_METRICS}
+    assert len(report["targets"]) == 5
+    assert all(t["name"].startswith(("idle", "Redis", "latency")) for t in report["targets"])
 
 
 # --------------------------------------------------------------------------
@@ -335,3 +402,151 @@ def test_installed_cli_has_no_bench_command() -> None:
 
     with pytest.raises(SystemExit):
         installed_parser().parse_args(["bench", "--quick"])
+
+
+def test_scale_config_and_cli() -> None:
+    full = BenchConfig.make(phases=["scale"])
+    quick = BenchConfig.make(quick=True, phases=["scale"])
+    assert (full.scale_workers, quick.scale_workers) == ((1, 4, 16, 32), (1, 2))
+    assert (full.scale_load_rate, full.scale_idle_seconds) == (1000.0, 10.0)
+    assert quick.scale_idle_seconds < full.scale_idle_seconds
+    assert full.scale_load_tasks() == 10_000
+    # --scale shortens the paced load, to no less than one second of it.
+    assert BenchConfig.make(quick=True, scale=0.05).scale_load_tasks() == 200
+    assert BenchConfig.make().phases == ("brokers",)
+    parse = build_parser().parse_args
+    cfg = config_from_args(parse(["--scale-workers", "4,1,4"]))
+    assert (cfg.phases, cfg.scale_workers) == (("scale",), (1, 4))
+    cfg = config_from_args(parse(["--quick", "--phases", "scale,brokers"]))
+    assert (cfg.phases, cfg.scale_workers) == (("brokers", "scale"), (1, 2))
+    assert config_from_args(parse([])).phases == ("brokers",)
+    with pytest.raises(ValueError, match="unknown phases"):
+        config_from_args(parse(["--phases", "nope"]))
+    with pytest.raises(ValueError, match="worker counts"):
+        config_from_args(parse(["--scale-workers", "0"]))
+    with pytest.raises(ValueError, match="scale phase needs"):
+        BenchConfig.make(phases=["scale"], brokers=["ours-list"])
+
+
+def test_redis_cpu_figures() -> None:
+    masters = frozenset({"m1", "m2"})
+    before = CpuSnapshot(10.0, {"m1": 1.0, "m2": 2.0, "r1": 0.5}, {"m1": 0.9}, masters)
+    after = CpuSnapshot(12.0, {"m1": 1.01, "m2": 2.03, "r1": 0.504}, {"m1": 0.905}, masters)
+    used = cpu_used(before, after)
+    assert used["seconds"] == 2.0
+    assert used["all_s"] == pytest.approx(0.044)  # replicas count too
+    assert used["hottest_master"] == "m2"
+    assert used["hottest_master_s"] == pytest.approx(0.03)
+    assert used["main_thread_s"] == pytest.approx(0.005)
+    assert cpu_used(CpuSnapshot(10.0, before.nodes, {}, masters), after)["main_thread_s"] is None
+    # 1,000 tasks in 2 s with 10 ms/s idle: (44 ms - 20 ms) / 1,000 = 24 us.
+    assert cpu_per_task_us(0.044, 0.010, 2.0, 1000) == pytest.approx(24.0)
+    assert cpu_per_task_us(0.044, 0.010, 2.0, 0) is None
+
+
+def _scale_point(
+    idle: float, per_task: float, p50: float, p99: float | None, pinged: int
+) -> dict[str, Any]:
+    return {
+        "pinged": pinged,
+        "start_s": 1.0,
+        "idle_cpu_ms_per_s": idle,
+        "idle_cpu_hottest_master_ms_per_s": idle / 2,
+        "load_cpu_us_per_task": per_task,
+        "load_cpu_hottest_master_us_per_task": per_task / 2,
+        "latency_p50_ms": p50,
+        "latency_p99_ms": p99,
+        "blocked_per_worker": 24.0,
+        "connected_clients": 80,
+    }
+
+
+def _fake_scale_report() -> tuple[dict[str, Any], BenchConfig]:
+    cfg = BenchConfig.make(quick=True, phases=["scale"])
+    scale: dict[str, Any] = {
+        "brokers": ["ours-stream", "theirs-stream"],
+        "workers": [1, 2],
+        "nodes": 6,
+        "settings": {
+            "xread_block_ms": 1000,
+            "broker_options": "otherwise each broker's defaults",
+            "load_tasks": 400,
+            "latency_seconds": 1.5,
+        },
+        "baseline": {
+            "idle_cpu_ms_per_s": 4.0,
+            "idle_cpu_hottest_master_ms_per_s": 1.5,
+            "connected_clients": 4,
+        },
+        "points": {
+            "1": {
+                "ours-stream": _scale_point(3.0, 100.0, 0.9, 2.0, pinged=1),
+                "theirs-stream": _scale_point(2.0, 150.0, 1.0, 2.5, pinged=1),
+            },
+            "2": {
+                "ours-stream": _scale_point(12.0, 120.0, 1.1, 3.0, pinged=2),
+                "theirs-stream": _scale_point(8.0, 160.0, 1.0, None, pinged=1),
+            },
+        },
+    }
+    scale["ratios"] = scale_ratios(scale)
+    report: dict[str, Any] = {
+        "meta": {
+            "date": "today",
+            "mode": "quick",
+            "phases": list(cfg.phases),
+            "config": asdict(cfg),
+            "cluster": "test",
+            "machine": {"nproc": 2, "cpu": "cpu", "mem_total_mb": 1},
+            "loadavg_start": None,
+            "loadavg_end": None,
+            "duration_s": 1.0,
+        },
+        "brokers": {},
+        "ratios": {},
+        "planner": None,
+        "scrape": None,
+        "scale": scale,
+    }
+    report["targets"] = targets(report, cfg)
+    return report, cfg
+
+
+def test_scale_ratios_targets_and_table() -> None:
+    report, cfg = _fake_scale_report()
+    at_2 = report["scale"]["ratios"]["2"]
+    assert (at_2["idle_cpu_ms_per_s"], at_2["load_cpu_us_per_task"]) == (1.5, 0.75)
+    assert at_2["latency_p99_ms"] is None  # not measured on their side
+    got = {t["name"]: (t["value"], t["met"]) for t in report["targets"]}
+    assert got == {
+        "idle Redis CPU at W=2 vs RedisStreamClusterBroker": (1.5, True),
+        "Redis CPU per task at W=2 vs W=1 (ours-stream)": (1.2, True),
+        "Redis CPU per task at W=2 vs RedisStreamClusterBroker": (0.75, True),
+        # The worst W decides: 0.9x at W=1, 1.1x at W=2.
+        "latency p50 at 200/s vs RedisStreamClusterBroker (worst W)": (1.1, False),
+        "latency p99 at 200/s vs RedisStreamClusterBroker (worst W)": (None, None),
+    }
+    ours_2 = report["scale"]["points"]["2"]["ours-stream"]
+    ours_2.update(idle_cpu_ms_per_s=20.0, load_cpu_us_per_task=140.0)
+    report["scale"]["ratios"] = scale_ratios(report["scale"])
+    met = {t["name"]: t["met"] for t in targets(report, cfg)}
+    assert met["idle Redis CPU at W=2 vs RedisStreamClusterBroker"] is False  # 2.5x
+    assert met["Redis CPU per task at W=2 vs W=1 (ours-stream)"] is False  # 1.4x
+    assert met["Redis CPU per task at W=2 vs RedisStreamClusterBroker"] is True  # 0.875x
+    table = format_report(report)
+    assert "scale: W worker processes" in table
+    assert "2.50x" in table
+    assert "no ping in time: W=2 theirs-stream: 1" in table
+    assert "quick run (scale)" in table
+    assert "kick throughput" not in table
+    # Both phases: the brokers' targets first, then the scale phase's.
+    both = _fake_report()
+    both["scale"] = report["scale"]
+    both["meta"]["config"] = asdict(cfg)
+    names = [t["name"] for t in targets(both, BenchConfig.make(phases=["brokers", "scale"]))]
+    assert len(names) == 10
+    assert names[0].startswith("kick throughput")
+    assert names[-1].startswith("latency p99")
+    table = format_report(both)
+    assert "kick throughput" in table
+    assert "scale: W worker processes" in table

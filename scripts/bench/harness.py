@@ -37,6 +37,14 @@ How it measures (docs/performance.md has the long version):
 * Planner time and exporter-scrape time are medians over ``rounds`` too;
   :func:`.measure.bench_scrape` is the one place to change when the
   exporter does.
+* The ``scale`` phase (its own, ``--phases scale``; see
+  :meth:`_Bench.run_scale`): the stream pair with W worker processes each,
+  started at once: Redis CPU (``INFO CPU`` of every node) with every worker
+  idle, Redis CPU per task at a paced rate of tasks doing one INCR (idle
+  share subtracted), and the latency rounds above.
+
+Phases run as :attr:`BenchConfig.phases` says: ``brokers`` is all of the
+above but the scale phase.
 
 Nothing here prints: :func:`run_bench` returns a JSON-able report and
 :func:`.report.format_report` renders the table.
@@ -73,16 +81,21 @@ from .config import APP_MODULE, ENV_PREFIX, LABELS, PAIRS, BenchConfig
 from .measure import (
     bench_planner,
     bench_scrape,
+    client_counts,
     command_calls,
+    cpu_per_task_us,
+    cpu_used,
     key_memory,
+    know_every_node,
     median,
     memory,
     per_100k,
     percentile,
     prime_replication_backlogs,
+    redis_cpu,
     spread,
 )
-from .report import ratios, targets
+from .report import ratios, scale_ratios, targets
 from .worker import APP_SOURCE
 
 logger = logging.getLogger("taskiq_redis_cluster.bench")
@@ -251,6 +264,12 @@ def _read_stats(stats_dir: Path) -> _Stats:
     return stats
 
 
+def _check_alive(workers: Sequence[_Child]) -> None:
+    for w in workers:
+        if w.proc.returncode is not None:
+            raise BenchError(f"{w.name} exited; see {w.log}")
+
+
 def _read_latencies(stats_dir: Path, round_no: int) -> list[float]:
     values: list[float] = []
     prefix = f"{round_no} "
@@ -263,12 +282,18 @@ def _read_latencies(stats_dir: Path, round_no: int) -> list[float]:
 
 
 async def _wait_for(
-    what: str, check: Callable[[], bool], timeout: float, child: _Child | None = None
+    what: str,
+    check: Callable[[], bool],
+    timeout: float,
+    child: _Child | Sequence[_Child] | None = None,
 ) -> None:
+    """Poll ``check`` until it holds; fail when it times out or a watched child exits."""
+    watched = [child] if isinstance(child, _Child) else list(child or ())
     deadline = time.monotonic() + timeout
     while not check():
-        if child is not None and child.proc.returncode is not None:
-            raise BenchError(f"{child.name} exited while waiting for {what}; see {child.log}")
+        for c in watched:
+            if c.proc.returncode is not None:
+                raise BenchError(f"{c.name} exited while waiting for {what}; see {c.log}")
         if time.monotonic() > deadline:
             raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
         await asyncio.sleep(_POLL)
@@ -295,14 +320,30 @@ class _Bench:
         self.app_dir.mkdir(parents=True, exist_ok=True)
         (self.app_dir / f"{APP_MODULE}.py").write_text(APP_SOURCE.replace("{package}", _PACKAGE))
         self.queues: list[str] = []
+        # One key for every INCR of the scale phase: hash-tagged, so it lives on
+        # the same master for both brokers and every W (cleanup() matches it).
+        self.incr_key = f"{{bench-{self.run_id}-incr}}:n"
         # Seconds to let memory settle before it is read: Redis shrinks the
         # query buffers of clients idle for 2 s. Quick runs read sooner.
         self._settle = 1.0 if cfg.quick else 2.2
 
     def _env(
-        self, kind: str, queue: str, stats: Path, slow_flag: Path | None = None
+        self,
+        kind: str,
+        queue: str,
+        stats: Path,
+        slow_flag: Path | None = None,
+        *,
+        scale: bool = False,
     ) -> dict[str, str]:
-        env = dict(os.environ)
+        """The environment of ``kind``'s producer and workers.
+
+        With ``scale`` (the scale phase): the brokers' own housekeeping
+        defaults (no ``IDLE_MS``/``TRIM_INTERVAL``; the short ones here are
+        for the recovery and memory phases), the same ``xread_block``, and
+        the key the ``incr`` task increments.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(self.app_dir), str(_IMPORT_ROOT), env.get("PYTHONPATH", "")) if p
         )
@@ -312,16 +353,17 @@ class _Bench:
                 ENV_PREFIX + "URL": self.url,
                 ENV_PREFIX + "QUEUE": queue,
                 ENV_PREFIX + "STATS": str(stats),
-                ENV_PREFIX + "IDLE_MS": str(self.cfg.idle_timeout_ms),
                 ENV_PREFIX + "XREAD_BLOCK_MS": str(self.cfg.xread_block_ms),
-                ENV_PREFIX + "TRIM_INTERVAL": str(self.cfg.trim_interval),
                 ENV_PREFIX + "CONCURRENCY": str(self.cfg.concurrency),
             }
         )
+        if scale:
+            env[ENV_PREFIX + "INCR_KEY"] = self.incr_key
+        else:
+            env[ENV_PREFIX + "IDLE_MS"] = str(self.cfg.idle_timeout_ms)
+            env[ENV_PREFIX + "TRIM_INTERVAL"] = str(self.cfg.trim_interval)
         if slow_flag is not None:
             env[ENV_PREFIX + "SLOW_FLAG"] = str(slow_flag)
-        else:
-            env.pop(ENV_PREFIX + "SLOW_FLAG", None)
         return env
 
     async def _producer(self, name: str, env: dict[str, str]) -> _Producer:
@@ -332,6 +374,19 @@ class _Bench:
         return producer
 
     async def _worker(self, name: str, env: dict[str, str], stats_dir: Path) -> _Child:
+        (child,) = await self._workers([name], env, stats_dir)
+        return child
+
+    async def _workers(
+        self, names: Sequence[str], env: dict[str, str], stats_dir: Path
+    ) -> list[_Child]:
+        """Start one ``taskiq worker --workers 1`` per name, all at once; wait for all.
+
+        Ready means WORKER_STARTUP ran in as many new processes as were
+        started (each writes its stats file then). A child that exits or a
+        start slower than 60 s plus 4 s per process fails the run; children
+        already started stay registered, so the run's teardown ends them.
+        """
         before = set(_read_stats(stats_dir).workers)
         argv = [
             sys.executable,
@@ -346,24 +401,32 @@ class _Bench:
             "--shutdown-timeout",
             "2",
         ]
-        child = await self.procs.spawn(name, argv, env)
+        children = list(
+            await asyncio.gather(*(self.procs.spawn(name, argv, env) for name in names))
+        )
 
         def ready() -> bool:
-            return bool(set(_read_stats(stats_dir).workers) - before)
+            return len(set(_read_stats(stats_dir).workers) - before) >= len(names)
 
-        await _wait_for(f"worker {name} to start", ready, 60.0, child)
+        what = f"worker {names[0]} to start" if len(names) == 1 else f"{len(names)} workers"
+        await _wait_for(what, ready, 60.0 + 4.0 * (len(names) - 1), children)
         # WORKER_STARTUP runs just before the listen loop begins.
         await asyncio.sleep(0.3)
-        return child
+        return children
 
-    def _queue(self, kind: str, *, paired: bool = False) -> tuple[str, Path, dict[str, str]]:
-        """A fresh queue for ``kind`` (cleaned up at the end), its stats dir and env."""
+    def _queue(
+        self, kind: str, tag: str = "", *, scale: bool = False
+    ) -> tuple[str, Path, dict[str, str]]:
+        """A fresh queue for ``kind`` (cleaned up at the end), its stats dir and env.
+
+        ``tag`` tells apart the queues of one kind (paired rounds, scale points).
+        """
         short = kind.replace("ours-", "o").replace("theirs-", "t")
-        queue = f"bench-{self.run_id}-{'p' if paired else ''}{short}"
+        queue = f"bench-{self.run_id}-{tag}{short}"
         self.queues.append(queue)
-        stats_dir = self.work / f"stats-{kind}{'-paired' if paired else ''}"
+        stats_dir = self.work / f"stats-{kind}{'-' + tag if tag else ''}"
         stats_dir.mkdir()
-        return queue, stats_dir, self._env(kind, queue, stats_dir)
+        return queue, stats_dir, self._env(kind, queue, stats_dir, scale=scale)
 
     async def run_broker(self, kind: str) -> dict[str, Any]:
         """Every phase for one broker kind, on a queue of its own."""
@@ -432,7 +495,7 @@ class _Bench:
         sides: dict[str, tuple[_Producer, Path, list[_Child]]] = {}
         try:
             for kind in (ours, theirs):
-                _, stats_dir, env = self._queue(kind, paired=True)
+                _, stats_dir, env = self._queue(kind, "p")
                 producer = await self._producer(f"{kind}-paired-producer", env)
                 sides[kind] = (producer, stats_dir, [])
                 sides[kind][2].append(await self._worker(f"{kind}-paired", env, stats_dir))
@@ -603,9 +666,7 @@ class _Bench:
             return _read_stats(stats_dir).total("done") >= expected
 
         await _wait_for("end-to-end round", finished, 60.0 + n / 50)
-        for w in workers:
-            if w.proc.returncode is not None:
-                raise BenchError(f"{w.name} exited; see {w.log}")
+        _check_alive(workers)
         last = _read_stats(stats_dir).latest("last_done")
         assert last is not None
         elapsed = last - float(reply["first_kick"])
@@ -685,6 +746,187 @@ class _Bench:
             "recovery_s": median(times),
             "recovery_rounds": times,
             "recovery_note": f"all {k} held tasks ran again",
+        }
+
+    # ---------------------------------------------------------- scale phase
+    async def run_scale(self) -> dict[str, Any]:
+        """The stream pair with W worker processes each, for every W of the config.
+
+        For each W and broker (which goes first alternates, as in the
+        paired rounds, so a pair is measured minutes apart at most):
+        :meth:`_scale_point` on a fresh queue. Last, one idle window with no
+        bench process at all: the cluster's own baseline.
+        """
+        cfg = self.cfg
+        kinds = [k for k in PAIRS["stream"] if k in cfg.brokers]
+        points: dict[str, dict[str, Any]] = {}
+        for i, w in enumerate(cfg.scale_workers):
+            order = kinds if i % 2 == 0 else kinds[::-1]
+            done = {kind: await self._scale_point(kind, w) for kind in order}
+            points[str(w)] = {kind: done[kind] for kind in kinds}
+        # Last, once the cluster is warm (a fresh one is busier for a while).
+        await asyncio.sleep(cfg.scale_settle_seconds)
+        logger.info("scale: baseline without workers, %.0fs idle", cfg.scale_idle_seconds)
+        baseline = await self._idle_window([])
+        for count, by_kind in points.items():
+            for point in by_kind.values():
+                # What the W processes keep blocked, net of whatever else is there.
+                blocked = point["blocked_clients"] - baseline["blocked_clients"]
+                point["blocked_per_worker"] = round(blocked / int(count), 2)
+        return {
+            "brokers": kinds,
+            "workers": list(cfg.scale_workers),
+            "settings": {
+                "xread_block_ms": cfg.xread_block_ms,
+                "broker_options": "otherwise each broker's defaults",
+                "load_tasks": cfg.scale_load_tasks(),
+                "latency_seconds": cfg.latency_seconds * cfg.scale,
+                "incr_key": self.incr_key,
+            },
+            "baseline": baseline,
+            "points": points,
+        }
+
+    async def _scale_point(self, kind: str, w: int) -> dict[str, Any]:
+        """``w`` worker processes of ``kind``: idle Redis CPU, CPU per task, latency."""
+        cfg = self.cfg
+        queue, stats_dir, env = self._queue(kind, f"s{w}", scale=True)
+        producer = await self._producer(f"{kind}-s{w}-producer", env)
+        workers: list[_Child] = []
+        try:
+            logger.info("scale: %s, W=%d: starting the worker processes", kind, w)
+            started = time.monotonic()
+            workers = await self._workers([f"{kind}-s{w}-w{i}" for i in range(w)], env, stats_dir)
+            result: dict[str, Any] = {
+                "workers": w,
+                "queue": queue,
+                "start_s": round(time.monotonic() - started, 2),
+                "pinged": await self._ping_all(kind, producer, stats_dir, workers),
+            }
+            await asyncio.sleep(cfg.scale_settle_seconds)
+            logger.info("scale: %s, W=%d: idle for %.0fs", kind, w, cfg.scale_idle_seconds)
+            idle = await self._idle_window(workers)
+            result.update(idle)
+            result.update(await self._paced_load(kind, producer, stats_dir, workers, idle))
+            result.update(await self._latency_phase(kind, producer, stats_dir))
+            _check_alive(workers)
+        finally:
+            # Nothing in flight: SIGTERM (taskiq stops within --shutdown-timeout),
+            # SIGKILL of the process group after the grace, all at once.
+            await asyncio.gather(*(self.procs.stop(c, grace=3.0) for c in workers))
+            await producer.quit()
+            await self.procs.stop(producer.child, grace=10.0)
+        return result
+
+    async def _ping_all(
+        self, kind: str, producer: _Producer, stats_dir: Path, workers: Sequence[_Child]
+    ) -> int:
+        """Ping tasks until every worker process ran one; returns how many did.
+
+        A ping proves the process consumes (and opens its INCR connection).
+        Blocked readers are served oldest first, and ours blocks one reader
+        per shard, so each round kicks a few pings per process still missing.
+        Bounded: after 30 s plus 1 s per process the run goes on with a warning.
+        """
+        deadline = time.monotonic() + 30.0 + len(workers)
+        rate = 500.0
+        round_no = 0
+        while True:
+            stats = _read_stats(stats_dir)
+            pinged = sum(1 for w in stats.workers.values() if w.get("pings"))
+            missing = len(workers) - pinged
+            if missing <= 0 or time.monotonic() > deadline:
+                break
+            count = 4 * missing + 12
+            await producer.request(
+                60.0, op="rate", task="ping", round=round_no, rate=rate, seconds=count / rate
+            )
+            round_no += 1
+            await asyncio.sleep(0.3)  # the pings run; the stats files follow within 50 ms
+            _check_alive(workers)
+        if missing > 0:
+            logger.warning(
+                "%s: %d of %d worker processes ran no ping in time; measuring anyway",
+                kind,
+                missing,
+                len(workers),
+            )
+        return min(pinged, len(workers))
+
+    async def _idle_window(self, workers: Sequence[_Child]) -> dict[str, Any]:
+        """Redis CPU per second over ``scale_idle_seconds``, and the clients after it."""
+        before = await redis_cpu(self.client)
+        await asyncio.sleep(self.cfg.scale_idle_seconds)
+        after = await redis_cpu(self.client)
+        clients = await client_counts(self.client)
+        _check_alive(workers)
+        used = cpu_used(before, after)
+        per_s = 1000.0 / used["seconds"]
+        main = used["main_thread_s"]
+        return {
+            "idle_seconds": round(used["seconds"], 3),
+            "idle_cpu_ms_per_s": round(used["all_s"] * per_s, 3),
+            "idle_cpu_hottest_master_ms_per_s": round(used["hottest_master_s"] * per_s, 3),
+            "idle_cpu_main_thread_ms_per_s": None if main is None else round(main * per_s, 3),
+            "idle_cpu_per_node_ms_per_s": {
+                n: round(v * per_s, 3) for n, v in used["per_node_s"].items()
+            },
+            **clients,
+        }
+
+    async def _paced_load(
+        self,
+        kind: str,
+        producer: _Producer,
+        stats_dir: Path,
+        workers: Sequence[_Child],
+        idle: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Redis CPU per task at ``scale_load_rate`` tasks/s of one INCR each.
+
+        From just before the first kick until the last task ran, minus the
+        idle share (the idle window's CPU per second times that duration):
+        summed over every node, and for the master that the load heated most.
+        """
+        cfg = self.cfg
+        rate = cfg.scale_load_rate
+        seconds = cfg.scale_load_tasks() / rate
+        logger.info("scale: %s, W=%d: %.0f tasks/s for %.1fs", kind, len(workers), rate, seconds)
+        base = _read_stats(stats_dir).total("done")
+        before = await redis_cpu(self.client)
+        reply = await producer.request(
+            seconds + 60.0, op="rate", task="incr", round=0, rate=rate, seconds=seconds
+        )
+        expected = base + int(reply["count"]) - int(reply["errors"])
+
+        def finished() -> bool:
+            return _read_stats(stats_dir).total("done") >= expected
+
+        await _wait_for(f"{kind} paced load", finished, 30.0 + seconds, workers)
+        after = await redis_cpu(self.client)
+        used = cpu_used(before, after)
+        tasks = expected - base
+        if reply["errors"]:
+            logger.warning("%s: %d of %d kicks failed", kind, reply["errors"], reply["count"])
+        idle_node = idle["idle_cpu_per_node_ms_per_s"]
+        per_master = [
+            cpu_per_task_us(v, idle_node.get(n, 0.0) / 1000, used["seconds"], tasks)
+            for n, v in used["per_node_s"].items()
+            if n in after.masters
+        ]
+        return {
+            "load_rate": rate,
+            "load_tasks": tasks,
+            "load_kick_errors": int(reply["errors"]),
+            "load_kick_seconds": round(float(reply["elapsed"]), 3),
+            "load_seconds": round(used["seconds"], 3),
+            "load_cpu_ms": round(used["all_s"] * 1000, 3),
+            "load_cpu_us_per_task": cpu_per_task_us(
+                used["all_s"], idle["idle_cpu_ms_per_s"] / 1000, used["seconds"], tasks
+            ),
+            "load_cpu_hottest_master_us_per_task": max(
+                (v for v in per_master if v is not None), default=None
+            ),
         }
 
     async def cleanup(self) -> None:
@@ -775,20 +1017,30 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         bench = _Bench(cfg, url, client, work, procs)
         try:
             masters = len(client.get_primaries())
-            await prime_replication_backlogs(client, bench.run_id)
             brokers: dict[str, dict[str, Any]] = {}
-            for kind in cfg.brokers:
-                brokers[kind] = await bench.run_broker(kind)
             paired: dict[str, dict[str, Any]] = {}
-            ours, theirs = PAIRS["stream"]
-            if ours in brokers and theirs in brokers:
-                paired["stream"] = await bench.e2e_paired(ours, theirs)
-            logger.info("Planner and scrape timings")
-            planner = bench_planner(cfg.planner_shards, cfg.planner_masters, cfg.rounds)
-            scrape = await bench_scrape(
-                client, url, bench.run_id, cfg.scrape_queues, cfg.scrape_shards, cfg.rounds
-            )
-            bench.queues.extend(scrape.pop("queue_names"))
+            planner: dict[str, Any] | None = None
+            scrape: dict[str, Any] | None = None
+            scale: dict[str, Any] | None = None
+            await prime_replication_backlogs(client, bench.run_id)
+            if "brokers" in cfg.phases:
+                for kind in cfg.brokers:
+                    brokers[kind] = await bench.run_broker(kind)
+                ours, theirs = PAIRS["stream"]
+                if ours in brokers and theirs in brokers:
+                    paired["stream"] = await bench.e2e_paired(ours, theirs)
+                logger.info("Planner and scrape timings")
+                planner = bench_planner(cfg.planner_shards, cfg.planner_masters, cfg.rounds)
+                scrape = await bench_scrape(
+                    client, url, bench.run_id, cfg.scrape_queues, cfg.scrape_shards, cfg.rounds
+                )
+                bench.queues.extend(scrape.pop("queue_names"))
+            if "scale" in cfg.phases:
+                # Redis CPU is summed over every node, replicas included.
+                nodes = await know_every_node(client)
+                scale = await bench.run_scale()
+                scale["nodes"] = nodes
+                scale["ratios"] = scale_ratios(scale)
         finally:
             await procs.stop_all()
             if cfg.url is not None:
@@ -802,6 +1054,7 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             "meta": {
                 "date": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(wall_start)),
                 "mode": "quick" if cfg.quick else "full",
+                "phases": list(cfg.phases),
                 "config": {k: v for k, v in asdict(cfg).items() if k != "url"},
                 "cluster": (
                     f"local DevCluster, {masters} masters + {masters} replicas"
@@ -818,6 +1071,7 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             "paired": paired,
             "planner": planner,
             "scrape": scrape,
+            "scale": scale,
         }
         report["ratios"] = ratios(brokers)
         report["targets"] = targets(report, cfg)

@@ -1,17 +1,20 @@
 """What the controller measures besides the workers' own records.
 
-Redis memory and command counts per master, percentiles and medians, and
-the two isolated timings: the planner and one exporter scrape.
+Redis memory and command counts per master, Redis CPU and clients per node,
+percentiles and medians, and the two isolated timings: the planner and one
+exporter scrape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -94,6 +97,34 @@ async def prime_replication_backlogs(client: RedisCluster, run_id: str) -> None:
         await client.unlink(key)
 
 
+async def know_every_node(client: RedisCluster, timeout: float = 15.0) -> int:
+    """Reload ``client``'s slot map until it knows every live node; how many it knows.
+
+    redis-py takes its nodes from ``CLUSTER SLOTS``, which in Redis 7 lists
+    a replica only once it has acknowledged some replication: on a fresh
+    cluster with nothing written yet, the masters alone. Write to every
+    master first (:func:`prime_replication_backlogs`). Bounded by ``timeout``.
+    """
+    reply = await client.execute_command("CLUSTER", "NODES", target_nodes=client.get_primaries()[0])
+    if isinstance(reply, dict):  # parsed by a response callback: address -> fields
+        flags = [str(v.get("flags", "")) for v in reply.values()]
+    else:
+        text = reply.decode() if isinstance(reply, bytes) else str(reply)
+        flags = [line.split()[2] for line in text.splitlines() if len(line.split()) > 2]
+    down = {"fail", "fail?", "handshake", "noaddr"}
+    live = sum(1 for f in flags if not down & set(f.split(",")))
+    deadline = time.monotonic() + timeout
+    while len(client.get_nodes()) < live and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        await client.nodes_manager.initialize()
+    known = len(client.get_nodes())
+    if known < live:
+        logger.warning(
+            "The client knows %d of %d live nodes; CPU is summed over those", known, live
+        )
+    return known
+
+
 def per_100k(delta: int, tasks: int) -> int:
     return max(0, round(delta * 100_000 / tasks)) if tasks > 0 else 0
 
@@ -116,6 +147,87 @@ async def command_calls(client: RedisCluster) -> dict[str, int]:
                         total += int(number)
         calls[node.name] = total
     return calls
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds every node had used (``INFO CPU``) at :attr:`at` (monotonic).
+
+    ``nodes`` maps a node's name to ``used_cpu_sys + used_cpu_user`` and
+    ``main`` to the ``_main_thread`` pair (Redis 7+; empty before).
+    """
+
+    at: float
+    nodes: dict[str, float]
+    main: dict[str, float]
+    masters: frozenset[str]
+
+
+async def redis_cpu(client: RedisCluster) -> CpuSnapshot:
+    """``INFO CPU`` of every node, masters and replicas."""
+    nodes: dict[str, float] = {}
+    main: dict[str, float] = {}
+    for node in client.get_nodes():
+        info = await _info(client, node, "cpu")
+        nodes[node.name] = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        if "used_cpu_sys_main_thread" in info:
+            main[node.name] = float(info["used_cpu_sys_main_thread"]) + float(
+                info["used_cpu_user_main_thread"]
+            )
+    masters = frozenset(node.name for node in client.get_primaries())
+    return CpuSnapshot(time.monotonic(), nodes, main, masters)
+
+
+def cpu_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, Any]:
+    """CPU seconds used between two snapshots: all nodes, the hottest master, per node.
+
+    ``main_thread_s`` is None when the nodes do not report their main thread.
+    """
+    per_node = {n: after.nodes[n] - before.nodes[n] for n in after.nodes if n in before.nodes}
+    masters = {n: v for n, v in per_node.items() if n in after.masters}
+    hottest = max(masters, key=lambda n: masters[n]) if masters else None
+    main = [after.main[n] - before.main[n] for n in after.main if n in before.main]
+    return {
+        "seconds": after.at - before.at,
+        "all_s": sum(per_node.values()),
+        "hottest_master": hottest,
+        "hottest_master_s": masters[hottest] if hottest is not None else 0.0,
+        "main_thread_s": sum(main) if main else None,
+        "per_node_s": per_node,
+    }
+
+
+def cpu_per_task_us(used_s: float, idle_per_s: float, seconds: float, tasks: int) -> float | None:
+    """Redis CPU per task (µs): ``used_s`` minus the idle share ``idle_per_s * seconds``.
+
+    Not clamped: noise can make it slightly negative at very low loads.
+    """
+    if tasks <= 0:
+        return None
+    return round((used_s - idle_per_s * seconds) / tasks * 1e6, 2)
+
+
+async def client_counts(client: RedisCluster) -> dict[str, Any]:
+    """Clients of every node: ``connected_clients`` and ``blocked_clients`` summed
+    (``INFO clients``), and the blocked ones by command (``CLIENT LIST``, flag b).
+    """
+    connected = blocked = 0
+    by_command: dict[str, int] = {}
+    for node in client.get_nodes():
+        info = await _info(client, node, "clients")
+        connected += int(info["connected_clients"])
+        blocked += int(info["blocked_clients"])
+        reply = await client.client_list(target_nodes=node)
+        entries = next(iter(reply.values())) if isinstance(reply, dict) else reply
+        for entry in entries:
+            if "b" in str(entry.get("flags", "")):
+                command = str(entry.get("cmd", "?"))
+                by_command[command] = by_command.get(command, 0) + 1
+    return {
+        "connected_clients": connected,
+        "blocked_clients": blocked,
+        "blocked_by_command": dict(sorted(by_command.items())),
+    }
 
 
 def spread(before: dict[str, int], after: dict[str, int]) -> tuple[float, dict[str, int]]:

@@ -71,9 +71,11 @@ async def _handle(app: Any, request: dict[str, Any]) -> dict[str, Any]:
         count = int(request["count"])
         return await kick_many(lambda i: app.slow.kiq(time.time(), i), count, count)
     if op == "rate":
+        # The latency task by default; the scale phase's ping and incr too.
+        paced = getattr(app, request.get("task", "latency"))
         round_no = int(request["round"])
         return await kick_at_rate(
-            lambda: app.latency.kiq(time.time(), round_no),
+            lambda: paced.kiq(time.time(), round_no),
             float(request["rate"]),
             float(request["seconds"]),
         )

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio import RedisCluster
+
 from taskiq_redis_cluster import ClusterListQueueBroker, ClusterStreamBroker
 
 from .config import ENV_PREFIX
@@ -51,6 +53,16 @@ async def latency(kicked_at: float, round_no: int) -> None:
     recorder.latency(round_no, time.time() - kicked_at)
 
 
+@broker.task(task_name="bench.ping")
+async def ping(kicked_at: float, round_no: int) -> None:
+    await recorder.ping()
+
+
+@broker.task(task_name="bench.incr")
+async def incr(kicked_at: float, round_no: int) -> None:
+    await recorder.incr()
+
+
 @broker.task(task_name="bench.slow")
 async def slow(kicked_at: float, token: int) -> None:
     if recorder.slow_mode():
@@ -62,21 +74,22 @@ async def slow(kicked_at: float, token: int) -> None:
 
 
 def broker_from_env() -> Any:
-    """Build the broker named by ``TQRC_BENCH_BROKER`` (see :data:`BROKERS`)."""
+    """Build the broker named by ``TQRC_BENCH_BROKER`` (see :data:`BROKERS`).
+
+    ``IDLE_MS`` and ``TRIM_INTERVAL`` left unset (the ``scale`` phase) mean
+    the broker's defaults.
+    """
     kind = os.environ[ENV_PREFIX + "BROKER"]
     url = os.environ[ENV_PREFIX + "URL"]
     queue = os.environ[ENV_PREFIX + "QUEUE"]
-    idle_ms = int(os.environ.get(ENV_PREFIX + "IDLE_MS", "5000"))
     block_ms = int(os.environ.get(ENV_PREFIX + "XREAD_BLOCK_MS", "1000"))
-    trim = float(os.environ.get(ENV_PREFIX + "TRIM_INTERVAL", "0.5"))
     if kind == "ours-stream":
-        return ClusterStreamBroker(
-            url,
-            queue_name=queue,
-            idle_timeout=idle_ms,
-            xread_block=block_ms,
-            trim_interval=trim,
-        )
+        housekeeping: dict[str, Any] = {}
+        if ENV_PREFIX + "IDLE_MS" in os.environ:
+            housekeeping["idle_timeout"] = int(os.environ[ENV_PREFIX + "IDLE_MS"])
+        if ENV_PREFIX + "TRIM_INTERVAL" in os.environ:
+            housekeeping["trim_interval"] = float(os.environ[ENV_PREFIX + "TRIM_INTERVAL"])
+        return ClusterStreamBroker(url, queue_name=queue, xread_block=block_ms, **housekeeping)
     if kind == "ours-list":
         return ClusterListQueueBroker(url, queue_name=queue)
     try:
@@ -100,10 +113,22 @@ class Recorder:
     completion costs a few attribute updates and no Redis command.
     """
 
-    def __init__(self, stats_dir: Path, slow_flag: Path | None) -> None:
+    def __init__(
+        self,
+        stats_dir: Path,
+        slow_flag: Path | None,
+        url: str | None = None,
+        incr_key: str | None = None,
+    ) -> None:
         self.stats_dir = stats_dir
         self.slow_flag = slow_flag
+        # The ``scale`` phase's tasks INCR this key with a cluster client of
+        # their own, connected at startup (not inside a measured window).
+        self.url = url
+        self.incr_key = incr_key
+        self._redis: RedisCluster | None = None
         self.warm = 0
+        self.pings = 0
         self.done = 0
         self.first_done: float | None = None
         self.last_done: float | None = None
@@ -122,7 +147,12 @@ class Recorder:
     def from_env(cls, broker: Any) -> Recorder:
         """A recorder for the stats dir in the environment, hooked to ``broker``."""
         flag = os.environ.get(ENV_PREFIX + "SLOW_FLAG")
-        recorder = cls(Path(os.environ[ENV_PREFIX + "STATS"]), Path(flag) if flag else None)
+        recorder = cls(
+            Path(os.environ[ENV_PREFIX + "STATS"]),
+            Path(flag) if flag else None,
+            url=os.environ.get(ENV_PREFIX + "URL"),
+            incr_key=os.environ.get(ENV_PREFIX + "INCR_KEY"),
+        )
         from taskiq import TaskiqEvents
 
         broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, recorder._on_startup)
@@ -145,6 +175,20 @@ class Recorder:
         self.cpu_last = cpu
         self.done += 1
         self._dirty = True
+
+    async def ping(self) -> None:
+        """The readiness check: this process consumes (and has its INCR connection)."""
+        if self._redis is not None and self.incr_key is not None:
+            await self._redis.incr(self.incr_key + ":ping")
+        self.pings += 1
+        self._dirty = True
+
+    async def incr(self) -> None:
+        """One INCR, then counted like a no-op task."""
+        assert self._redis is not None, "no INCR client (TQRC_BENCH_INCR_KEY unset)"
+        assert self.incr_key is not None
+        await self._redis.incr(self.incr_key)
+        self.noop_done()
 
     def latency(self, round_no: int, seconds: float) -> None:
         self._samples.append(f"{round_no} {seconds:.6f}\n")
@@ -177,6 +221,7 @@ class Recorder:
             "pid": pid,
             "ready_at": self.ready_at,
             "warm": self.warm,
+            "pings": self.pings,
             "done": self.done,
             "first_done": self.first_done,
             "last_done": self.last_done,
@@ -200,6 +245,9 @@ class Recorder:
                 self.flush()
 
     async def _on_startup(self, state: Any) -> None:
+        if self.incr_key is not None and self.url is not None:
+            self._redis = RedisCluster.from_url(self.url)
+            await self._redis.initialize()
         self.ready_at = time.time()
         self.flush()
         self._flusher = asyncio.get_running_loop().create_task(self._loop())
@@ -208,3 +256,5 @@ class Recorder:
         if self._flusher is not None:
             self._flusher.cancel()
         self.flush()
+        if self._redis is not None:
+            await self._redis.aclose()
