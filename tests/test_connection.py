@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 from redis.asyncio import RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 
 from taskiq_redis_cluster import (
+    ClusterListQueueBroker,
+    ClusterListScheduleSource,
+    ClusterPubSubBroker,
     ClusterResultBackend,
     ClusterStreamBroker,
     ConnectError,
@@ -17,6 +22,7 @@ from taskiq_redis_cluster import (
     InvalidOptionError,
     InvalidURLError,
     NotAClusterError,
+    RetryPolicy,
     connect,
     redact_url,
 )
@@ -166,10 +172,21 @@ def test_client_keywords_the_package_owns_are_refused(
     with pytest.raises(InvalidOptionError, match=f"Invalid option {option}:") as caught:
         ConnectionOptions(extra=extra)
     assert isinstance(caught.value, ValueError)
-    with pytest.raises(InvalidOptionError, match=f"Invalid option {option}:"):
-        ClusterStreamBroker("redis://127.0.0.1:7000", **extra)
-    with pytest.raises(InvalidOptionError, match=f"Invalid option {option}:"):
-        ClusterResultBackend("redis://127.0.0.1:7000", **extra)
+    for component in (ClusterStreamBroker, ClusterListQueueBroker, ClusterPubSubBroker,
+                      ClusterResultBackend, ClusterListScheduleSource):
+        with pytest.raises(InvalidOptionError, match=f"Invalid option {option}:"):
+            component("redis://127.0.0.1:7000", **extra)
+
+
+@pytest.mark.parametrize("broker", [ClusterStreamBroker, ClusterListQueueBroker,
+                                    ClusterPubSubBroker])
+def test_a_brokers_retry_takes_a_retry_policy_not_redis_pys_retry(broker: type[Any]) -> None:
+    # taskiq-redis hands retry= on to redis-py; taken silently here, it would
+    # be used as the broker's policy and fail at the first transient error.
+    with pytest.raises(InvalidOptionError, match=r"takes a taskiq_redis_cluster\.RetryPolicy"):
+        broker("redis://127.0.0.1:7000", retry=AsyncRetry(NoBackoff(), 3))
+    policy = RetryPolicy(attempts=2)
+    assert broker("redis://127.0.0.1:7000", retry=policy).retry is policy
 
 
 def test_decode_responses_false_and_a_retry_count_are_accepted() -> None:

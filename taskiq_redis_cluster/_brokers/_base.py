@@ -28,7 +28,7 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
-from .._errors import InvalidOptionError, KickFailedError, KickOutcomeUnknownError
+from .._errors import KickFailedError, KickOutcomeUnknownError
 from .._events import NULL_EVENTS, BrokerEvents
 from .._keys import ShardKeys, slot_of
 from .._lifecycle import OwnedClient
@@ -43,8 +43,8 @@ from .._redis import (
     RetryPolicy,
     error_kind,
     master_trouble,
-    owned_keyword,
     redact_url,
+    retry_policy,
     validate_url,
     write_outcome,
 )
@@ -178,15 +178,7 @@ class ShardedBroker(AsyncBroker):
         self.url = url
         self.options = options
         self.events = events or NULL_EVENTS
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            # taskiq-redis passes retry= on to redis-py; here it is the
-            # broker's own policy, and redis-py's resend stays off.
-            raise InvalidOptionError(
-                option="retry",
-                reason=f"a broker's retry= takes a RetryPolicy, got {type(retry).__name__}: "
-                f"{owned_keyword('retry')}",
-            )
-        self.retry = retry or RetryPolicy()
+        self.retry = retry_policy(retry)
         self._owned = OwnedClient(type(self).__name__)
         self._lifecycle = self._owned.lifecycle
         self._pipeline: AutoPipeline | None = None

@@ -34,6 +34,7 @@ from .._redis import (
     is_transient,
     redact_url,
     reinitialize_nodes,
+    retry_policy,
     validate_url,
 )
 
@@ -88,7 +89,7 @@ class ClusterPubSubBroker(AsyncBroker):
             connection, kwargs, max_connections=max_connection_pool_size
         )
         self.events = events or NULL_EVENTS
-        self.retry = retry or RetryPolicy()
+        self.retry = retry_policy(retry)
         self._owned = OwnedClient(type(self).__name__)
 
     def __repr__(self) -> str:

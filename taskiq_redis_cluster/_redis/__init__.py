@@ -13,7 +13,6 @@ from ._autopipeline import (
 from ._connection import (
     ConnectionOptions,
     connect,
-    owned_keyword,
     redact_url,
     scrub,
     url_secrets,
@@ -30,6 +29,7 @@ from ._retry import (
     is_transient,
     master_trouble,
     recovery,
+    retry_policy,
     write_outcome,
 )
 
@@ -50,11 +50,11 @@ __all__ = [
     "load_script",
     "master_trouble",
     "on_slot_master",
-    "owned_keyword",
     "recovery",
     "redact_url",
     "redis_value",
     "reinitialize_nodes",
+    "retry_policy",
     "scrub",
     "send_batch",
     "url_secrets",

@@ -41,7 +41,8 @@ _SECRET_PARAM_WORDS = ("password", "passwd", "pwd", "secret", "token", "credenti
 _REDACTED = "***"
 
 #: redis-py client keywords this package sets itself, with the reason a
-#: caller's value is refused rather than passed through. A user's ``retry``
+#: caller's value is refused rather than passed through (docs/brokers.md
+#: lists them for users). A user's ``retry``
 #: would make redis-py re-send a write whose outcome is unknown, which is
 #: exactly what the brokers' kick rule forbids (see ``_retry``).
 _OWNED_CLIENT_KEYWORDS: Mapping[str, str] = {
@@ -55,14 +56,6 @@ _OWNED_CLIENT_KEYWORDS: Mapping[str, str] = {
     "are decoded by the package, and decoded replies would dead-letter every message",
 }
 _UNPARSEABLE = "<unparseable URL>"
-
-
-def owned_keyword(name: str) -> str | None:
-    """Why the package sets redis-py's client keyword ``name`` itself, or None.
-
-    docs/brokers.md lists these keywords for users.
-    """
-    return _OWNED_CLIENT_KEYWORDS.get(name)
 
 
 def _is_secret_param(name: str) -> bool:
@@ -169,7 +162,7 @@ class ConnectionOptions:
 
     def __post_init__(self) -> None:
         for name, value in self.extra.items():
-            reason = owned_keyword(name)
+            reason = _OWNED_CLIENT_KEYWORDS.get(name)
             # decode_responses=False is what we set anyway.
             if reason is not None and not (name == "decode_responses" and not value):
                 raise InvalidOptionError(option=name, reason=reason)

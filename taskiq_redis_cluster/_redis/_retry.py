@@ -262,6 +262,26 @@ class RetryPolicy:
         return float(step / 2 + self.jitter() * step / 2)
 
 
+def retry_policy(retry: object) -> RetryPolicy:
+    """A component's ``retry=``: the policy given, or the default one for None.
+
+    :raises InvalidOptionError: for anything else, such as redis-py's
+        ``Retry``, which taskiq-redis hands on to redis-py. Here redis-py
+        never re-sends a broker's kick, whose outcome may be unknown; the
+        brokers retry what is safe through this policy (docs/brokers.md).
+    """
+    if retry is None:
+        return RetryPolicy()
+    if not isinstance(retry, RetryPolicy):
+        raise InvalidOptionError(
+            option="retry",
+            reason=f"takes a taskiq_redis_cluster.RetryPolicy, got {type(retry).__name__}: "
+            "redis-py's retries are the package's own (0 for a broker, so that a kick whose "
+            "outcome is unknown is never re-sent)",
+        )
+    return retry
+
+
 class _PolicyBackoff(AbstractBackoff):
     """redis-py's backoff interface over :meth:`RetryPolicy.delay`."""
 
