@@ -39,12 +39,13 @@ _SCHEMES = ("redis", "rediss")
 _SECRET_PARAM_WORDS = ("password", "passwd", "pwd", "secret", "token", "credential", "auth")
 
 _REDACTED = "***"
+_UNPARSEABLE = "<unparseable URL>"
 
 #: redis-py client keywords this package sets itself, with the reason a
 #: caller's value is refused rather than passed through (docs/brokers.md
-#: lists them for users). A user's ``retry``
-#: would make redis-py re-send a write whose outcome is unknown, which is
-#: exactly what the brokers' kick rule forbids (see ``_retry``).
+#: lists them for users). A user's ``retry`` would make redis-py re-send a
+#: write whose outcome is unknown, which the brokers' kick rule forbids
+#: (see ``_retry``).
 _OWNED_CLIENT_KEYWORDS: Mapping[str, str] = {
     "retry": "redis-py's retries are set from ConnectionOptions.retries (0 for brokers, so "
     "that a kick whose outcome is unknown is never re-sent); set retries instead",
@@ -55,7 +56,6 @@ _OWNED_CLIENT_KEYWORDS: Mapping[str, str] = {
     "decode_responses": "the clients must read bytes: stream entries, ids and stored records "
     "are decoded by the package, and decoded replies would dead-letter every message",
 }
-_UNPARSEABLE = "<unparseable URL>"
 
 
 def _is_secret_param(name: str) -> bool:

@@ -12,8 +12,9 @@ classifies it:
   policy's delay unless the answer was ``MOVED`` (the new owner is known);
 * ``ASK``: send the call once more to the node named, with ``ASKING``, or,
   where ``follow_ask`` is off, wait like ``TRYAGAIN``;
-* ``TRYAGAIN``, ``LOADING``, ``READONLY`` and other transient answers: wait
-  the policy's delay and try the owner again;
+* ``TRYAGAIN`` and ``LOADING``: wait the policy's delay and try the same
+  master again; ``READONLY``, ``CLUSTERDOWN`` and other transient answers:
+  find the slot's master again after the delay;
 * ``NOSCRIPT``: try again with the script's body (``EVAL``);
 * anything else is raised.
 
