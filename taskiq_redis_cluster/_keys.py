@@ -14,6 +14,7 @@ every key of one shard lands in the shard's single slot)::
     P:{T}:consumers     list broker, reliable mode: set of C with a processing list
     P:{T}:handback:K    list broker: marker that makes hand-back K run once
     P:{plan:Q}          plan record of queue Q, in a slot of its own
+    P:{plan:Q}:workers  listening workers of Q (sorted set: member -> expiry ms)
     P:{plans}           set of queue names that have a plan
     P:{rebalance}:lease the rebalancer's lease lock
     P:{sched:S}:...     every key of schedule source S (one tag per source)
@@ -159,6 +160,11 @@ class ShardKeys:
 def plan_key(prefix: str, queue: str) -> str:
     """Key of the plan record of ``queue``."""
     return f"{prefix}:{{plan:{queue}}}"
+
+
+def workers_key(prefix: str, queue: str) -> str:
+    """Listening workers of ``queue`` and when each expires (same slot as its plan)."""
+    return f"{prefix}:{{plan:{queue}}}:workers"
 
 
 def plans_index_key(prefix: str) -> str:

@@ -83,6 +83,15 @@ class QueueOptions:
     :param shards_per_master: see ``shards``.
     :param plan_poll_interval: seconds between cheap checks of the plan
         epoch, so producers and consumers follow the rebalancer.
+    :param shard_assignment: listening workers share the shards out among
+        themselves (each shard read by at least one live worker, its
+        housekeeping done by one), so the Redis cost of an idle queue does
+        not grow with the number of workers. ``False``: every worker reads
+        every shard (the cost grows with
+        workers times shards).
+    :param worker_ttl: seconds after its last heartbeat at which a worker
+        that died without leaving loses its shards to the others (they beat
+        every ``min(plan_poll_interval, worker_ttl / 3)`` seconds).
     :param connection: client options (pool size, timeouts, TLS extras).
     """
 
@@ -91,6 +100,8 @@ class QueueOptions:
     shards: int | None = None
     shards_per_master: int = 4
     plan_poll_interval: float = 2.0
+    shard_assignment: bool = True
+    worker_ttl: float = 6.0
     connection: ConnectionOptions = field(default_factory=ConnectionOptions)
 
     def __post_init__(self) -> None:
@@ -100,6 +111,17 @@ class QueueOptions:
             raise InvalidShardCountError(queue=self.queue_name, shards=self.shards)
         _positive("shards_per_master", self.shards_per_master)
         _positive("plan_poll_interval", self.plan_poll_interval)
+        _positive("worker_ttl", self.worker_ttl)
+        if not isinstance(self.shard_assignment, bool):
+            raise InvalidOptionError(
+                option="shard_assignment",
+                reason=f"must be True or False, got {self.shard_assignment!r}",
+            )
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between a listening worker's heartbeats (and looks at the plan)."""
+        return min(self.plan_poll_interval, self.worker_ttl / 3)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 the lifecycle guard, the one cluster client, the plan (created on first use
 and followed through rebalancer epochs), shard choice for kicks, retrying a
 kick only when it certainly was not applied, and the listen loop that runs
-one reader per shard and stops readers whose shard left the plan.
+one reader per shard of this worker's share (``_assign``) and stops readers
+whose shard left the plan or the share.
 
 A concrete broker supplies the data-structure specific part through four
 small methods: ``_write_command`` (the command that writes a message to a
@@ -30,7 +31,7 @@ from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
 from .._errors import KickFailedError, KickOutcomeUnknownError
 from .._events import NULL_EVENTS, BrokerEvents
-from .._keys import ShardKeys, slot_of
+from .._keys import ShardKeys, slot_of, workers_key
 from .._lifecycle import OwnedClient
 from .._options import QueueOptions
 from .._planning import PlanFollower, PlanStore, QueueSpec, Shard, ShardPlan, read_topology
@@ -49,6 +50,7 @@ from .._redis import (
     write_outcome,
 )
 from .._serialization import MessageFormatter
+from ._assign import Membership, assign
 from ._buffer import ListenBuffer
 from ._routing import FailingShards
 
@@ -136,11 +138,12 @@ class StopSignal(asyncio.Event):
 
 
 class _Reader:
-    """A shard reader task and the signal that asks it to stop."""
+    """A shard reader task, the signal that asks it to stop, and its role."""
 
-    def __init__(self, task: asyncio.Task[None], stop: StopSignal) -> None:
+    def __init__(self, task: asyncio.Task[None], stop: StopSignal, *, housekeeper: bool) -> None:
         self.task = task
         self._stop = stop
+        self.housekeeper = housekeeper
 
     def stop(self, *, closing: bool) -> None:
         """Ask the reader to return after its current read.
@@ -525,11 +528,13 @@ class ShardedBroker(AsyncBroker):
 
     # ---------------------------------------------------------------- listen
     async def listen(self) -> AsyncGenerator[AckableMessage | bytes, None]:
-        """Yield messages from every shard of the plan, fairly.
+        """Yield messages from this worker's share of the plan's shards, fairly.
 
-        One reader per shard (and per draining shard during a rebalance)
-        feeds a small bounded buffer, so no shard starves and a worker never
-        holds more than about ``prefetch`` unprocessed messages.
+        The listening workers share the shards out (see ``_assign``; with
+        one worker, or ``shard_assignment=False``, it reads them all). One
+        reader per shard (and per draining shard during a rebalance) feeds a
+        small bounded buffer, so no shard starves and a worker never holds
+        more than about ``prefetch`` unprocessed messages.
         """
         if not self._lifecycle.running:
             await self._lifecycle.ensure_started(self.startup, "listen()")
@@ -545,7 +550,12 @@ class ShardedBroker(AsyncBroker):
         # Readers of shards that left the plan, still handing out what they
         # read; a closing listen stops and waits for them like the others.
         retired: list[_Reader] = []
-        supervisor = asyncio.create_task(self._supervise(readers, retired, sink))
+        membership = (
+            Membership(self.client, workers_key(self.options.prefix, self.queue_name),
+                       self._member_name(), self.options.worker_ttl)
+            if self.options.shard_assignment else None
+        )
+        supervisor = asyncio.create_task(self._supervise(readers, retired, sink, membership))
         getter: asyncio.Future[AckableMessage | bytes] | None = None
         try:
             while True:
@@ -566,6 +576,10 @@ class ShardedBroker(AsyncBroker):
                 yield item
         finally:
             supervisor.cancel()
+            if membership is not None:
+                # First, so the other workers take this one's shards over
+                # while its readers finish their last reads.
+                await membership.leave()
             everyone = [*readers.values(), *retired]
             for reader in everyone:
                 reader.stop(closing=True)
@@ -610,35 +624,58 @@ class ShardedBroker(AsyncBroker):
         """Hook: (priority lanes, fairness) of the listen buffer; see ``_buffer``."""
         return 1, 10
 
-    async def _supervise(
-        self, readers: dict[str, _Reader], retired: list[_Reader], sink: Sink
-    ) -> None:
-        """Keep exactly one reader per shard tag in the plan (active or draining).
+    @abstractmethod
+    def _member_name(self) -> str:
+        """This worker's name in the queue's worker set (its consumer name)."""
 
-        A reader whose shard left the plan stops reading but first hands out
-        what it holds (see :class:`StopSignal`); it waits in ``retired``
-        until it has.
+    async def _supervise(
+        self, readers: dict[str, _Reader], retired: list[_Reader], sink: Sink,
+        membership: Membership | None,
+    ) -> None:
+        """Keep one reader per shard tag this worker reads (active or draining).
+
+        Which tags those are, and which of them this worker keeps house for,
+        :func:`assign` says from ``membership``'s heartbeat (see ``_assign``);
+        without ``membership`` (``shard_assignment=False``), every tag. A
+        reader whose tag left this worker's share, or whose housekeeping
+        role changed, stops reading but first hands out what it holds (see
+        :class:`StopSignal`); it waits in ``retired`` until it has.
         """
         assert self._follower is not None
+        opts = self.options
+        interval = opts.heartbeat_interval if membership is not None else opts.plan_poll_interval
+        share: tuple[int, int] | None = None
         while True:
             try:
                 plan = await self._follower.current()
             except Exception as exc:
                 logger.warning("Cannot refresh the plan of %s: %s", self.queue_name, exc)
-                await asyncio.sleep(self.options.plan_poll_interval)
+                await asyncio.sleep(interval)
                 continue
-            wanted = {s.tag: (s, False) for s in plan.shards}
-            wanted.update({s.tag: (s, True) for s in plan.draining})
+            shards = {s.tag: (s, False) for s in plan.shards}
+            shards.update({s.tag: (s, True) for s in plan.draining})
+            members = await membership.beat() if membership is not None else None
+            role = assign(list(shards), members,
+                          membership.member if membership is not None else "")
+            if membership is not None and share != (len(role.reads), len(members or ())):
+                share = (len(role.reads), len(members or ()))
+                logger.info(
+                    "Reading %d of the %d shards of %s (%s)", len(role.reads), len(shards),
+                    self.queue_name,
+                    f"{len(members)} listening workers" if members is not None
+                    else "worker set unknown: reading all",
+                )
             retired[:] = [r for r in retired if not r.task.done()]
             for tag in list(readers):
-                if tag not in wanted:
-                    logger.info("Shard %s of %s left the plan; stopping its reader",
-                                tag, self.queue_name)
+                if tag not in role.reads or readers[tag].housekeeper != (tag in role.keeps_house):
+                    logger.debug("Shard %s of %s left this worker's share (or changed role); "
+                                 "stopping its reader", tag, self.queue_name)
                     leaving = readers.pop(tag)
                     leaving.stop(closing=False)
                     retired.append(leaving)
-            per_shard = max(1, -(-self._prefetch() // max(1, len(plan.shards))))
-            for tag, (shard, draining) in wanted.items():
+            per_shard = max(1, -(-self._prefetch() // max(1, len(role.reads))))
+            for tag in sorted(role.reads):
+                shard, draining = shards[tag]
                 reader = readers.get(tag)
                 if reader is not None and not reader.task.done():
                     continue
@@ -646,19 +683,25 @@ class ShardedBroker(AsyncBroker):
                     logger.error("Reader of shard %s of %s died: %r; restarting",
                                  tag, self.queue_name, reader.failure())
                 stop = StopSignal()
+                housekeeper = tag in role.keeps_house
                 task = asyncio.create_task(
                     self._read_shard(shard, draining=draining, sink=sink, count=per_shard,
-                                     stop=stop),
+                                     stop=stop, housekeeper=housekeeper),
                     name=f"tqrc-reader-{tag}",
                 )
-                readers[tag] = _Reader(task, stop)
-            await asyncio.sleep(self.options.plan_poll_interval)
+                readers[tag] = _Reader(task, stop, housekeeper=housekeeper)
+            await asyncio.sleep(interval)
 
     @abstractmethod
     async def _read_shard(
-        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal
+        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal,
+        housekeeper: bool,
     ) -> None:
         """Read ``shard`` until ``stop`` is set, passing messages to ``sink``.
+
+        Only a ``housekeeper`` runs the shard's timers (delayed-task
+        promotion, recovery of crashed workers' entries, trims): each shard
+        has one among the listening workers (see ``_assign``).
 
         Readers must return once ``stop`` is set, also from their error
         handlers: on Python 3.11 a cancellation that races a socket timeout

@@ -145,6 +145,9 @@ class ClusterListQueueBroker(ShardedBroker):
     def _make_pipeline(self, client: Any) -> AutoPipeline:
         return AutoPipeline(client, max_batch=self.options.max_batch)
 
+    def _member_name(self) -> str:
+        return self.options.consumer_name
+
     def _prefetch(self) -> int:
         return self.options.prefetch
 
@@ -204,15 +207,18 @@ class ClusterListQueueBroker(ShardedBroker):
         return _as_bytes(popped[1]) if popped else None
 
     async def _read_shard(
-        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal
+        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal,
+        housekeeper: bool,
     ) -> None:
         keys = ShardKeys(self.options.prefix, shard.tag)
-        # Due delayed tasks of this shard go into its list while it is read.
-        # Its script goes in the kick pipeline's batches (no WAIT here).
         assert self._pipeline is not None
-        promoter = list_promoter(self._pipeline, keys, retry=self.retry)
-        self._promoters.start(promoter)
+        if housekeeper:
+            # Due delayed tasks of this shard go into its list while it is
+            # read. Its script goes in the kick pipeline's batches (no WAIT).
+            promoter = list_promoter(self._pipeline, keys, retry=self.retry)
+            self._promoters.start(promoter)
         reliable = self.options.reliable
+        recovers = reliable and housekeeper
         next_recovery = 0.0
         if reliable:
             await self._register(keys, shard.index)
@@ -222,7 +228,7 @@ class ClusterListQueueBroker(ShardedBroker):
         failures = 0
         while not stop.is_set():
             try:
-                if reliable and time.monotonic() >= next_recovery:
+                if recovers and time.monotonic() >= next_recovery:
                     next_recovery = time.monotonic() + self.options.recovery_interval
                     await self._recover(keys, shard.index)
                 data = await self._pop(keys)

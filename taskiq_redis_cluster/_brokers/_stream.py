@@ -423,6 +423,9 @@ class ClusterStreamBroker(ShardedBroker):
     def _prefetch(self) -> int:
         return self.options.xread_count
 
+    def _member_name(self) -> str:
+        return self.options.consumer_name
+
     def _housekeeping(self) -> AutoPipeline:
         """The pipeline of commands that never WAIT (set up at startup)."""
         assert self._plain is not None
@@ -490,30 +493,32 @@ class ClusterStreamBroker(ShardedBroker):
 
     # --------------------------------------------------------------- listen
     async def _read_shard(
-        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal
+        self, shard: Shard, *, draining: bool, sink: Sink, count: int, stop: StopSignal,
+        housekeeper: bool,
     ) -> None:
-        """Read the shard's stream and, beside it, its priority lanes.
+        """Read the shard's stream and its priority lanes; keep house if asked.
 
-        The lanes have a reader of their own: lane 0's reader spends most of
-        a busy worker's time waiting for room in the listen buffer, and a
-        priority message must not wait behind that (see ``_buffer``).
+        One blocking XREADGROUP reads every lane (they share the shard's
+        slot), so an idle shard costs one blocked read per reader. The
+        housekeeping (reclaim, trim, stale consumers, delayed tasks) runs
+        beside the reads, never in front of one: a task kicked during a
+        reclaim pass is read at once.
         """
         keys = ShardKeys(self.options.prefix, shard.tag)
-        # Due delayed tasks of this shard go into its streams while it is read.
-        promoter = DelayedPromoter(
-            self._housekeeping(), keys, self._trim_args(), lanes=self.options.priority_lanes,
-            retry=self.retry,
-        )
-        self._promoters.start(promoter)
-        tasks = [
-            asyncio.ensure_future(
-                self._read_lanes(keys, shard, lanes, sink=sink, count=count, stop=stop)
-            )
-            for lanes in ([0], None)
-        ]
+        lanes = _ShardLanes(keys, self.options.consumer_group_name, self.options.consumer_name,
+                            count, self.options.xread_block, self.options.priority_lanes)
+        await self._refresh_lanes(lanes)
+        tasks = [asyncio.ensure_future(self._read_lanes(keys, shard, lanes, sink=sink, stop=stop))]
+        if housekeeper:
+            # Due delayed tasks of this shard go into its streams while it is read.
+            self._promoters.start(DelayedPromoter(
+                self._housekeeping(), keys, self._trim_args(),
+                lanes=self.options.priority_lanes, retry=self.retry,
+            ))
+            tasks.append(asyncio.ensure_future(self._keep_house(keys, shard, lanes, sink, stop)))
         try:
-            # Both return once stop is set; an error in one ends both, and
-            # the supervisor restarts the shard's reader.
+            # Both return once stop is set; an error in the reader ends both,
+            # and the supervisor restarts the shard's reader.
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()
@@ -545,91 +550,127 @@ class ClusterStreamBroker(ShardedBroker):
         wanted.update(lane for lane, there in enumerate(found, start=1) if there)
         return sorted(wanted, reverse=True)
 
-    async def _read_lanes(
-        self, keys: ShardKeys, shard: Shard, lanes: list[int] | None, *, sink: Sink,
-        count: int, stop: StopSignal,
-    ) -> None:
-        """Read, reclaim and trim the streams of ``lanes`` of one shard.
+    async def _refresh_lanes(self, lanes: _ShardLanes) -> None:
+        """Look the shard's priority lanes up again; groups for new ones first."""
+        found = await self._priority_lanes(lanes.keys)
+        if found == lanes.numbers and lanes.streams:
+            return
+        for lane in [*found, 0]:
+            stream = lanes.keys.lane(lane)
+            if stream not in lanes.lane_of:
+                await self._ensure_group(stream)
+        lanes.use(found)
 
-        ``None`` means the priority lanes, looked up again every
-        ``trim_interval`` (see :meth:`_priority_lanes`). One XREADGROUP
-        reads all the streams (they share the shard's slot); Redis answers
-        with up to ``count`` entries of each, in the order they are named.
+    async def _read_lanes(
+        self, keys: ShardKeys, shard: Shard, lanes: _ShardLanes, *, sink: Sink, stop: StopSignal,
+    ) -> None:
+        """Read the shard's lanes until ``stop``, with one XREADGROUP for all of them.
+
+        Redis answers with up to ``count`` entries of each stream, highest
+        lane first. While a lane-0 entry waits for room in the listen buffer
+        (a busy worker), a second reader watches the priority lanes alone
+        (:class:`_PriorityWatch`): a priority task must not wait behind the
+        lane-0 backlog this worker already holds.
         """
         opts = self.options
-        top = opts.priority_lanes - 1  # a lane the listen buffer does not have
-        numbers: list[int] = []
-        streams: list[str] = []
-        read_args: tuple[Any, ...] = ()
-        lane_of: dict[str, int] = {}
-
-        async def use(found: list[int]) -> None:
-            nonlocal numbers, streams, read_args, lane_of
-            fresh = [keys.lane(lane) for lane in found]
-            for stream in fresh:
-                if stream not in lane_of:
-                    await self._ensure_group(stream)
-            numbers, streams = found, fresh
-            lane_of = {stream: min(lane, top) for stream, lane in zip(streams, found, strict=True)}
-            read_args = (
-                "XREADGROUP", "GROUP", opts.consumer_group_name, opts.consumer_name,
-                "COUNT", count, "BLOCK", opts.xread_block, "STREAMS", *streams,
-                *(">",) * len(streams),
-            )
-
-        await use(lanes if lanes is not None else await self._priority_lanes(keys))
+        watch = _PriorityWatch(self, keys, shard, lanes, sink, stop)
         failures = 0
+        next_lookup = time.monotonic() + opts.trim_interval
+        try:
+            while not stop.is_set():
+                try:
+                    if time.monotonic() >= next_lookup:
+                        next_lookup = time.monotonic() + opts.trim_interval
+                        await self._refresh_lanes(lanes)
+                    rows = await self._read_new(lanes.streams, lanes.read_all, lanes.count)
+                    failures = 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if stop.is_set():
+                        return
+                    if not await self._read_failed(lanes.streams, shard, exc, failures + 1):
+                        raise
+                    failures = 0 if _lost_group(exc) else failures + 1
+                    continue
+                for key, entries in rows:
+                    name = key.decode() if isinstance(key, bytes) else str(key)
+                    await self._hand_out(keys, shard, name, lanes.lane_of.get(name, 0),
+                                         [(i, e, 1) for i, e in entries], sink, stop,
+                                         wait=watch.wait)
+        except asyncio.CancelledError:
+            watch.cancel()
+            raise
+        finally:
+            await watch.close()
+
+    async def _read_failed(
+        self, streams: list[str], shard: Shard, exc: Exception, failures: int
+    ) -> bool:
+        """Recover from a failed read of ``streams``; False if ``exc`` is not for a retry.
+
+        A lost group is recreated at 0 at once; a transient error waits the
+        retry policy's delay for the ``failures``-th failure in a row.
+        """
+        if _lost_group(exc):
+            assert isinstance(exc, ResponseError)
+            await self._recover_group(streams, shard, exc)
+            return True
+        if not is_transient(exc):
+            return False
+        await self._backoff(streams[0], exc, failures)
+        return True
+
+    async def _keep_house(
+        self, keys: ShardKeys, shard: Shard, lanes: _ShardLanes, sink: Sink, stop: StopSignal
+    ) -> None:
+        """The shard's timers, for its one housekeeper: reclaim, trim, stale consumers.
+
+        Beside the reader, so no read waits behind a pass. A pass that
+        fails is tried again after the retry policy's delay (the reader
+        recovers a lost group; the next pass finds it again).
+        """
+        opts = self.options
         now = time.monotonic()
         next_reclaim = now  # a restarted worker picks up its crashed work first
-        # Stagger trims so many workers do not trim the same shard together.
-        next_trim = now + opts.trim_interval * (0.5 + (hash(opts.consumer_name) % 100) / 200)
+        # Stagger trims so housekeepers of many shards do not trim together.
+        next_trim = now + opts.trim_interval * (0.5 + (hash(keys.tag) % 100) / 200)
         # A consumer qualifies as stale after an hour by default: looking for
         # them at every trim (each half second in the benchmark) cost as much
         # as the trim. A quarter of the idle time, at most a minute, is soon
         # enough, and never less often than trims.
         stale_every = max(opts.trim_interval, min(60.0, opts.stale_consumer_idle / 4000))
         next_stale = next_trim
+        failures = 0
         while not stop.is_set():
+            now = time.monotonic()
             try:
-                now = time.monotonic()
                 if now >= next_reclaim:
-                    next_reclaim = now + opts.effective_reclaim_interval
-                    for stream in streams:
-                        await self._reclaim(keys, shard, stream, lane_of[stream], sink, stop)
+                    for stream in list(lanes.streams):
+                        await self._reclaim(keys, shard, stream, lanes.lane_of[stream], sink, stop)
+                    next_reclaim = time.monotonic() + opts.effective_reclaim_interval
                 if now >= next_trim:
-                    next_trim = now + opts.trim_interval
                     stale = now >= next_stale
-                    if stale:
-                        next_stale = now + stale_every
-                    for stream in streams:
+                    for stream in list(lanes.streams):
                         await self._housekeep(stream, stale=stale)
-                    if lanes is None:
-                        found = await self._priority_lanes(keys)
-                        if found != numbers:
-                            await use(found)
-                if not streams:  # no priority lanes (yet): look again later
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), max(0.0, next_trim - now))
-                    continue
-                rows = await self._read_new(streams, read_args, count)
+                    next_trim = time.monotonic() + opts.trim_interval
+                    if stale:
+                        next_stale = time.monotonic() + stale_every
                 failures = 0
+                wait = max(0.0, min(next_reclaim, next_trim) - time.monotonic())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if stop.is_set():
                     return
-                if isinstance(exc, ResponseError) and self._is_lost_group(exc):
-                    await self._recover_group(streams, shard, exc)
-                    continue
-                if not is_transient(exc):
-                    raise
                 failures += 1
-                await self._backoff(streams[0] if streams else keys.stream, exc, failures)
-                continue
-            for key, entries in rows:
-                name = key.decode() if isinstance(key, bytes) else str(key)
-                await self._hand_out(keys, shard, name, lane_of.get(name, 0),
-                                     [(i, e, 1) for i, e in entries], sink, stop)
+                self.events.retried(error_kind(exc))
+                wait = self.retry.delay(failures)
+                log = logger.warning if failures in (1, 10) else logger.debug
+                log("Housekeeping of shard %s failed (%s: %s); again in %.2fs", keys.tag,
+                    error_kind(exc), exc, wait)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
 
     async def _hand_out(
         self,
@@ -640,8 +681,13 @@ class ClusterStreamBroker(ShardedBroker):
         entries: list[tuple[bytes, Mapping[bytes, bytes] | None, int]],
         sink: Sink,
         stop: StopSignal,
+        *,
+        wait: Callable[[AckableMessage, int], Awaitable[None]] | None = None,
     ) -> None:
         """Pass read ``entries`` (id, fields, deliveries) on, each on its own.
+
+        An entry the listen buffer has no room for waits in ``wait`` (by
+        default ``sink`` itself).
 
         No entry this worker read may wait ``idle_timeout`` for nothing: one
         that fails (its dead letter cannot be written, say) is released for
@@ -673,7 +719,7 @@ class ClusterStreamBroker(ShardedBroker):
                     if ended is not None and self._leases is not None:
                         self._leases.end(ended)
                 elif not sink.offer(message, lane):
-                    await sink(message, lane)
+                    await (wait or sink)(message, lane)
             except asyncio.CancelledError:
                 self._unread += [(stream, e) for e, _, _ in entries[index:]]
                 raise
@@ -717,11 +763,6 @@ class ClusterStreamBroker(ShardedBroker):
         log("Reading %s failed (%s: %s); retry %d in %.2fs", stream, kind, exc, failures,
             delay)
         await self.retry.sleep(delay)
-
-    @staticmethod
-    def _is_lost_group(exc: ResponseError) -> bool:
-        text = str(exc)
-        return text.startswith("NOGROUP") or text.startswith("UNBLOCKED")
 
     async def _ensure_group(self, stream: str, client: RedisCluster | None = None) -> None:
         """Create the group of ``stream`` at id 0 (MKSTREAM); an existing group is fine.
@@ -950,6 +991,132 @@ class ClusterStreamBroker(ShardedBroker):
             return
         if removed:
             logger.info("Removed %d stale consumers from %s", removed, stream)
+
+
+def _lost_group(exc: BaseException) -> bool:
+    """Whether a read failed because the stream or its group is gone."""
+    if not isinstance(exc, ResponseError):
+        return False
+    text = str(exc)
+    return text.startswith("NOGROUP") or text.startswith("UNBLOCKED")
+
+
+class _ShardLanes:
+    """The streams one shard reader reads (its priority lanes, then lane 0).
+
+    Shared by the reader, its :class:`_PriorityWatch` and the shard's
+    housekeeping; the reader refreshes it (``_refresh_lanes``).
+    """
+
+    def __init__(
+        self, keys: ShardKeys, group: str, consumer: str, count: int, block: int, lanes: int
+    ) -> None:
+        self.keys = keys
+        self.count = count
+        self._head = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block)
+        self._top = lanes - 1  # a lane the listen buffer does not have
+        self.numbers: list[int] = []
+        #: Every lane's stream, highest lane first, so a read answers with
+        #: the priority entries first.
+        self.streams: list[str] = []
+        #: The priority lanes' streams alone.
+        self.priority: list[str] = []
+        self.lane_of: dict[str, int] = {}
+        self.read_all: tuple[Any, ...] = ()
+        self.read_priority: tuple[Any, ...] = ()
+
+    def use(self, priority_lanes: list[int]) -> None:
+        """Read ``priority_lanes`` (highest first) and lane 0 from now on."""
+        keys = self.keys
+        self.numbers = list(priority_lanes)
+        self.priority = [keys.lane(lane) for lane in priority_lanes]
+        self.streams = [*self.priority, keys.stream]
+        self.lane_of = {keys.lane(lane): min(lane, self._top) for lane in priority_lanes}
+        self.lane_of[keys.stream] = 0
+        self.read_all = self._read(self.streams)
+        self.read_priority = self._read(self.priority)
+
+    def _read(self, streams: list[str]) -> tuple[Any, ...]:
+        return (*self._head, "STREAMS", *streams, *(">",) * len(streams))
+
+
+class _PriorityWatch:
+    """Reads a shard's priority lanes while its reader waits to hand out lane 0.
+
+    The reader waits for room in the listen buffer only when the worker
+    already holds a full lane-0 backlog; meanwhile this second read keeps
+    priority tasks from waiting behind that backlog. It runs only during
+    such waits (an idle worker holds one blocked read per shard); once the
+    wait ends it finishes its current read, at most ``xread_block``, and
+    hands out what that read returned.
+    """
+
+    def __init__(
+        self, broker: ClusterStreamBroker, keys: ShardKeys, shard: Shard, lanes: _ShardLanes,
+        sink: Sink, stop: StopSignal,
+    ) -> None:
+        self._broker = broker
+        self._keys = keys
+        self._shard = shard
+        self._lanes = lanes
+        self._sink = sink
+        self._stop = stop
+        self._waiting = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def wait(self, message: AckableMessage, lane: int) -> None:
+        """Wait for room for ``message`` in ``lane``, watching the priority lanes meanwhile."""
+        if lane != 0 or not self._lanes.priority:
+            await self._sink(message, lane)
+            return
+        self._waiting += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        try:
+            await self._sink(message, lane)
+        finally:
+            self._waiting -= 1
+
+    async def _run(self) -> None:
+        broker, lanes, stop = self._broker, self._lanes, self._stop
+        failures = 0
+        while self._waiting and not stop.is_set():
+            try:
+                rows = await broker._read_new(lanes.priority, lanes.read_priority, lanes.count)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if stop.is_set():
+                    return
+                failures += 1
+                if not await broker._read_failed(lanes.priority, self._shard, exc, failures):
+                    # The reader meets the same error on its next read and
+                    # ends the shard's reader with it; this watch just stops.
+                    logger.error("Watching the priority lanes of %s failed: %r",
+                                 self._keys.tag, exc)
+                    return
+                continue
+            for key, entries in rows:
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                await broker._hand_out(self._keys, self._shard, name, lanes.lane_of.get(name, 1),
+                                       [(i, e, 1) for i, e in entries], self._sink, stop)
+
+    def cancel(self) -> None:
+        """Stop at once (the reader itself was cancelled)."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def close(self) -> None:
+        """Wait for the watch's last read (it returns within ``xread_block`` once stopped)."""
+        task = self._task
+        if task is None:
+            return
+        if not task.done():
+            await asyncio.wait({task}, timeout=self._broker._blocking_seconds() + 5.0)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
 
 
 def _stream_entries(response: Any) -> list[tuple[Any, list[tuple[bytes, Any]]]]:

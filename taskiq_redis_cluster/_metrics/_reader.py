@@ -28,7 +28,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from .._errors import InvalidOptionError, PlanError
-from .._keys import DEFAULT_PREFIX, MAX_LANES, ShardKeys
+from .._keys import DEFAULT_PREFIX, MAX_LANES, ShardKeys, workers_key
 from .._planning import PlanStore, ShardPlan, Topology, balance, read_topology
 from .._redis import error_kind
 from ._specs import METRIC_PREFIX, METRICS, SPECS_BY_NAME, empty_family
@@ -297,6 +297,7 @@ class QueueStateReader:
                     _ShardRef(plan.queue, s.index, "draining", s.keys(self.prefix))
                     for s in plan.draining
                 ]
+            await self._read_workers(snap, plans, streams_deadline)
             groups = await self._round_streams(snap, shards, streams_deadline)
             await self._round_groups(snap, groups, deadline)
         finally:
@@ -305,6 +306,18 @@ class QueueStateReader:
             snap.errors.append("topology")
         else:
             self._topology_samples(snap.samples, done[""], plans)
+
+    async def _read_workers(
+        self, snap: QueueSnapshot, plans: list[ShardPlan], deadline: float
+    ) -> None:
+        """How many workers each queue's worker set holds (live ones remove the dead)."""
+        jobs = {
+            plan.queue: self.client.zcard(workers_key(self.prefix, plan.queue)) for plan in plans
+        }
+        done, errors = await _bounded(jobs, deadline)
+        snap.errors.extend(errors.values())
+        for queue, count in done.items():
+            snap.samples.add(f"{_P}workers", [queue], int(count))
 
     async def _read_plans(self, snap: QueueSnapshot, deadline: float) -> list[ShardPlan]:
         queues: Sequence[str] | None = self.queues

@@ -205,6 +205,14 @@ METRICS: tuple[MetricSpec, ...] = (
         f"{_P}plan_epoch", "gauge", ("queue",), "Epoch of the queue's stored plan.", "exporter"
     ),
     MetricSpec(
+        f"{_P}workers",
+        "gauge",
+        ("queue",),
+        "Workers listening to the queue: its worker set, where a killed worker counts "
+        "until worker_ttl after its last heartbeat (0 with shard_assignment=False).",
+        "exporter",
+    ),
+    MetricSpec(
         f"{_P}plan_shards",
         "gauge",
         ("queue", "state"),
